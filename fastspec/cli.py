@@ -1,0 +1,47 @@
+"""The `fastspec` command line. Each subcommand lives in `fastspec.commands.<name>` with a
+`register(subparsers)` function; modules are imported only when present so `--help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# Order shown in --help; the pipeline order (files → HDF5 → model → outputs).
+COMMANDS = ["mock", "download", "ingest", "validate", "train", "encode", "report", "profile", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastspec",
+        description="Galaxy-spectrum autoencoder with fused redshift-resample kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastspec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"fastspec.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"fastspec.commands.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
