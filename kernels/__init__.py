@@ -1,5 +1,30 @@
 """fastspec.kernels: fused redshift-resample and attention-pooling ops (Triton on GPU, numba on CPU,
-plain-torch reference), registered as torch.library custom ops."""
+plain-torch reference), registered as torch.library custom ops.
+
+Public API:
+    resample(spec_rest, z, wave_rest, wave_obs) -> (spec_obs, valid)
+    resample_loss(spec_rest, z, wave_rest, wave_obs, y, w) -> (N,)
+    redshift_observed(spec_obs, z, z_new, wave_obs) -> (spec_new, valid)     # augmentation
+    attention_pool(h, k) -> (N, C)
+    use_backend(name) / set_backend(name) / get_backend()
+"""
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend"]
+_LAZY = {
+    "resample": "resample",
+    "resample_loss": "resample",
+    "redshift_observed": "resample",
+    "attention_pool": "attention",
+}
+
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", *_LAZY]
+
+
+def __getattr__(name):
+    # Ops import numba/triton; load them on first use so `import fastspec` stays light.
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,122 @@
+"""Shared benchmark helpers: machine description, the memory-bandwidth floor, timing, tables, results files."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+    except Exception:
+        pass
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except Exception:
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+        if sync:
+            sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bandwidth_floor(device: str = "cpu", nbytes: int = 256 << 20) -> float:
+    """Measured copy bandwidth in GB/s (bytes read + bytes written per second) of a large tensor copy."""
+    import torch
+
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    t = timeit(lambda: dst.copy_(src), repeat=7, warmup=2, sync=sync)
+    return 2 * n * 4 / t / 1e9
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None, title: str | None = None) -> str:
+    if not rows:
+        return ""
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append("  ".join(c.rjust(widths[c]) for c in columns))
+    lines.append("  ".join("-" * widths[c] for c in columns))
+    for r in rows:
+        lines.append("  ".join(fmt(r.get(c, "")).rjust(widths[c]) for c in columns))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_results(name: str, payload: dict, rows: list[dict] | None = None) -> Path:
+    """Write bench/results/<name>.json (and .csv of `rows`) atomically; returns the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+    if rows:
+        import csv
+
+        cpath = RESULTS / f"{name}.csv"
+        ctmp = cpath.with_suffix(".csv.tmp")
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(ctmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(ctmp, cpath)
+    return path

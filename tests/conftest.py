@@ -1,0 +1,38 @@
+"""Test setup shared by every test module.
+
+Without a GPU the Triton kernels run in the Triton interpreter, which reads TRITON_INTERPRET when a
+kernel is *defined*: so it is set here, before anything imports fastspec.kernels.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FASTSPEC_SHARED", REPO.parent / "shared"))
+REAL_DATA = SHARED / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.fail(f"real test spectra not found at {REAL_DATA} (set FASTSPEC_SHARED to the shared/ folder)")
+    return REAL_DATA
+
+
+def kernel_backends():
+    """The backends every kernel test body runs on: numba, Triton (interpreter on CPU), CUDA when present."""
+    return [("numba", "cpu"), ("triton", "cuda" if _HAS_CUDA else "cpu")]
+
+
+has_cuda = _HAS_CUDA
