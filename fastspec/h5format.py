@@ -1,4 +1,4 @@
-"""The one HDF5 layout for spectra (DESIGN §2): writer (atomic, appendable) and reader.
+"""The one HDF5 layout for spectra (DESIGN §2): writer (atomic, appendable), reader, and `open_spectra`.
 
 Layout (Multimodal Universe names where they exist), every per-spectrum column a top-level dataset of N
 rows, chunked by rows:
@@ -7,29 +7,31 @@ rows, chunked by rows:
     spectrum_ivar (N, L) float32    inverse variance of the normalised flux
     spectrum_mask (N, L) bool       True = bad (pipeline mask, ivar ≤ 0, sky line)
     Z, Z_ERR      (N,)   float64 / float32
-    object_id     (N,)   uint64     SPECOBJID / TARGETID / mock id
+    object_id     (N,)   uint64     SPECOBJID / TARGETID / mock id (decimal strings are parsed)
     norm          (N,)   float32    the normalisation divided out (raw flux = flux · norm)
     wave_obs      (L,)   float64    the instrument grid (file-level)
-    <group>/<name>  optional extra per-row columns, e.g. truth/* for mocks, source/* for ingest
+    <group>/<name>  optional extra per-row columns, e.g. truth/* for mocks, source/* for ingest;
+                    text columns are stored as variable-length UTF-8 and read back as bytes arrays
     attrs: format="fastspec-spectra", format_version, instrument
 
 Weights for the loss are ``ivar · ~mask``. Reading MMU files (per-row `spectrum_lambda`) is handled by
-`fastspec.mmu`, which presents the same reader interface.
+`fastspec.mmu`, which presents the same reader interface; `open_spectra` picks the right reader.
 """
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
-from .instruments import Instrument, get_instrument
+from .instruments import Instrument, InstrumentError, get_instrument
 
 FORMAT = "fastspec-spectra"
 FORMAT_VERSION = 1
 CORE_COLUMNS = ("spectrum_flux", "spectrum_ivar", "spectrum_mask", "Z", "Z_ERR", "object_id", "norm")
+SPECTRAL_COLUMNS = ("spectrum_flux", "spectrum_ivar", "spectrum_mask")
 _DTYPES = {
     "spectrum_flux": np.float32,
     "spectrum_ivar": np.float32,
@@ -39,15 +41,64 @@ _DTYPES = {
     "object_id": np.uint64,
     "norm": np.float32,
 }
+# A stored grid may differ from the instrument's by float rounding only.
+GRID_TOL_PIXELS = 1e-3
 
 
 class SpectraFormatError(ValueError):
     """A file that does not follow the layout; the message names file, row and field."""
 
 
-def _chunk_rows(L: int, target_bytes: int = 1 << 20) -> int:
+def _decode(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _chunk_rows(row_size: int, target_bytes: int = 1 << 20) -> int:
     # ~1 MiB chunks of float32 rows: large enough for contiguous block reads, small enough to append.
-    return max(1, min(4096, target_bytes // (4 * L)))
+    return max(1, min(4096, target_bytes // (4 * row_size)))
+
+
+def grid_mismatch(wave_obs, instrument: Instrument) -> str | None:
+    """None when `wave_obs` is the instrument's grid, else a message naming the first differing pixel."""
+    wave_obs = np.asarray(wave_obs, dtype=np.float64)
+    if wave_obs.shape != (instrument.L,):
+        return f"has shape {wave_obs.shape}, the {instrument.name} grid has ({instrument.L},)"
+    with np.errstate(invalid="ignore", divide="ignore"):
+        off = np.abs(instrument.coordinate(wave_obs) - np.arange(instrument.L))
+    bad = ~(off <= GRID_TOL_PIXELS)
+    if bad.any():
+        i = int(np.argmax(bad))
+        return (
+            f"differs from the {instrument.name} grid first at pixel {i} "
+            f"({wave_obs[i]:.4f} Å, expected {instrument.wave_obs[i]:.4f} Å)"
+        )
+    return None
+
+
+def as_object_id(values, where: str = "", row0: int = 0) -> np.ndarray:
+    """object_id as uint64: integers ≥ 0, or decimal strings (SDSS SPECOBJID is a padded string in FITS).
+
+    Errors name `where` and the file row (`row0` + index)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "ui":
+        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+            row = int(np.argmax(arr < 0))
+            raise SpectraFormatError(f"{where}: row {row0 + row}: object_id: negative value {arr[row]}")
+        return arr.astype(np.uint64)
+    if arr.dtype.kind in "SUO":
+        out = np.empty(arr.shape, np.uint64)
+        for i, v in enumerate(arr.ravel()):
+            s = _decode(v).strip() if isinstance(v, (bytes, str)) else v
+            try:
+                if not (isinstance(s, str) and s.isdigit()):
+                    raise ValueError
+                out.flat[i] = np.uint64(int(s))
+            except (ValueError, OverflowError):
+                raise SpectraFormatError(
+                    f"{where}: row {row0 + i}: object_id: {s!r} is not a non-negative integer"
+                ) from None
+        return out
+    raise SpectraFormatError(f"{where}: object_id: unsupported dtype {arr.dtype} (integers or decimal strings)")
 
 
 class SpectraWriter:
@@ -63,69 +114,129 @@ class SpectraWriter:
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
+        self._closed = True
         if append and os.path.exists(self.path):
-            shutil.copyfile(self.path, self.tmp)
-            self.h5 = h5py.File(self.tmp, "a")
-            have = self.h5.attrs.get("instrument")
-            if have != self.instrument.name:
+            self._check_appendable()  # before copying: a refused append should cost nothing
+        try:
+            if append and os.path.exists(self.path):
+                shutil.copyfile(self.path, self.tmp)
+                self.h5 = h5py.File(self.tmp, "a")
+            else:
+                self.h5 = h5py.File(self.tmp, "w")
+                self.h5.attrs["format"] = FORMAT
+                self.h5.attrs["format_version"] = FORMAT_VERSION
+                self.h5.attrs["instrument"] = self.instrument.name
+                self.h5.create_dataset("wave_obs", data=self.instrument.wave_obs)
+                # Empty core columns: a file with zero rows is still a valid file.
+                L = self.instrument.L
+                for name in CORE_COLUMNS:
+                    shape = (0, L) if name in SPECTRAL_COLUMNS else (0,)
+                    self._create(name, np.zeros(shape, _DTYPES[name]))
+            for k, v in (attrs or {}).items():
+                self.h5.attrs[k] = v
+        except BaseException:
+            if getattr(self, "h5", None) is not None:
                 self.h5.close()
+            if os.path.exists(self.tmp):
                 os.remove(self.tmp)
-                raise SpectraFormatError(
-                    f"{self.path}: cannot append {self.instrument.name} spectra to a file of instrument {have!r}"
-                )
-        else:
-            self.h5 = h5py.File(self.tmp, "w")
-            self.h5.attrs["format"] = FORMAT
-            self.h5.attrs["format_version"] = FORMAT_VERSION
-            self.h5.attrs["instrument"] = self.instrument.name
-            self.h5.create_dataset("wave_obs", data=self.instrument.wave_obs)
-        for k, v in (attrs or {}).items():
-            self.h5.attrs[k] = v
+            raise
         self._closed = False
+
+    def _check_appendable(self):
+        try:
+            with h5py.File(self.path, "r") as h5:
+                fmt = _decode(h5.attrs.get("format"))
+                have = _decode(h5.attrs.get("instrument"))
+                version = int(h5.attrs.get("format_version", 0))
+        except OSError as err:
+            raise SpectraFormatError(f"{self.path}: cannot append: not readable as HDF5 ({err})") from None
+        if fmt != FORMAT:
+            raise SpectraFormatError(
+                f"{self.path}: cannot append: not a fastspec spectra file (format attribute {fmt!r})"
+            )
+        if version != FORMAT_VERSION:
+            raise SpectraFormatError(
+                f"{self.path}: cannot append: format_version {version}, this fastspec writes {FORMAT_VERSION}"
+            )
+        if have != self.instrument.name:
+            raise SpectraFormatError(
+                f"{self.path}: cannot append {self.instrument.name} spectra to a file of instrument {have!r}"
+            )
 
     @property
     def n(self) -> int:
         return int(self.h5["Z"].shape[0]) if "Z" in self.h5 else 0
 
+    def _row_columns(self) -> set[str]:
+        names = []
+        self.h5.visit(lambda k: names.append(k) if isinstance(self.h5[k], h5py.Dataset) else None)
+        return set(names) - {"wave_obs"}
+
+    def _create(self, name: str, data: np.ndarray):
+        row_size = int(np.prod(data.shape[1:])) if data.ndim > 1 else 1
+        chunks = (_chunk_rows(row_size),) + data.shape[1:]
+        dtype = h5py.string_dtype() if data.dtype.kind in "SUO" else data.dtype
+        ds = self.h5.create_dataset(
+            name, shape=data.shape, dtype=dtype, maxshape=(None,) + data.shape[1:], chunks=chunks
+        )
+        if data.shape[0]:
+            ds[:] = data
+
     def _append(self, name: str, data: np.ndarray):
-        if name in self.h5:
-            ds = self.h5[name]
-            if ds.shape[1:] != data.shape[1:]:
-                raise SpectraFormatError(f"{self.path}: field {name} has row shape {ds.shape[1:]}, got {data.shape[1:]}")
-            n0 = ds.shape[0]
-            ds.resize(n0 + data.shape[0], axis=0)
-            ds[n0:] = data
-        else:
-            row_size = int(np.prod(data.shape[1:])) if data.ndim > 1 else 1
-            chunks = (_chunk_rows(row_size),) + data.shape[1:]
-            if data.dtype.kind in "UO":
-                data = np.asarray(data, dtype="S")
-            self.h5.create_dataset(name, data=data, maxshape=(None,) + data.shape[1:], chunks=chunks)
+        if data.dtype.kind in "SU":
+            data = data.astype(object)  # variable-length strings: no silent truncation on append
+        if name not in self.h5:
+            self._create(name, data)
+            return
+        ds = self.h5[name]
+        if ds.shape[1:] != data.shape[1:]:
+            raise SpectraFormatError(f"{self.path}: field {name} has row shape {ds.shape[1:]}, got {data.shape[1:]}")
+        n0 = ds.shape[0]
+        ds.resize(n0 + data.shape[0], axis=0)
+        ds[n0:] = data
 
     def write(self, flux, ivar, mask, z, z_err, object_id, norm=None, extra: dict | None = None):
-        """Append N rows. `extra` maps 'group/name' (or 'name') to arrays with N rows."""
+        """Append N rows. `extra` maps 'group/name' (or 'name') to arrays with N rows; once a file has rows,
+        every write must give the same extra columns."""
         L = self.instrument.L
         flux = np.asarray(flux, dtype=np.float32)
-        n = flux.shape[0]
+        n = flux.shape[0] if flux.ndim else 0
+        where = f"{self.path} (writing rows {self.n}–{self.n + n - 1})"
         cols = {
             "spectrum_flux": flux,
             "spectrum_ivar": np.asarray(ivar, dtype=np.float32),
             "spectrum_mask": np.asarray(mask, dtype=np.bool_),
-            "Z": np.asarray(z, dtype=np.float64).reshape(n),
-            "Z_ERR": np.asarray(z_err, dtype=np.float32).reshape(n),
-            "object_id": np.asarray(object_id).astype(np.uint64).reshape(n),
-            "norm": (np.ones(n) if norm is None else np.asarray(norm)).astype(np.float32).reshape(n),
         }
-        for name in ("spectrum_flux", "spectrum_ivar", "spectrum_mask"):
+        for name in SPECTRAL_COLUMNS:
             if cols[name].shape != (n, L):
                 raise SpectraFormatError(
-                    f"{self.path}: field {name} has shape {cols[name].shape}, expected ({n}, {L}) for {self.instrument.name}"
+                    f"{where}: field {name} has shape {cols[name].shape}, expected ({n}, {L}) for {self.instrument.name}"
                 )
+        per_row = {"Z": (z, np.float64), "Z_ERR": (z_err, np.float32), "object_id": (object_id, None),
+                   "norm": (np.ones(n) if norm is None else norm, np.float32)}
+        for name, (arr, dtype) in per_row.items():
+            arr = np.asarray(arr)
+            if arr.size != n or arr.ndim > 2:
+                raise SpectraFormatError(f"{where}: field {name} has shape {arr.shape}, expected ({n},)")
+            arr = arr.reshape(n)
+            cols[name] = as_object_id(arr, self.path, self.n) if dtype is None else arr.astype(dtype)
         for name, arr in (extra or {}).items():
             arr = np.asarray(arr)
+            if name in cols or name == "wave_obs":
+                raise SpectraFormatError(f"{where}: extra field {name} would overwrite a core field")
             if arr.shape[:1] != (n,):
-                raise SpectraFormatError(f"{self.path}: extra field {name} has {arr.shape[:1]} rows, expected {n}")
+                raise SpectraFormatError(f"{where}: extra field {name} has {arr.shape[:1]} rows, expected {n}")
             cols[name] = arr
+        if self.n > 0:
+            have, given = self._row_columns(), set(cols)
+            if have != given:
+                missing, new = sorted(have - given), sorted(given - have)
+                raise SpectraFormatError(
+                    f"{where}: every write must give the file's columns: "
+                    + (f"missing {', '.join(missing)}" if missing else "")
+                    + ("; " if missing and new else "")
+                    + (f"new {', '.join(new)}" if new else "")
+                )
         for name, arr in cols.items():
             self._append(name, arr)
 
@@ -135,6 +246,12 @@ class SpectraWriter:
         self._closed = True
         self.h5.flush()
         self.h5.close()
+        # Durable before visible: the rename must not expose a file whose data are still in the page cache.
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(self.tmp, self.path)
 
     def abort(self):
@@ -167,9 +284,11 @@ class SpectraBatch:
     mask: np.ndarray  # (n, L) bool
     z: np.ndarray  # (n,) float64
     z_err: np.ndarray  # (n,) float32
-    object_id: np.ndarray  # (n,)
+    object_id: np.ndarray  # (n,) uint64 (MMU files: as stored, ints or bytes strings)
     norm: np.ndarray  # (n,) float32
     start: int = 0
+    # Problems the reader found while placing rows (file row -> "field: reason"), e.g. MMU rows off the grid.
+    problems: dict[int, str] = field(default_factory=dict)
 
     @property
     def weights(self) -> np.ndarray:
@@ -181,37 +300,76 @@ class SpectraBatch:
 
 
 def _native(a: np.ndarray) -> np.ndarray:
-    # FITS-derived arrays may be big-endian; torch refuses those.
+    # FITS-derived arrays may be big-endian; torch refuses those. Variable-length strings come back as objects.
+    if a.dtype.kind == "O":
+        return np.asarray([v if isinstance(v, bytes) else str(v).encode() for v in a.ravel()],
+                          dtype="S").reshape(a.shape)
     return a.astype(a.dtype.newbyteorder("=")) if a.dtype.byteorder == ">" else a
 
 
-class SpectraFile:
-    """Read a fastspec spectra file (open it in the process that reads it)."""
+def _row_range(path: str, start: int, stop: int | None, n: int) -> tuple[int, int]:
+    stop = n if stop is None else min(int(stop), n)
+    start = int(start)
+    if start < 0 or start > stop:
+        raise IndexError(f"{path}: rows [{start}, {stop}) are not a range inside the file's {n} rows")
+    return start, stop
 
-    def __init__(self, path):
+
+class SpectraFile:
+    """Read a fastspec spectra file (open it in the process that reads it).
+
+    `instrument`, when given, must be the file's. The stored grid must be the instrument's grid
+    (``check_grid=False`` skips that check; `fastspec.validate` reports it instead).
+    """
+
+    def __init__(self, path, instrument: str | Instrument | None = None, check_grid: bool = True):
         self.path = os.fspath(path)
         try:
             self.h5 = h5py.File(self.path, "r")
         except OSError as err:
             raise SpectraFormatError(f"{self.path}: cannot open as HDF5 ({err})") from None
-        fmt = self.h5.attrs.get("format")
-        if isinstance(fmt, bytes):
-            fmt = fmt.decode()
+        try:
+            self._open(instrument, check_grid)
+        except BaseException:
+            self.h5.close()
+            raise
+
+    def _open(self, instrument, check_grid):
+        h = self.h5
+        fmt = _decode(h.attrs.get("format"))
         if fmt != FORMAT:
-            self.h5.close()
             raise SpectraFormatError(f"{self.path}: not a fastspec spectra file (format attribute {fmt!r})")
-        self.format_version = int(self.h5.attrs.get("format_version", 0))
+        try:
+            self.format_version = int(h.attrs.get("format_version", 0))
+        except (TypeError, ValueError):
+            raise SpectraFormatError(
+                f"{self.path}: format_version attribute {h.attrs.get('format_version')!r} is not an integer"
+            ) from None
         if self.format_version > FORMAT_VERSION:
-            self.h5.close()
             raise SpectraFormatError(
                 f"{self.path}: format_version {self.format_version} is newer than this fastspec ({FORMAT_VERSION})"
             )
-        name = self.h5.attrs.get("instrument")
-        self.instrument = get_instrument(name.decode() if isinstance(name, bytes) else name)
-        self.wave_obs = np.asarray(self.h5["wave_obs"][:], dtype=np.float64)
+        try:
+            self.instrument = get_instrument(_decode(h.attrs.get("instrument")))
+        except InstrumentError as err:
+            raise SpectraFormatError(f"{self.path}: instrument attribute: {err}") from None
+        if instrument is not None and get_instrument(instrument).name != self.instrument.name:
+            raise SpectraFormatError(
+                f"{self.path}: instrument: the file holds {self.instrument.name} spectra, "
+                f"{get_instrument(instrument).name} was asked for"
+            )
+        missing = [c for c in ("wave_obs", "spectrum_flux", "spectrum_ivar", "spectrum_mask", "Z", "Z_ERR",
+                               "object_id") if c not in h]
+        if missing:
+            raise SpectraFormatError(f"{self.path}: missing field(s) {', '.join(missing)}")
+        self.wave_obs = np.asarray(h["wave_obs"][:], dtype=np.float64)
+        if check_grid:
+            msg = grid_mismatch(self.wave_obs, self.instrument)
+            if msg:
+                raise SpectraFormatError(f"{self.path}: wave_obs: {msg}")
 
     def __len__(self) -> int:
-        return int(self.h5["Z"].shape[0]) if "Z" in self.h5 else 0
+        return int(self.h5["Z"].shape[0])
 
     @property
     def n(self) -> int:
@@ -224,7 +382,7 @@ class SpectraFile:
 
     def read(self, start: int = 0, stop: int | None = None) -> SpectraBatch:
         """Contiguous rows [start, stop)."""
-        stop = len(self) if stop is None else min(stop, len(self))
+        start, stop = _row_range(self.path, start, stop, len(self))
         h = self.h5
         return SpectraBatch(
             flux=_native(h["spectrum_flux"][start:stop]),
@@ -238,9 +396,13 @@ class SpectraFile:
         )
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        if name not in self.h5:
+        if name not in self.h5 or not isinstance(self.h5[name], h5py.Dataset):
             raise SpectraFormatError(f"{self.path}: no field {name!r}")
-        return _native(self.h5[name][start:stop])
+        ds = self.h5[name]
+        if ds.ndim == 0 or name == "wave_obs":
+            return _native(ds[()])
+        start, stop = _row_range(self.path, start, stop, ds.shape[0])
+        return _native(ds[start:stop])
 
     def close(self):
         self.h5.close()
@@ -251,3 +413,25 @@ class SpectraFile:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def open_spectra(path, instrument: str | Instrument | None = None):
+    """Open a fastspec spectra file (SpectraFile) or a Multimodal Universe file (`fastspec.mmu.MMUSpectraFile`),
+    whichever `path` is; both offer the same reading interface."""
+    path = os.fspath(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            fmt = _decode(h5.attrs.get("format"))
+            is_mmu = "spectrum_lambda" in h5
+    except OSError as err:
+        raise SpectraFormatError(f"{path}: cannot open as HDF5 ({err})") from None
+    if fmt == FORMAT:
+        return SpectraFile(path, instrument=instrument)
+    if is_mmu:
+        from .mmu import MMUSpectraFile
+
+        return MMUSpectraFile(path, instrument=instrument)
+    raise SpectraFormatError(
+        f"{path}: neither a fastspec spectra file (format attribute {fmt!r}) "
+        "nor a Multimodal Universe spectra file (no spectrum_lambda field)"
+    )
