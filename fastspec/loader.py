@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .h5format import SpectraFile, SpectraFormatError
+from .h5format import SpectraFormatError, open_spectra
 
 _MASK64 = (1 << 64) - 1
 
@@ -50,13 +50,18 @@ class Batch(NamedTuple):
 
 
 def stable_fraction(object_id: np.ndarray, salt: str = "fastspec-val") -> np.ndarray:
-    """A number in [0, 1) per object_id from blake2b of its 8 little-endian bytes: stable across runs,
-    machines and Python versions (unlike hash()), so the validation split never leaks between runs."""
-    ids = np.asarray(object_id).astype(np.uint64)
+    """A number in [0, 1) per object_id from blake2b of its 8 little-endian bytes (integer ids) or of the
+    id string (MMU files may store strings): stable across runs, machines and Python versions (unlike
+    hash()), so a spectrum stays on its side of the validation split whatever files it comes in."""
+    ids = np.asarray(object_id)
     key = salt.encode()
-    out = np.empty(ids.shape[0], dtype=np.float64)
-    for i, v in enumerate(ids.tolist()):
-        h = hashlib.blake2b(int(v).to_bytes(8, "little"), digest_size=8, key=key).digest()
+    if ids.dtype.kind in "iub":
+        raw = [int(v).to_bytes(8, "little") for v in ids.astype(np.uint64).tolist()]
+    else:
+        raw = [v if isinstance(v, bytes) else str(v).encode() for v in ids.tolist()]
+    out = np.empty(len(raw), dtype=np.float64)
+    for i, b in enumerate(raw):
+        h = hashlib.blake2b(b, digest_size=8, key=key).digest()
         out[i] = int.from_bytes(h, "little") / 2.0**64
     return out
 
@@ -105,7 +110,7 @@ class _ChunkReader(torch.utils.data.Dataset):
     def __init__(self, files: list[_FileInfo], selection: list[np.ndarray | None]):
         self.files = files
         self.selection = selection
-        self._open: dict[int, SpectraFile] = {}
+        self._open: dict = {}
 
     def __getstate__(self):
         # Never ship an open HDF5 handle to a worker: each worker opens its own.
@@ -113,10 +118,10 @@ class _ChunkReader(torch.utils.data.Dataset):
         state["_open"] = {}
         return state
 
-    def _file(self, i: int) -> SpectraFile:
+    def _file(self, i: int):
         f = self._open.get(i)
         if f is None:
-            f = self._open[i] = SpectraFile(self.files[i].path)
+            f = self._open[i] = open_spectra(self.files[i].path)
         return f
 
     def close(self):
@@ -252,7 +257,7 @@ class SpectraLoader:
         offset = 0
         for p in self.paths:
             # Metadata only; the reading process opens the file again itself.
-            with SpectraFile(p) as f:
+            with open_spectra(p) as f:
                 info = _FileInfo(p, len(f), f.instrument.L, f.instrument.name, offset)
             if self.files and info.instrument != self.files[0].instrument:
                 raise SpectraFormatError(

@@ -1,0 +1,179 @@
+"""Streaming loader: every row once per epoch with the values the file holds (read back with plain h5py),
+deterministic order (seed, epoch, shards) independent of workers and world size, disjoint DDP shards,
+cheap mid-epoch resume, the stable validation split, and errors that name file, row and field."""
+import hashlib
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fastspec.h5format import SpectraFormatError, SpectraWriter
+from fastspec.instruments import get_instrument
+from fastspec.loader import SpectraLoader, stable_fraction, validation_mask
+
+L = get_instrument("sdss").L
+
+
+def write(path, n, seed=0, id0=0, instrument="sdss", nan_rows=(), masked_nan_rows=()):
+    inst = get_instrument(instrument)
+    rng = np.random.default_rng(seed)
+    flux = rng.normal(1.0, 0.2, (n, inst.L)).astype(np.float32)
+    ivar = rng.uniform(10, 50, (n, inst.L)).astype(np.float32)
+    mask = rng.random((n, inst.L)) < 0.05
+    ivar[:, :7] = 0.0  # pixels without data
+    for r in nan_rows:
+        flux[r, 100] = np.nan
+    for r in masked_nan_rows:
+        flux[r, 200] = np.nan
+        mask[r, 200] = True
+    with SpectraWriter(path, instrument) as w:
+        w.write(flux, ivar, mask, rng.uniform(0, 0.5, n), np.full(n, 1e-4), np.arange(id0, id0 + n))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loader")
+    return [write(d / "a.h5", 203, seed=1, id0=1000), write(d / "b.h5", 117, seed=2, id0=5000)]
+
+
+def reference(paths):
+    """(y, w, z) per global row from plain h5py: y = flux where w > 0 else 0, w = ivar where not masked."""
+    ys, ws, zs = [], [], []
+    for p in paths:
+        with h5py.File(p, "r") as h:
+            flux, ivar, mask = h["spectrum_flux"][:], h["spectrum_ivar"][:], h["spectrum_mask"][:]
+            w = np.where(mask | (ivar <= 0), 0.0, ivar).astype(np.float32)
+            ys.append(np.where(w > 0, flux, 0.0).astype(np.float32))
+            ws.append(w)
+            zs.append(h["Z"][:].astype(np.float32))
+    return np.concatenate(ys), np.concatenate(ws), np.concatenate(zs)
+
+
+def order(loader, epoch=0, skip=0):
+    return torch.cat([b.index for b in loader.iterate(epoch, skip_batches=skip)]).numpy()
+
+
+def test_every_row_once_with_the_file_values(files):
+    y_ref, w_ref, z_ref = reference(files)
+    loader = SpectraLoader(files, batch_size=16, block_rows=32, shuffle_blocks=2, seed=3, num_workers=0,
+                           drop_last=False)
+    seen = []
+    for b in loader:
+        assert b.y.dtype == torch.float32 and b.y.shape[1] == L and b.w.shape == b.y.shape
+        i = b.index.numpy()
+        np.testing.assert_array_equal(b.y.numpy(), y_ref[i])
+        np.testing.assert_array_equal(b.w.numpy(), w_ref[i])
+        np.testing.assert_array_equal(b.z.numpy(), z_ref[i])
+        seen.append(i)
+    seen = np.concatenate(seen)
+    assert sorted(seen.tolist()) == list(range(203 + 117))
+    # shuffled across files, not in file order
+    assert not np.array_equal(seen, np.arange(len(seen)))
+    assert loader.locate(203 + 5) == (str(files[1]), 5)
+
+
+def test_order_depends_on_seed_and_epoch_not_on_workers(files):
+    kw = dict(batch_size=16, block_rows=32, shuffle_blocks=2)
+    a = SpectraLoader(files, seed=7, num_workers=0, **kw)
+    b = SpectraLoader(files, seed=7, num_workers=2, **kw)
+    o0 = order(a, 0)
+    np.testing.assert_array_equal(o0, order(b, 0))
+    np.testing.assert_array_equal(order(a, 1), order(b, 1))  # persistent workers follow the epoch
+    assert not np.array_equal(o0, order(a, 1))
+    assert not np.array_equal(o0, order(SpectraLoader(files, seed=8, num_workers=0, **kw), 0))
+    assert len(o0) == len(a) * 16 == (320 // 16) * 16  # drop_last: whole batches only
+    b.close()
+
+
+def test_unshuffled_is_file_order(files):
+    loader = SpectraLoader(files, batch_size=50, shuffle=False, num_workers=0, drop_last=False)
+    np.testing.assert_array_equal(order(loader), np.arange(320))
+
+
+def test_ranks_read_disjoint_shards_that_make_up_the_global_batch(files):
+    kw = dict(batch_size=32, block_rows=16, shuffle_blocks=3, seed=11, num_workers=0)
+    single = list(SpectraLoader(files, shards=2, **kw).iterate(2))
+    ranks = [list(SpectraLoader(files, rank=r, world_size=2, **kw).iterate(2)) for r in (0, 1)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) > 0
+    for t, b in enumerate(single):
+        r0, r1 = ranks[0][t].index, ranks[1][t].index
+        assert len(r0) == len(r1) == 16
+        torch.testing.assert_close(torch.cat([r0, r1]), b.index, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([ranks[0][t].y, ranks[1][t].y]), b.y, rtol=0, atol=0)
+    rows0 = torch.cat([b.index for b in ranks[0]]).numpy()
+    rows1 = torch.cat([b.index for b in ranks[1]]).numpy()
+    assert not set(rows0) & set(rows1)
+    # each rank reads whole blocks of its own: no block is shared between ranks
+    assert not {i // 16 for i in rows0 if i < 203} & {i // 16 for i in rows1 if i < 203}
+
+
+def test_skip_batches_resumes_mid_epoch_and_skips_reading(files, monkeypatch):
+    kw = dict(batch_size=16, block_rows=16, shuffle_blocks=2, seed=5, num_workers=0)
+    full = order(SpectraLoader(files, **kw), 1)
+    loader = SpectraLoader(files, **kw)
+    reads = []
+    from fastspec import h5format
+
+    orig = h5format.SpectraFile.read
+
+    def counting_read(self, start=0, stop=None):
+        reads.append((start, stop))
+        return orig(self, start, stop)
+
+    monkeypatch.setattr(h5format.SpectraFile, "read", counting_read)
+    tail = order(loader, 1, skip=13)
+    np.testing.assert_array_equal(tail, full[13 * 16 :])
+    # block reads only (contiguous ranges of block_rows), and the chunks before the resume point not at all
+    assert all(stop - start <= 16 for start, stop in reads)
+    assert len(reads) < len(loader._blocks)
+
+
+def test_row_selection_and_stable_validation_split(files):
+    ids = np.concatenate([h5py.File(p, "r")["object_id"][:] for p in files])
+    # independent: blake2b keyed with the salt over the 8 little-endian bytes of each id
+    expect = np.array([int.from_bytes(hashlib.blake2b(int(i).to_bytes(8, "little"), digest_size=8,
+                                                      key=b"fastspec-val").digest(), "little") / 2**64
+                       for i in ids])
+    np.testing.assert_array_equal(stable_fraction(ids), expect)
+    is_val = validation_mask(ids, 0.25)
+    assert 0.1 < is_val.mean() < 0.4
+    rows = [is_val[:203], is_val[203:]]
+    val = SpectraLoader(files, batch_size=8, shuffle=False, drop_last=False, num_workers=0, rows=rows)
+    trn = SpectraLoader(files, batch_size=8, seed=1, drop_last=False, num_workers=0, rows=[~r for r in rows])
+    v, t = order(val), order(trn)
+    np.testing.assert_array_equal(np.sort(v), np.flatnonzero(is_val))
+    np.testing.assert_array_equal(np.sort(t), np.flatnonzero(~is_val))
+    with pytest.raises(ValueError, match="validation fraction"):
+        validation_mask(ids, 1.0)
+    # index arrays work like masks; out-of-range indices are refused with the file named
+    sel = SpectraLoader(files, batch_size=4, shuffle=False, drop_last=False, num_workers=0,
+                        rows=[np.array([3, 1, 4]), None])
+    assert order(sel)[:3].tolist() == [1, 3, 4]
+    with pytest.raises(ValueError, match="a.h5: row index out of range"):
+        SpectraLoader(files, batch_size=4, num_workers=0, rows=[np.array([500]), None])
+
+
+def test_masked_nan_is_zeroed_and_weighted_nan_names_file_row_field(tmp_path):
+    p = write(tmp_path / "nan.h5", 40, masked_nan_rows=[3])
+    b = next(iter(SpectraLoader([p], batch_size=40, shuffle=False, num_workers=0)))
+    assert torch.isfinite(b.y).all() and b.y[3, 200] == 0 and b.w[3, 200] == 0
+    q = write(tmp_path / "bad.h5", 40, nan_rows=[17])
+    with pytest.raises(SpectraFormatError, match=r"bad\.h5: row 17, field spectrum_flux"):
+        list(SpectraLoader([q], batch_size=8, shuffle=False, num_workers=0))
+    # excluding the row (what --exclude-bad does) makes the file usable
+    keep = np.ones(40, bool)
+    keep[17] = False
+    assert len(order(SpectraLoader([q], batch_size=8, shuffle=False, num_workers=0, drop_last=False,
+                                   rows=[keep]))) == 39
+
+
+def test_bad_arguments_are_explained(files, tmp_path):
+    with pytest.raises(ValueError, match="multiple of shards"):
+        SpectraLoader(files, batch_size=15, shards=2, num_workers=0)
+    with pytest.raises(ValueError, match="rank 2 is not in a world of size 2"):
+        SpectraLoader(files, batch_size=16, rank=2, world_size=2, num_workers=0)
+    desi = write(tmp_path / "desi.h5", 4, instrument="desi")
+    with pytest.raises(SpectraFormatError, match="desi.h5: instrument 'desi' differs"):
+        SpectraLoader([files[0], desi], batch_size=4, num_workers=0)
