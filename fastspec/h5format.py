@@ -322,6 +322,8 @@ class SpectraFile:
     (``check_grid=False`` skips that check; `fastspec.validate` reports it instead).
     """
 
+    kind = "fastspec"
+
     def __init__(self, path, instrument: str | Instrument | None = None, check_grid: bool = True):
         self.path = os.fspath(path)
         try:
