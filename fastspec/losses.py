@@ -1,0 +1,68 @@
+"""Training losses on materialised reconstructions: the paper's weighted MSE, spender's variant, and the
+consistency penalty between latents of a spectrum and of its augmented copy.
+
+All return per-spectrum values (N,); reduce them (sum / mean) in the training loop. The fused, memory-light
+form of the reconstruction losses is `SpectrumAutoencoder.loss`, which never builds ŷ.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _weights(y, y_hat, w, valid):
+    if y.shape != y_hat.shape or y.shape != w.shape:
+        raise ValueError(f"y, y_hat and w must have the same shape, got {tuple(y.shape)}, "
+                         f"{tuple(y_hat.shape)}, {tuple(w.shape)}")
+    if y.ndim != 2:
+        raise ValueError(f"y must have shape (N, L), got {tuple(y.shape)}")
+    if valid is not None:
+        w = w * valid.to(w.dtype)
+    return w
+
+
+def weighted_mse(y: torch.Tensor, y_hat: torch.Tensor, w: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. (1) of Melchior+2022 per spectrum: Σ w·(y−ŷ)² / Σ w, with w ← w·valid if valid is given.
+
+    Accumulates in float32 at least; a spectrum with Σ w = 0 has loss 0 (it carries no information).
+    """
+    w = _weights(y, y_hat, w, valid)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    w = w.to(acc)
+    num = (w * (y.to(acc) - y_hat.to(acc)) ** 2).sum(dim=1)
+    den = w.sum(dim=1)
+    return num / den.clamp_min(torch.finfo(acc).tiny)
+
+
+def spender_loss(y: torch.Tensor, y_hat: torch.Tensor, w: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """spender's per-spectrum loss Σ ½·w·(y−ŷ)² / L (dividing by L, not Σ w, so spectra with more valid
+    pixels weigh more), with w ← w·valid if valid is given."""
+    w = _weights(y, y_hat, w, valid)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    return (0.5 * w.to(acc) * (y.to(acc) - y_hat.to(acc)) ** 2).sum(dim=1) / y.shape[1]
+
+
+def consistency_loss(s: torch.Tensor, s_aug: torch.Tensor, sigma: float | torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Consistency penalty per spectrum: sigmoid(Σ_k (s'−s)² / (S·σ²)) − ½, 0 for identical latents.
+
+    sigma: the latent distance scale. None uses spender 0.3's choice σ² = mean per-dimension variance of s
+    across the batch (not detached, so the penalty cannot be lowered by shrinking the latent space; needs
+    N ≥ 2). A number fixes σ (Melchior+2022 / spender < 0.3 style).
+    """
+    if s.shape != s_aug.shape or s.ndim != 2:
+        raise ValueError(f"s and s_aug must both have shape (N, S), got {tuple(s.shape)} and {tuple(s_aug.shape)}")
+    n, size = s.shape
+    if sigma is None:
+        if n < 2:
+            raise ValueError("consistency_loss with sigma=None needs a batch of at least 2 to estimate the "
+                             "latent variance; pass sigma")
+        sigma2 = s.var(dim=0).mean()
+    else:
+        sigma2 = torch.as_tensor(sigma, dtype=s.dtype, device=s.device) ** 2
+    d2 = ((s_aug - s) ** 2).sum(dim=1) / (size * sigma2)
+    return torch.sigmoid(d2) - 0.5
+
+
+__all__ = ["weighted_mse", "spender_loss", "consistency_loss"]
