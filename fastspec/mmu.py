@@ -106,7 +106,9 @@ class MMUSpectraFile:
         if self._id_field is None:
             raise SpectraFormatError(f"{self.path}: no object id field (looked for {', '.join(_ID_FIELDS)})")
 
-        self.instrument = self._instrument(instrument) if self._n else get_instrument(instrument or "sdss")
+        if self._n == 0 and instrument is None:
+            raise SpectraFormatError(f"{self.path}: no rows to infer the instrument from; pass instrument=")
+        self.instrument = self._instrument(instrument) if self._n else get_instrument(instrument)
         self.wave_obs = self.instrument.wave_obs
         self._sky = self.instrument.sky_mask()
 

@@ -52,11 +52,11 @@ def row_problems(batch: SpectraBatch, z_max: float | None = None, path: str = ""
     out: list[tuple[int, str, str, str]] = []
 
     def per_pixel(bad: np.ndarray, fld: str, key: str, what: str, where: str = ""):
-        count = bad.sum(axis=1)
-        rows = np.flatnonzero(count)
+        rows = np.flatnonzero(bad.any(axis=1))  # any() short-circuits; counting only the bad rows is cheap
         if rows.size:
-            first = np.argmax(bad[rows], axis=1)
-            for r, c, f0 in zip(rows, count[rows], first):
+            sub = bad[rows]
+            first, count = np.argmax(sub, axis=1), sub.sum(axis=1)
+            for r, c, f0 in zip(rows, count, first):
                 at = f"at pixel {f0}{where}" if c == 1 else f"at {c} pixels{where} (first at pixel {f0})"
                 out.append((int(r), fld, key, f"{what} {at}"))
 
@@ -195,7 +195,7 @@ class ValidationReport:
             rows += [
                 ("z range", f"{fmt(self.z_min_found, '.4g')} – {fmt(self.z_max_found, '.4g')} "
                             f"(median {fmt(self.z_median, '.4g')}; checked against [0, {hi}])"),
-                ("masked pixels", f"{fmt(None if self.masked_fraction is None else 100 * self.masked_fraction, '.1f')} %"),
+                ("masked pixels", "—" if self.masked_fraction is None else f"{100 * self.masked_fraction:.1f} %"),
                 ("median S/N per pixel", f"{fmt(self.median_snr, '.3g')} (over {self.n_snr_rows} spectra)"),
             ]
         rows.append(("status", "OK" if self.ok else f"{self.n_problems} problem(s)"))

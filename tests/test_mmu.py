@@ -268,3 +268,40 @@ def test_real_boss_spectrum_infers_boss(tmp_path, real_data_dir):
         F, I, M, norm = _expected(wave, k0, lams[r], fl[r].astype(np.float64), iv[r], mk[r], z[r])
         np.testing.assert_allclose(b.flux[r], F, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(b.mask[r], M)
+
+
+def test_without_mask_column_with_targetid(tmp_path):
+    # Older MMU DESI files have no spectrum_mask and name the id TARGETID: mask = ivar <= 0 | sky lines.
+    rng = np.random.default_rng(6)
+    lam = (3600.0 + 0.8 * np.arange(DESI_L)).astype(np.float32)
+    flux, ivar = rng.normal(3, 1, (2, DESI_L)), rng.uniform(0.5, 2, (2, DESI_L))
+    ivar[0, 100:110] = 0
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as h:
+        h["spectrum_lambda"] = np.stack([lam, lam])
+        h["spectrum_flux"], h["spectrum_ivar"] = flux.astype(">f4"), ivar.astype(">f4")
+        h["Z"], h["ZERR"] = np.array([0.1, 0.2]), np.array([1e-5, 2e-5], np.float32)
+        h["TARGETID"] = np.array([5, 6], dtype=">i8")
+    with MMUSpectraFile(path) as f:
+        b = f.read()
+        np.testing.assert_array_equal(f.read_column("object_id"), [5, 6])
+    wave = 3600.0 + 0.8 * np.arange(DESI_L)
+    for r in range(2):
+        F, I, M, norm = _expected(wave, 0, lam, flux[r], ivar[r], np.zeros(DESI_L, bool), [0.1, 0.2][r])
+        np.testing.assert_array_equal(b.mask[r], M)
+        np.testing.assert_allclose(b.flux[r], F, rtol=1e-5)
+    assert b.mask[0, 100:110].all() and b.object_id.tolist() == [5, 6]
+
+
+def test_empty_file_needs_an_instrument(tmp_path):
+    path = tmp_path / "empty.h5"
+    write_mmu(path, [np.ones(5)], [np.ones(5)], [np.ones(5)], [np.zeros(5, bool)], [0.1], [0.0], np.array([1]))
+    with h5py.File(path, "a") as h:
+        for k in list(h):
+            data = h[k][:0]
+            del h[k]
+            h[k] = data
+    with pytest.raises(SpectraFormatError, match=r"empty\.h5: no rows to infer the instrument from"):
+        MMUSpectraFile(path)
+    with MMUSpectraFile(path, instrument="boss") as f:
+        assert len(f) == 0 and f.read().flux.shape == (0, BOSS_L)
