@@ -26,5 +26,10 @@ def __getattr__(name):
         import importlib
 
         mod = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(mod, name)
+        # Importing submodule `resample` binds the package attribute `resample` to the module; rebind every
+        # op of that module to its function so `fastspec.kernels.resample` stays the op after first use.
+        for op, modname in _LAZY.items():
+            if modname == _LAZY[name]:
+                globals()[op] = getattr(mod, op)
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
