@@ -8,6 +8,9 @@ Public API:
     attention_pool(h, k) -> (N, C)
     use_backend(name) / set_backend(name) / get_backend()
 """
+import sys
+import types
+
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 
 _LAZY = {
@@ -33,3 +36,15 @@ def __getattr__(name):
                 globals()[op] = getattr(mod, op)
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # A direct `import fastspec.kernels.resample` (before any use of the op) would also bind the package
+        # attribute to the submodule; keep the op's name for the op (the module stays in sys.modules).
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
