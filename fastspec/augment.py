@@ -31,7 +31,10 @@ def _wave_obs(y: torch.Tensor, wave_obs=None, instrument=None) -> torch.Tensor:
                                  "which grid they are")
             instrument = matches[0]
         wave_obs = get_instrument(instrument).wave_obs
-    grid = torch.as_tensor(wave_obs, device=y.device).float().contiguous()
+    # float64 when the grid is (an instrument's grid is exact in float64; a float32 copy puts the log-linear
+    # coordinate up to 3e-4 pixels off, visible next to sharp features)
+    grid = torch.as_tensor(wave_obs, device=y.device)
+    grid = (grid if grid.dtype == torch.float64 else grid.float()).contiguous()
     if grid.shape != (y.shape[1],):
         raise ValueError(f"wave_obs has shape {tuple(grid.shape)} but the spectra have {y.shape[1]} pixels")
     return grid

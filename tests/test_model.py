@@ -166,9 +166,13 @@ def test_default_backend_matches_torch_backend_with_gradients():
     close(got[0], ref[0], 1e-5)
     assert torch.equal(got[1], ref[1])
     close(got[2], ref[2], 1e-5)
+    # conv biases feed an InstanceNorm, which removes them: their true gradient is 0 and both backends
+    # return round-off (~1e-11), so every gradient is compared on the scale of the largest one
+    scale = max(g.abs().max().item() for g in ref[3].values())
     for name, g in ref[3].items():
         assert torch.isfinite(got[3][name]).all(), name
-        close(got[3][name], g, 1e-4)
+        diff = (got[3][name] - g).abs().max().item()
+        assert diff <= 1e-4 * g.abs().max().item() + 1e-7 * scale, f"{name}: |Δ| = {diff:.1e}"
 
 
 def test_loss_is_the_fused_form_of_the_materialised_losses():
