@@ -1,0 +1,214 @@
+"""Triton kernels for attention pooling, e[n, c] = Σ_t h[n, c, t] · softmax_t(k[n, c, :])[t], and backward.
+
+One program handles BLOCK_R rows r = n·C + c and walks t in chunks of BLOCK_T with an online softmax
+(running max, rescaled sum and weighted sum), so any T works; when T fits one chunk (T = 72 for SDSS) the
+backward keeps the row in registers and reads h and k once. Inputs may have arbitrary strides (the encoder
+passes h and k as the two channel halves of one conv output); dh and dk are written contiguous.
+Every load is upcast to fp32 (fp64 for fp64 inputs) right away: accumulation precision, and bf16 arithmetic
+is silently wrong in the Triton interpreter. Semantics (shared with the numba kernels and the torch
+reference): -inf keys get zero weight, a row whose keys are all -inf pools nothing (e = 0, zero gradients),
+a NaN or +inf key makes that row NaN.
+
+Launchers work on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before this module was
+imported (tests). `triton_compile_specs` lists the kernels with concrete signatures for compile-only checks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter costs ~1.4 ms per program instance whatever its size: give it few, large programs.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_GPU_TILE = 2048  # elements per program tile (rows × t-chunk) on a GPU; 4 warps -> 16 per thread per tensor
+_INTERPRET_TILE = 16384
+_MAX_BLOCK_T = 128  # longer rows are walked in chunks
+
+
+@triton.jit
+def attention_pool_fwd_kernel(
+    h_ptr, k_ptr, e_ptr,  # h, k: (N, C, T) any strides; e: contiguous (N, C)
+    R, C, T,  # R = N·C rows
+    h_sn, h_sc, h_st, k_sn, k_sc, k_st,  # element strides
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    # int64 rows: offsets n·sn + c·sc + t reach N·C·T, which overflows int32 at survey scale.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    n = rows // C
+    c = rows - n * C
+    h_row = n * h_sn + c * h_sc
+    k_row = n * k_sn + c * k_sc
+    m = tl.full([BLOCK_R], float("-inf"), ACC_DTYPE)
+    s = tl.zeros([BLOCK_R], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_R], ACC_DTYPE)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask = row_ok[:, None] & (t < T)[None, :]
+        kv = tl.load(k_ptr + (k_row[:, None] + t[None, :] * k_st), mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        hv = tl.load(h_ptr + (h_row[:, None] + t[None, :] * h_st), mask=mask, other=0.0).to(ACC_DTYPE)
+        m_new = tl.maximum(m, tl.max(kv, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: every weight is exactly 0
+        rescale = tl.exp(m - shift)
+        p = tl.exp(kv - shift[:, None])
+        s = s * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale + tl.sum(p * hv, axis=1)
+        m = m_new
+    e = tl.where(s == 0.0, 0.0, acc / tl.where(s == 0.0, 1.0, s))
+    tl.store(e_ptr + rows, e.to(e_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def attention_pool_bwd_kernel(
+    g_ptr, h_ptr, k_ptr, dh_ptr, dk_ptr,  # g: (N, C) any strides; dh, dk: contiguous (N, C, T)
+    R, C, T,
+    g_sn, g_sc, h_sn, h_sc, h_st, k_sn, k_sc, k_st,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, ACC_DTYPE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    n = rows // C
+    c = rows - n * C
+    h_row = n * h_sn + c * h_sc
+    k_row = n * k_sn + c * k_sc
+    out_row = rows * T
+    g = tl.load(g_ptr + (n * g_sn + c * g_sc), mask=row_ok, other=0.0).to(ACC_DTYPE)
+    if ONE_CHUNK:
+        # The whole row is in registers: h and k are read once.
+        t = tl.arange(0, BLOCK_T).to(tl.int64)
+        mask = row_ok[:, None] & (t < T)[None, :]
+        kv = tl.load(k_ptr + (k_row[:, None] + t[None, :] * k_st), mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        hv = tl.load(h_ptr + (h_row[:, None] + t[None, :] * h_st), mask=mask, other=0.0).to(ACC_DTYPE)
+        m = tl.max(kv, axis=1)
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp(kv - shift[:, None])
+        s = tl.sum(p, axis=1)
+        inv_s = tl.where(s == 0.0, 0.0, 1.0 / tl.where(s == 0.0, 1.0, s))
+        e = tl.sum(p * hv, axis=1) * inv_s
+        ga = p * (g * inv_s)[:, None]
+        out = out_row[:, None] + t[None, :]
+        tl.store(dh_ptr + out, ga.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dk_ptr + out, (ga * (hv - e[:, None])).to(dk_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: online softmax statistics; pass 2: recompute the weights chunk by chunk and write.
+        m = tl.full([BLOCK_R], float("-inf"), ACC_DTYPE)
+        s = tl.zeros([BLOCK_R], ACC_DTYPE)
+        acc = tl.zeros([BLOCK_R], ACC_DTYPE)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            mask = row_ok[:, None] & (t < T)[None, :]
+            kv = tl.load(k_ptr + (k_row[:, None] + t[None, :] * k_st), mask=mask,
+                         other=float("-inf")).to(ACC_DTYPE)
+            hv = tl.load(h_ptr + (h_row[:, None] + t[None, :] * h_st), mask=mask, other=0.0).to(ACC_DTYPE)
+            m_new = tl.maximum(m, tl.max(kv, axis=1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.exp(m - shift)
+            p = tl.exp(kv - shift[:, None])
+            s = s * rescale + tl.sum(p, axis=1)
+            acc = acc * rescale + tl.sum(p * hv, axis=1)
+            m = m_new
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        inv_s = tl.where(s == 0.0, 0.0, 1.0 / tl.where(s == 0.0, 1.0, s))
+        e = acc * inv_s
+        g_inv_s = g * inv_s
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            mask = row_ok[:, None] & (t < T)[None, :]
+            kv = tl.load(k_ptr + (k_row[:, None] + t[None, :] * k_st), mask=mask,
+                         other=float("-inf")).to(ACC_DTYPE)
+            hv = tl.load(h_ptr + (h_row[:, None] + t[None, :] * h_st), mask=mask, other=0.0).to(ACC_DTYPE)
+            ga = tl.exp(kv - shift[:, None]) * g_inv_s[:, None]
+            out = out_row[:, None] + t[None, :]
+            tl.store(dh_ptr + out, ga.to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dk_ptr + out, (ga * (hv - e[:, None])).to(dk_ptr.dtype.element_ty), mask=mask)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _blocks(R: int, T: int, block_r: int | None, block_t: int | None) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_T), powers of two; explicit values (tests) override the heuristic."""
+    if block_t is None:
+        block_t = triton.next_power_of_2(max(T, 16))
+        if not _INTERPRET:
+            block_t = min(block_t, _MAX_BLOCK_T)
+    if block_r is None:
+        tile = _INTERPRET_TILE if _INTERPRET else _GPU_TILE
+        block_r = max(1, min(tile // block_t, triton.next_power_of_2(max(R, 1))))
+    return block_r, block_t
+
+
+def _device_guard(t: torch.Tensor):
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def attention_pool_fwd_triton(h: torch.Tensor, k: torch.Tensor, block_r: int | None = None,
+                              block_t: int | None = None) -> torch.Tensor:
+    """e (N, C) in h's dtype. Inputs are assumed checked (same shape, device and float dtype)."""
+    N, C, T = h.shape
+    e = torch.empty((N, C), dtype=h.dtype, device=h.device)
+    R = N * C
+    if R == 0:
+        return e
+    if T == 0:
+        return e.zero_()
+    BLOCK_R, BLOCK_T = _blocks(R, T, block_r, block_t)
+    with _device_guard(h):
+        attention_pool_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](
+            h, k, e, R, C, T, *h.stride(), *k.stride(),
+            BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T, ACC_DTYPE=_acc_dtype(h.dtype), num_warps=4,
+        )
+    return e
+
+
+def attention_pool_bwd_triton(g: torch.Tensor, h: torch.Tensor, k: torch.Tensor, block_r: int | None = None,
+                              block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, dk), contiguous (N, C, T) in h's dtype, for the upstream gradient g (N, C)."""
+    N, C, T = h.shape
+    dh = torch.empty((N, C, T), dtype=h.dtype, device=h.device)
+    dk = torch.empty((N, C, T), dtype=h.dtype, device=h.device)
+    R = N * C
+    if R * T == 0:
+        return dh, dk
+    BLOCK_R, BLOCK_T = _blocks(R, T, block_r, block_t)
+    with _device_guard(h):
+        attention_pool_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](
+            g, h, k, dh, dk, R, C, T, *g.stride(), *h.stride(), *k.stride(),
+            BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T, ACC_DTYPE=_acc_dtype(h.dtype), ONE_CHUNK=BLOCK_T >= T,
+            num_warps=4,
+        )
+    return dh, dk
+
+
+_TL_NAMES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp64": "fp64"}
+
+
+def triton_compile_specs(dtype: str) -> list[tuple[str, object, dict, dict]]:
+    """(name, kernel, signature, constexprs) for `triton.compiler.ASTSource`, one per kernel variant, for
+    inputs of `dtype` ('fp32', 'fp16', 'bf16'; 'fp64' too) at the encoder's shape (T = 72 in one chunk, unit
+    t stride as the JIT specialises it) and a long-row variant (T walked in chunks)."""
+    if dtype not in _TL_NAMES:
+        raise ValueError(f"triton_compile_specs: dtype must be one of {', '.join(_TL_NAMES)}, got {dtype!r}")
+    ptr = "*" + _TL_NAMES[dtype]
+    acc = tl.float64 if dtype == "fp64" else tl.float32
+    sizes = {"R": "i64", "C": "i32", "T": "i32"}
+    strides_hk = {"h_sn": "i64", "h_sc": "i64", "h_st": "constexpr", "k_sn": "i64", "k_sc": "i64",
+                  "k_st": "constexpr"}
+    fwd_sig = {"h_ptr": ptr, "k_ptr": ptr, "e_ptr": ptr, **sizes, **strides_hk,
+               "BLOCK_R": "constexpr", "BLOCK_T": "constexpr", "ACC_DTYPE": "constexpr"}
+    bwd_sig = {"g_ptr": ptr, "h_ptr": ptr, "k_ptr": ptr, "dh_ptr": ptr, "dk_ptr": ptr, **sizes,
+               "g_sn": "i64", "g_sc": "i64", **strides_hk,
+               "BLOCK_R": "constexpr", "BLOCK_T": "constexpr", "ACC_DTYPE": "constexpr", "ONE_CHUNK": "constexpr"}
+    unit = {"h_st": 1, "k_st": 1}
+    one_chunk = {**unit, "BLOCK_R": _GPU_TILE // 128, "BLOCK_T": 128, "ACC_DTYPE": acc}
+    chunked = {**unit, "BLOCK_R": _GPU_TILE // _MAX_BLOCK_T, "BLOCK_T": _MAX_BLOCK_T, "ACC_DTYPE": acc}
+    return [
+        ("attention_pool_fwd", attention_pool_fwd_kernel, fwd_sig, one_chunk),
+        ("attention_pool_bwd_one_chunk", attention_pool_bwd_kernel, bwd_sig, {**one_chunk, "ONE_CHUNK": True}),
+        ("attention_pool_bwd_chunked", attention_pool_bwd_kernel, bwd_sig, {**chunked, "ONE_CHUNK": False}),
+    ]
