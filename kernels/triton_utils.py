@@ -1,0 +1,107 @@
+"""Shared Triton helpers: launch sizing, and compiling kernels for real GPUs on a machine without one.
+
+`compile_for_target` turns a (kernel, signature, constexprs) spec — what each kernel module returns from
+`triton_compile_specs(dtype)` — into PTX for a CUDA compute capability with no GPU present (CI proves every
+kernel compiles for sm_70/80/90 this way). `ptx_report` reads the PTX back: vector widths of global loads and
+stores, local-memory (spill) traffic.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# Triton dtype names for the fp precisions the kernels accept; 'fp64' is used by the float64 gradcheck.
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+# Compute capabilities CI compiles for, with the dtypes each supports (V100 has no bf16).
+TARGETS = {70: ("fp32", "fp16"), 80: ("fp32", "fp16", "bf16"), 90: ("fp32", "fp16", "bf16")}
+
+
+def torch_dtype_name(dtype) -> str:
+    """'fp32' / 'fp16' / 'bf16' / 'fp64' for a torch dtype (Triton's pointer-type spelling)."""
+    import torch
+
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+    if dtype not in names:
+        raise TypeError(f"unsupported dtype {dtype}; expected float16, bfloat16, float32 or float64")
+    return names[dtype]
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def block_size(n: int, max_block: int, min_block: int = 16) -> int:
+    """A power-of-two block covering `n` elements, clamped to [min_block, max_block]."""
+    return max(min_block, min(max_block, next_power_of_2(n)))
+
+
+@dataclass
+class PtxReport:
+    """What the PTX of one compiled kernel says about its memory traffic."""
+
+    name: str
+    cc: int
+    ptx_lines: int
+    global_loads: dict[str, int] = field(default_factory=dict)  # e.g. {'ld.global.v4.b32': 2, ...}
+    global_stores: dict[str, int] = field(default_factory=dict)
+    atomics: dict[str, int] = field(default_factory=dict)
+    local_loads: int = 0  # ld.local: register spills (or local arrays)
+    local_stores: int = 0
+
+    def summary(self) -> str:
+        loads = ", ".join(f"{k}×{v}" for k, v in sorted(self.global_loads.items()))
+        stores = ", ".join(f"{k}×{v}" for k, v in sorted(self.global_stores.items()))
+        atom = ", ".join(f"{k}×{v}" for k, v in sorted(self.atomics.items()))
+        return (f"{self.name} sm_{self.cc}: loads [{loads}] stores [{stores}]"
+                + (f" atomics [{atom}]" if atom else "") + f" ld.local {self.local_loads}")
+
+
+def _count(pattern: str, text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in re.findall(pattern, text):
+        out[m] = out.get(m, 0) + 1
+    return out
+
+
+def ptx_report(name: str, cc: int, ptx: str) -> PtxReport:
+    return PtxReport(
+        name=name,
+        cc=cc,
+        ptx_lines=ptx.count("\n"),
+        global_loads=_count(r"\bld\.global[\w.]*", ptx),
+        global_stores=_count(r"\bst\.global[\w.]*", ptx),
+        atomics=_count(r"\b(?:atom|red)\.global[\w.]*", ptx),
+        local_loads=len(re.findall(r"\bld\.local", ptx)),
+        local_stores=len(re.findall(r"\bst\.local", ptx)),
+    )
+
+
+def compile_for_target(kernel, signature: dict, constexprs: dict, cc: int, aligned=None, num_warps: int = 4):
+    """Compile a @triton.jit kernel for CUDA compute capability `cc` (70, 80, 90, ...) without a GPU.
+
+    `signature` maps every argument name to a Triton type ('*fp32', 'i32', 'constexpr', ...), `constexprs`
+    gives the constexpr values. `aligned` names the arguments assumed 16-byte aligned / divisible by 16, as the
+    JIT specialises them at launch (default: every pointer — torch allocations are aligned). Returns the
+    compiled kernel; its PTX is `.asm['ptx']`.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if aligned is None:
+        aligned = [k for k, v in signature.items() if isinstance(v, str) and v.startswith("*")]
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+
+
+def compile_specs_report(specs, cc: int) -> list[PtxReport]:
+    """Compile each (name, kernel, signature, constexprs) spec for `cc`; one PtxReport per kernel."""
+    reports = []
+    for name, kernel, signature, constexprs in specs:
+        compiled = compile_for_target(kernel, signature, constexprs, cc)
+        ptx = compiled.asm["ptx"]
+        if ".entry" not in ptx:
+            raise RuntimeError(f"{name}: no PTX entry point produced for sm_{cc}")
+        reports.append(ptx_report(name, cc, ptx))
+    return reports
