@@ -345,6 +345,9 @@ class _AstropyFits:
                 except Exception:
                     self.hdul.close()
                     raise
+        except EOFError:
+            raise IngestError(f"{path}: file is truncated (the compressed stream ends early); "
+                              "incomplete download? fetch it again") from None
         except Exception as err:
             raise IngestError(f"{path}: cannot be read as FITS ({type(err).__name__}: {err})") from None
         for w in caught:
@@ -406,6 +409,9 @@ def open_fits(path: str, reader: str = "fast"):
         raise
     except FileNotFoundError:
         raise IngestError(f"{path}: no such file") from None
+    except EOFError:
+        raise IngestError(f"{path}: file is truncated (the compressed stream ends early); "
+                          "incomplete download? fetch it again") from None
     except Exception as err:
         raise IngestError(f"{path}: cannot be read as FITS ({type(err).__name__}: {err})") from None
     try:

@@ -371,3 +371,21 @@ def test_missing_field_names_file_hdu_and_field(real_data_dir, tmp_path):
     rep = ingest([str(path)], tmp_path / "o.h5", jobs=1, progress=False)
     err = rep.files[0].error
     assert err.startswith(str(path)) and "HDU 2 (SPECOBJ) has no field Z" in err
+
+
+def test_gzipped_file_and_instrument_mismatch(real_data_dir, tmp_path):
+    import gzip
+
+    src = real_data_dir / "sdss" / "spec-0266-51602-0107.fits"
+    gz = tmp_path / (src.name + ".gz")
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    (tmp_path / "trunc").mkdir()
+    bad_gz = tmp_path / "trunc" / gz.name
+    bad_gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    coadd = real_data_dir / "desi" / "coadd-4-80613-thru20210324.fits"
+    rep = ingest([str(gz), str(bad_gz), str(coadd)], tmp_path / "o.h5", instrument="sdss", jobs=1,
+                 progress=False)
+    assert rep.n_ingested == 1
+    assert "truncated" in rep.files[1].error
+    assert "the output instrument is sdss" in rep.files[2].error
+    check_sdss_row(read_h5(tmp_path / "o.h5"), 0, sdss_expected(src, "sdss"), "sdss")

@@ -1,0 +1,88 @@
+"""Ingest throughput (spectra/s, files/s) on the bundled real survey files, measured side by side in one run:
+jobs = 1 and 2 worker processes, with the built-in FITS reader and with astropy.
+
+The file list is repeated (copies under a temporary folder, so every copy is a distinct file) to get a stable
+number; the copies sit in the page cache, so this measures parsing + snapping + normalisation + HDF5 writing,
+not disk. Writes bench/results/ingest.json and .csv.
+
+    .venv/bin/python bench/bench_ingest.py [--copies 4] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_info, print_table, timeit, write_results  # noqa: E402
+
+from fastspec.ingest import ingest  # noqa: E402
+
+REAL = Path(os.environ.get("FASTSPEC_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "real"
+
+
+def copies(src: list[Path], n: int, dest: Path) -> list[str]:
+    out = []
+    for k in range(n):
+        d = dest / f"copy{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        for f in src:
+            target = d / f.name
+            shutil.copy(f, target)
+            out.append(str(target))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copies", type=int, default=4, help="times the file list is repeated")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (median)")
+    args = ap.parse_args(argv)
+
+    sdss = sorted((REAL / "sdss").glob("spec-*.fits"))
+    desi = sorted((REAL / "desi").glob("*.fits"))  # coadds and the redrock files beside them
+    if not sdss or not desi:
+        print(f"bundled real files not found under {REAL}", file=sys.stderr)
+        return 1
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        tmp = Path(tmp)
+        sets = {
+            "sdss+boss": copies(sdss, args.copies, tmp / "sdss"),
+            "desi": [f for f in copies(desi, 4 * args.copies, tmp / "desi") if "/coadd-" in f],
+        }
+        for name, files in sets.items():
+            for reader in ("fast", "astropy"):
+                for jobs in (1, 2):
+                    out = tmp / f"{name}-{reader}-{jobs}.h5"
+                    result = {}
+
+                    def run(files=files, out=out, jobs=jobs, reader=reader, result=result):
+                        result["r"] = ingest(files, out, jobs=jobs, progress=False, reader=reader)
+
+                    t = timeit(run, repeat=args.repeat, warmup=1)
+                    rep = result["r"]
+                    rows.append({
+                        "files": name, "reader": reader, "jobs": jobs, "n_files": len(files),
+                        "n_spectra": rep.n_ingested, "seconds": t,
+                        "files_per_s": len(files) / t, "spectra_per_s": rep.n_ingested / t,
+                        "MB_per_s": sum(os.path.getsize(f) for f in files) / t / 1e6,
+                    })
+                    print(f"  {name:9s} reader={reader:7s} jobs={jobs}: {rows[-1]['spectra_per_s']:.0f} spectra/s",
+                          flush=True)
+    cols = ["files", "reader", "jobs", "n_files", "n_spectra", "seconds", "files_per_s", "spectra_per_s", "MB_per_s"]
+    print_table(rows, cols, title="ingest throughput (end to end: plan, read, snap, normalise, write HDF5)")
+    info = machine_info()
+    path = write_results("ingest", {"machine": info, "copies": args.copies, "repeat": args.repeat,
+                                    "note": "files in page cache; DESI files hold 1 spectrum each",
+                                    "rows": rows}, rows)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
