@@ -14,6 +14,7 @@ imported (tests). `triton_compile_specs` lists the kernels with concrete signatu
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -30,8 +31,10 @@ _MAX_BLOCK_T = 128  # longer rows are walked in chunks
 @triton.jit
 def attention_pool_fwd_kernel(
     h_ptr, k_ptr, e_ptr,  # h, k: (N, C, T) any strides; e: contiguous (N, C)
-    R, C, T,  # R = N·C rows
+    R, C,  # R = N·C rows
     h_sn, h_sc, h_st, k_sn, k_sc, k_st,  # element strides
+    T: tl.constexpr,  # constexpr: the t mask's alignment is then known and loads can be vectorised
+    ROW_ALIGN: tl.constexpr,  # every row offset (n·sn + c·sc) is a multiple of this (vectorisation hint)
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     # int64 rows: offsets n·sn + c·sc + t reach N·C·T, which overflows int32 at survey scale.
@@ -39,8 +42,8 @@ def attention_pool_fwd_kernel(
     row_ok = rows < R
     n = rows // C
     c = rows - n * C
-    h_row = n * h_sn + c * h_sc
-    k_row = n * k_sn + c * k_sc
+    h_row = tl.multiple_of(n * h_sn + c * h_sc, ROW_ALIGN)
+    k_row = tl.multiple_of(n * k_sn + c * k_sc, ROW_ALIGN)
     m = tl.full([BLOCK_R], float("-inf"), ACC_DTYPE)
     s = tl.zeros([BLOCK_R], ACC_DTYPE)
     acc = tl.zeros([BLOCK_R], ACC_DTYPE)
@@ -63,17 +66,18 @@ def attention_pool_fwd_kernel(
 @triton.jit
 def attention_pool_bwd_kernel(
     g_ptr, h_ptr, k_ptr, dh_ptr, dk_ptr,  # g: (N, C) any strides; dh, dk: contiguous (N, C, T)
-    R, C, T,
+    R, C,
     g_sn, g_sc, h_sn, h_sc, h_st, k_sn, k_sc, k_st,
+    T: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, ACC_DTYPE: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     n = rows // C
     c = rows - n * C
-    h_row = n * h_sn + c * h_sc
-    k_row = n * k_sn + c * k_sc
-    out_row = rows * T
+    h_row = tl.multiple_of(n * h_sn + c * h_sc, ROW_ALIGN)
+    k_row = tl.multiple_of(n * k_sn + c * k_sc, ROW_ALIGN)
+    out_row = tl.multiple_of(rows * T, ROW_ALIGN)
     g = tl.load(g_ptr + (n * g_sn + c * g_sc), mask=row_ok, other=0.0).to(ACC_DTYPE)
     if ONE_CHUNK:
         # The whole row is in registers: h and k are read once.
@@ -141,6 +145,20 @@ def _blocks(R: int, T: int, block_r: int | None, block_t: int | None) -> tuple[i
     return block_r, block_t
 
 
+def _row_align(T: int, *tensors: torch.Tensor) -> int:
+    """Largest power of two (at most 16 bytes' worth of elements) dividing T and every (n, c) stride of
+    tensors with unit t stride: a promise to the compiler that rows start on vector boundaries."""
+    if any(t.stride(-1) != 1 for t in tensors):
+        return 1
+    common = T
+    for t in tensors:
+        common = math.gcd(common, t.stride(0), t.stride(1))
+    align = 1
+    while align * 2 <= 16 // tensors[0].element_size() and common % (align * 2) == 0:
+        align *= 2
+    return align
+
+
 def _device_guard(t: torch.Tensor):
     import contextlib
 
@@ -160,7 +178,7 @@ def attention_pool_fwd_triton(h: torch.Tensor, k: torch.Tensor, block_r: int | N
     BLOCK_R, BLOCK_T = _blocks(R, T, block_r, block_t)
     with _device_guard(h):
         attention_pool_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](
-            h, k, e, R, C, T, *h.stride(), *k.stride(),
+            h, k, e, R, C, *h.stride(), *k.stride(), T=T, ROW_ALIGN=_row_align(T, h, k),
             BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T, ACC_DTYPE=_acc_dtype(h.dtype), num_warps=4,
         )
     return e
@@ -178,7 +196,7 @@ def attention_pool_bwd_triton(g: torch.Tensor, h: torch.Tensor, k: torch.Tensor,
     BLOCK_R, BLOCK_T = _blocks(R, T, block_r, block_t)
     with _device_guard(h):
         attention_pool_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](
-            g, h, k, dh, dk, R, C, T, *g.stride(), *h.stride(), *k.stride(),
+            g, h, k, dh, dk, R, C, *g.stride(), *h.stride(), *k.stride(), T=T, ROW_ALIGN=_row_align(T, h, k),
             BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T, ACC_DTYPE=_acc_dtype(h.dtype), ONE_CHUNK=BLOCK_T >= T,
             num_warps=4,
         )
@@ -196,17 +214,19 @@ def triton_compile_specs(dtype: str) -> list[tuple[str, object, dict, dict]]:
         raise ValueError(f"triton_compile_specs: dtype must be one of {', '.join(_TL_NAMES)}, got {dtype!r}")
     ptr = "*" + _TL_NAMES[dtype]
     acc = tl.float64 if dtype == "fp64" else tl.float32
-    sizes = {"R": "i64", "C": "i32", "T": "i32"}
+    sizes = {"R": "i64", "C": "i32"}
     strides_hk = {"h_sn": "i64", "h_sc": "i64", "h_st": "constexpr", "k_sn": "i64", "k_sc": "i64",
                   "k_st": "constexpr"}
-    fwd_sig = {"h_ptr": ptr, "k_ptr": ptr, "e_ptr": ptr, **sizes, **strides_hk,
-               "BLOCK_R": "constexpr", "BLOCK_T": "constexpr", "ACC_DTYPE": "constexpr"}
+    fwd_sig = {"h_ptr": ptr, "k_ptr": ptr, "e_ptr": ptr, **sizes, **strides_hk, "T": "constexpr",
+               "ROW_ALIGN": "constexpr", "BLOCK_R": "constexpr", "BLOCK_T": "constexpr", "ACC_DTYPE": "constexpr"}
     bwd_sig = {"g_ptr": ptr, "h_ptr": ptr, "k_ptr": ptr, "dh_ptr": ptr, "dk_ptr": ptr, **sizes,
-               "g_sn": "i64", "g_sc": "i64", **strides_hk,
+               "g_sn": "i64", "g_sc": "i64", **strides_hk, "T": "constexpr", "ROW_ALIGN": "constexpr",
                "BLOCK_R": "constexpr", "BLOCK_T": "constexpr", "ACC_DTYPE": "constexpr", "ONE_CHUNK": "constexpr"}
-    unit = {"h_st": 1, "k_st": 1}
-    one_chunk = {**unit, "BLOCK_R": _GPU_TILE // 128, "BLOCK_T": 128, "ACC_DTYPE": acc}
-    chunked = {**unit, "BLOCK_R": _GPU_TILE // _MAX_BLOCK_T, "BLOCK_T": _MAX_BLOCK_T, "ACC_DTYPE": acc}
+    # SDSS: T = 72, rows of (N, 512, 72) halves start every 72 elements; a long-row case for the chunked path.
+    align = 16 // {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}[dtype]
+    unit = {"h_st": 1, "k_st": 1, "ROW_ALIGN": math.gcd(72, align), "ACC_DTYPE": acc}
+    one_chunk = {**unit, "T": 72, "BLOCK_R": _GPU_TILE // 128, "BLOCK_T": 128}
+    chunked = {**unit, "T": 1000, "BLOCK_R": _GPU_TILE // _MAX_BLOCK_T, "BLOCK_T": _MAX_BLOCK_T}
     return [
         ("attention_pool_fwd", attention_pool_fwd_kernel, fwd_sig, one_chunk),
         ("attention_pool_bwd_one_chunk", attention_pool_bwd_kernel, bwd_sig, {**one_chunk, "ONE_CHUNK": True}),
