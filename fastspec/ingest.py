@@ -884,7 +884,7 @@ def plan(paths, instrument="auto", spectypes=DEFAULT_SPECTYPES, zwarn_zero=False
     final = []
     for e in out:
         if isinstance(e, str):
-            note = "redshift catalog for the coadd(s) above" if e in paired else \
+            note = "redshift catalog, used for the DESI coadd(s) it matches" if e in paired else \
                 "redshift catalog; no coadd being ingested uses it"
             final.append(FileReport(file=e, kind="redrock", instrument="desi", notes=[note]))
         else:
