@@ -9,8 +9,8 @@ window (DESIGN §1) and written through `fastspec.h5format.SpectraWriter`.
 Files are read in parallel (a process pool) and written in input order. A file that cannot be read, or a
 spectrum that cannot be used, is skipped with its reason in the report; nothing is dropped silently.
 
-Public API: `ingest(paths, output, ...) -> IngestReport`, `read_sdss`, `read_desi`, `plan`, `expand_paths`,
-`format_summary`, `IngestError`.
+Public API: `ingest(paths, output, ...) -> IngestReport`, `read_sdss`, `read_desi`, `plan`, `classify`,
+`expand_paths`, `open_fits`, `format_summary`, `IngestError`.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class IngestTask:
 
 # ---------------------------------------------------------------------------------------------- reading FITS
 #
-# Two readers with one interface (`names`, `header(i)`, `index(...)`, `table(i, fields)`, `image(name)`):
+# Two readers with one interface (`names`, `header(i)`, `table(i, fields, label)`, `image(name)`, `close()`):
 # "fast" parses the header cards itself and reads only the table fields / images it is asked for; "astropy"
 # goes through astropy.io.fits. astropy builds a Column object per table field on first access, ~25 ms for a
 # 126-field SPECOBJ row — most of the time of an ingest — so "fast" is the default and astropy the reference
