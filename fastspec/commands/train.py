@@ -1,0 +1,134 @@
+"""`fastspec train`: train (or resume) an autoencoder on spectra files; see fastspec.train."""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+
+def register(sub):
+    p = sub.add_parser(
+        "train",
+        help="train an autoencoder on spectra files (Adam + one-cycle, mixed precision, DDP via torchrun)",
+        description="Train a spectrum autoencoder on fastspec HDF5 spectra files. Writes RUNDIR/checkpoint.pt "
+        "(resume with --resume), best.pt and final.pt (models for `fastspec encode`), history.json and "
+        "loss.png. A validation split is taken by a stable hash of object_id. For several GPUs or nodes "
+        "launch with `torchrun --nproc-per-node N -m fastspec train ...`; --batch-size is the global batch.",
+    )
+    p.add_argument("data", nargs="+", help="spectra files (fastspec HDF5 or MMU), or folders of *.h5/*.hdf5")
+    p.add_argument("-o", "--out", required=True, metavar="RUNDIR", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUNDIR/checkpoint.pt (exact resume)")
+    g = p.add_argument_group("length and optimiser")
+    g.add_argument("--epochs", type=int, default=None, help="epochs to train (default 10)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps to train (instead of --epochs)")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument("--no-one-cycle", action="store_true", help="constant learning rate instead of one-cycle")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32, bf16 autocast, or fp16 autocast with loss scaling (V100) (default fp32)")
+    g.add_argument("--clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--loss", choices=["paper", "spender"], default="paper",
+                   help="paper: Σw(y−ŷ)²/Σw per spectrum; spender: Σ½w(y−ŷ)²/L (default paper)")
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--augment", action="store_true",
+                   help="also train on copies moved to a random redshift in [0, z_max]")
+    g.add_argument("--augment-noise", action="store_true", help="add noise to the augmented copies")
+    g.add_argument("--augment-mask", action="store_true", help="mask a random window in the augmented copies")
+    g.add_argument("--consistency", type=float, default=0.0, metavar="WEIGHT",
+                   help="weight of the latent consistency penalty between a spectrum and its augmented copy")
+    g.add_argument("--consistency-sigma", type=float, default=None,
+                   help="latent distance scale (default: the batch's latent variance, as spender 0.3)")
+    g = p.add_argument_group("model (new runs; a resumed run keeps its model)")
+    g.add_argument("--n-latent", type=int, default=10, help="latent size S (default 10)")
+    g.add_argument("--z-max", type=float, default=0.5, help="largest redshift the model covers (default 0.5)")
+    g.add_argument("--activation", choices=["leakyrelu", "speculator"], default="leakyrelu",
+                   help="decoder activation: leakyrelu (paper) or speculator (spender)")
+    g.add_argument("--unconditioned", action="store_true", help="do not give z to the encoder MLP (spender ≥ 0.3)")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g = p.add_argument_group("data")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction by object_id hash")
+    g.add_argument("--exclude-bad", action="store_true",
+                   help="leave out rows that fail the checks (reported with a count) instead of stopping")
+    g.add_argument("--workers", type=int, default=2, help="background reader processes (default 2)")
+    g.add_argument("--block-rows", type=int, default=256, help="rows per contiguous read (default 256)")
+    g.add_argument("--shuffle-blocks", type=int, default=8, help="blocks shuffled together (default 8)")
+    g.add_argument("--shards", type=int, default=None,
+                   help="data shards (default: the number of ranks); fixes the batch order across world sizes")
+    g = p.add_argument_group("run")
+    g.add_argument("--val-every", type=int, default=None, help="steps between validations (default: each epoch)")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    g.add_argument("--log-every", type=int, default=10, help="steps per history entry (default 10)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop at this step with a checkpoint; --resume continues the same schedule")
+    g.add_argument("--backend", choices=["auto", "triton", "numba", "torch"], default="auto",
+                   help="kernel backend (default auto: Triton on CUDA, numba on CPU)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def expand_data(items) -> list[str]:
+    """Files as given; folders expanded to their *.h5 / *.hdf5 files (sorted)."""
+    out = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, "*.h5")) + glob.glob(os.path.join(item, "*.hdf5")))
+            if not found:
+                raise FileNotFoundError(f"{item}: folder holds no *.h5 or *.hdf5 files")
+            out.extend(found)
+        else:
+            out.append(item)
+    return out
+
+
+def _err(msg: str) -> int:
+    print(f"fastspec train: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+    import torch
+
+    from ..h5format import SpectraFormatError
+    from ..instruments import InstrumentError
+    from ..train import TrainConfig, TrainDataError, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        data = expand_data(args.data)
+    except FileNotFoundError as err:
+        return _err(str(err))
+    model = dict(n_latent=args.n_latent, z_max=args.z_max, activation=args.activation,
+                 conditioned=not args.unconditioned, dropout=args.dropout)
+    cfg = TrainConfig(
+        data=data, out=args.out, model=model, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, one_cycle=not args.no_one_cycle, weight_decay=args.weight_decay, precision=args.precision,
+        clip=args.clip or None, seed=args.seed, loss=args.loss, augment=args.augment,
+        augment_noise=args.augment_noise, augment_mask=args.augment_mask, consistency=args.consistency,
+        consistency_sigma=args.consistency_sigma, val_fraction=args.val_fraction, val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, backend=args.backend,
+        exclude_bad=args.exclude_bad, resume=args.resume, stop_after=args.stop_after, device=args.device,
+        num_workers=args.workers, block_rows=args.block_rows, shuffle_blocks=args.shuffle_blocks,
+        shards=args.shards, progress=not args.quiet, compile=args.compile,
+    )
+    try:
+        from ..model import ModelConfigError
+    except ImportError:  # pragma: no cover
+        ModelConfigError = ValueError
+    try:
+        summary = train(cfg)
+    except (TrainDataError, SpectraFormatError, InstrumentError, ModelConfigError, FileNotFoundError,
+            FloatingPointError, ValueError) as err:
+        return _err(str(err))
+    if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
+        state = "finished" if summary["finished"] else "stopped (resume with --resume)"
+        print(f"{state} at step {summary['step']} ({summary['spectra_seen']} spectra seen, "
+              f"{summary['n_train']} training / {summary['n_val']} validation spectra); "
+              f"validation loss {summary['val_loss']:.5g}, best {summary['best_val']:.5g}; "
+              f"results in {args.out}", file=sys.stderr)
+    return 0
