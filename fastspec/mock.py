@@ -653,12 +653,12 @@ def write_mock(path, n: int, instrument="sdss", seed: int = 0, z_max: float = 0.
             extra = {f"truth/{k}": v for k, v in part.truth.items()}
             w.write(part.flux, part.ivar, part.mask, part.z, part.z_err, part.object_id, part.norm, extra=extra)
             bar.update(len(part))
-        # File-level arrays go in after the last write: the writer treats every dataset present during a write
-        # as a per-row column.
+        # File-level arrays (marked file_level, which validate honours) go in after the last write: the writer
+        # treats every dataset present during a write as a per-row column.
         h5 = w.h5
-        h5.create_dataset("truth_wave_rest", data=gen.wave_rest)
-        h5.create_dataset("truth_line_wave", data=LINE_WAVE)
-        h5.create_dataset("truth_line_names", data=np.array(LINE_NAMES, dtype="S"))
+        for name, data in (("truth_wave_rest", gen.wave_rest), ("truth_line_wave", LINE_WAVE),
+                           ("truth_line_names", np.array(LINE_NAMES, dtype="S"))):
+            h5.create_dataset(name, data=data).attrs["file_level"] = True
         h5["truth/line_flux"].attrs["names"] = np.array(LINE_NAMES, dtype="S")
         h5["truth/line_flux"].attrs["wave_rest"] = LINE_WAVE
         h5["truth/line_flux"].attrs["units"] = "stored flux units x restframe Angstrom (after dust)"

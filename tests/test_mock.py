@@ -299,6 +299,10 @@ def test_write_mock_file_validates_and_matches_memory(tmp_path):
         np.testing.assert_array_equal(f.h5["truth_line_wave"][:], LINE_WAVE)
         assert f.h5.attrs["mock_seed"] == 6 and f.h5.attrs["mock_z_max"] == 0.4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]  # no temporary file left
+    from fastspec.validate import validate_file
+
+    rep = validate_file(path, z_max=0.4)
+    assert rep.ok, rep.problems
 
 
 def test_cli_mock_writes_file_and_reports(tmp_path, capsys):
