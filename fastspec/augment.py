@@ -4,16 +4,18 @@ reproduces an augmented batch exactly.
 
 Weights under redshift augmentation. The moved spectrum at pixel l is a linear interpolation
 ŷ = (1−t)·y_a + t·y_b of two neighbouring input pixels. Interpolating the inverse variance the same way (what
-spender does) has two faults: a masked neighbour (w = 0) only lowers the weight, although its flux — often
-garbage — enters ŷ; and it has no basis in error propagation. fastspec's default ('variance') interpolates the
-*variance* instead, w' = 1/((1−t)/w_a + t/w_b): this is the variance of ŷ with the noise of neighbouring moved
-pixels treated as fully correlated (they share input pixels, so they are correlated), it never claims more
-information than the inputs hold, and a masked input pixel zeroes every output pixel it contributes to (beyond
-a negligible share `bad_tolerance`). ivar_interp='linear' gives spender's behaviour. Pixels that come from
-outside the observed range get zero flux and zero weight either way.
+spender does) has no basis in error propagation, and a masked neighbour (w = 0) only lowers the weight although
+its flux — often garbage — enters ŷ. fastspec's default ('variance') interpolates the *variance* instead,
+w' = 1/((1−t)/w_a + t/w_b). By convexity this bounds the variance of ŷ from above whatever the correlation
+of the input noise, so it never claims more information than the inputs hold — the smaller variance of the
+independent-noise formula (1−t)²/w_a + t²/w_b would be bought with correlations between neighbouring output
+pixels (they share inputs) that a per-pixel weight cannot express. And a masked input pixel zeroes every
+output pixel it feeds by more than a negligible share `bad_tolerance`. ivar_interp='linear' gives spender's
+behaviour. Pixels that come from outside the observed range get zero flux and zero weight either way.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -22,7 +24,9 @@ from .instruments import INSTRUMENTS, get_instrument
 IVAR_INTERP = ("variance", "linear")
 
 
-def _wave_obs(y: torch.Tensor, wave_obs=None, instrument=None) -> torch.Tensor:
+def _wave_obs(y: torch.Tensor, wave_obs=None, instrument=None):
+    """The observed grid as the kernels take it: a float64 numpy array (the kernels cache its description by
+    content, and float64 keeps the log-linear coordinate exact) or the caller's tensor on y's device."""
     if wave_obs is None:
         if instrument is None:
             matches = [inst for inst in INSTRUMENTS.values() if inst.L == y.shape[1]]
@@ -31,11 +35,11 @@ def _wave_obs(y: torch.Tensor, wave_obs=None, instrument=None) -> torch.Tensor:
                                  "which grid they are")
             instrument = matches[0]
         wave_obs = get_instrument(instrument).wave_obs
-    # float64 when the grid is (an instrument's grid is exact in float64; a float32 copy puts the log-linear
-    # coordinate up to 3e-4 pixels off, visible next to sharp features)
-    grid = torch.as_tensor(wave_obs, device=y.device)
-    grid = (grid if grid.dtype == torch.float64 else grid.float()).contiguous()
-    if grid.shape != (y.shape[1],):
+    if isinstance(wave_obs, torch.Tensor):
+        grid = wave_obs.detach().to(y.device)
+    else:
+        grid = np.asarray(wave_obs, dtype=np.float64)
+    if tuple(grid.shape) != (y.shape[1],):
         raise ValueError(f"wave_obs has shape {tuple(grid.shape)} but the spectra have {y.shape[1]} pixels")
     return grid
 

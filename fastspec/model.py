@@ -383,13 +383,17 @@ class SpectrumAutoencoder(nn.Module):
             raise ValueError(f"latents must have shape (N, {self.n_latent}), got {tuple(s.shape)}")
         return self.decoder(s)
 
-    def _grid(self, wave_obs) -> torch.Tensor:
+    def _grid(self, wave_obs):
         if wave_obs is None:
             return self.wave_obs
         if isinstance(wave_obs, (str, Instrument)):
             wave_obs = get_instrument(wave_obs).wave_obs
-        grid = torch.as_tensor(wave_obs, device=self.wave_rest.device).float().contiguous()
-        if grid.ndim != 1 or grid.numel() < 1:
+        if isinstance(wave_obs, torch.Tensor):
+            grid = wave_obs.detach().to(self.wave_rest.device)
+        else:
+            # numpy stays float64: the kernels take it as is and cache its description by content
+            grid = np.asarray(wave_obs, dtype=np.float64)
+        if grid.ndim != 1 or grid.shape[0] < 1:
             raise ValueError(f"wave_obs must be a 1-D wavelength grid, got shape {tuple(grid.shape)}")
         return grid
 
@@ -488,7 +492,8 @@ class SpectrumAutoencoder(nn.Module):
             model.load_state_dict(payload["state_dict"])
         except RuntimeError as err:
             raise ModelConfigError(f"{path}: field 'state_dict' does not fit its config: {err}") from err
-        model.to(map_location)
+        if isinstance(map_location, (str, torch.device)):
+            model.to(map_location)
         return (model, payload.get("extra", {})) if return_extra else model
 
     # --- spender compatibility -----------------------------------------------------------------------------
