@@ -421,6 +421,8 @@ class MockGenerator:
             raise MockError(f"snr_median must be positive, got {snr_median}")
         self.seed, self.z_min, self.z_max, self.z_dist = int(seed), float(z_min), float(z_max), z_dist
         self.restframe_truth, self.observed_truth = bool(restframe_truth), bool(observed_truth)
+        if not (isinstance(id_offset, (int, np.integer)) and id_offset >= 0):
+            raise MockError(f"id_offset must be a non-negative integer, got {id_offset!r}")
         self.id_offset = int(id_offset)
 
         self.wave_obs = inst.wave_obs
@@ -626,19 +628,20 @@ def make_mock(n: int, instrument="sdss", seed: int = 0, z_max: float = 0.5, z_mi
 
 def write_mock(path, n: int, instrument="sdss", seed: int = 0, z_max: float = 0.5, z_min: float = 0.0,
                z_dist: str = "sdss", snr_median: float | None = None, restframe_truth: bool = True,
-               observed_truth: bool = False, progress: bool = True) -> dict:
+               observed_truth: bool = False, id_offset: int = 0, progress: bool = True) -> dict:
     """Write `n` mock spectra to `path` in the fastspec HDF5 layout (atomically), truth under `truth/`.
 
     File-level extras: `truth_wave_rest` (R,) the restframe grid of truth/spec_rest, `truth_line_wave` and
     `truth_line_names` (12,) for truth/line_flux; attrs record the mock parameters. Returns a summary dict
-    (path, n, seconds, spectra_per_s, bytes).
+    (path, n, seconds, spectra_per_s, bytes). object_id runs from `id_offset` (to keep ids unique across files).
     """
     from tqdm import tqdm
 
     from .h5format import SpectraWriter
 
     n = _check_n(n)
-    gen = MockGenerator(instrument, seed, z_max, z_min, z_dist, snr_median, restframe_truth, observed_truth)
+    gen = MockGenerator(instrument, seed, z_max, z_min, z_dist, snr_median, restframe_truth, observed_truth,
+                        id_offset)
     inst = gen.instrument
     attrs = {
         "mock": True, "mock_seed": gen.seed, "mock_z_min": gen.z_min, "mock_z_max": gen.z_max,

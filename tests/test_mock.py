@@ -308,13 +308,14 @@ def test_write_mock_file_validates_and_matches_memory(tmp_path):
 def test_cli_mock_writes_file_and_reports(tmp_path, capsys):
     path = tmp_path / "cli.h5"
     rc = cli.main(["mock", "-n", "12", "-o", str(path), "--seed", "5", "--instrument", "desi",
-                   "--no-restframe-truth", "--no-progress"])
+                   "--no-restframe-truth", "--no-progress", "--id-offset", "5000"])
     out = capsys.readouterr().out
     assert rc == 0
     assert str(path) in out and "spectra/s" in out and "desi" in out
     with SpectraFile(path) as f:
         assert len(f) == 12 and f.instrument.name == "desi"
         assert "truth/spec_rest" not in f.columns() and "truth/line_flux" in f.columns()
+        np.testing.assert_array_equal(f.read_column("object_id"), 5000 + np.arange(12))
     rc = cli.main(["mock", "-n", "5", "-o", str(tmp_path / "bad.h5"), "--z-max", "0.9", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "z_max" in err

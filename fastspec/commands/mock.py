@@ -41,6 +41,8 @@ def register(sub):
                    help="do not store truth/spec_rest (N x R floats; saves disk for very large N)")
     p.add_argument("--observed-truth", action="store_true",
                    help="also store the noiseless observed spectrum truth/model_obs (N x L floats)")
+    p.add_argument("--id-offset", type=int, default=0,
+                   help="first object_id (default 0; use distinct ranges to combine mock files)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -52,7 +54,7 @@ def run(args) -> int:
         info = write_mock(
             args.output, args.n, instrument=args.instrument, seed=args.seed, z_max=args.z_max, z_min=args.z_min,
             z_dist=args.z_dist, snr_median=args.snr_median, restframe_truth=not args.no_restframe_truth,
-            observed_truth=args.observed_truth, progress=not args.no_progress,
+            observed_truth=args.observed_truth, id_offset=args.id_offset, progress=not args.no_progress,
         )
     except MockError as err:
         print(f"fastspec mock: {err}", file=sys.stderr)
