@@ -74,15 +74,17 @@ SNR_MEDIAN = {"sdss": 10.0, "boss": 5.0, "desi": 4.0}
 SNR_SPREAD = 0.5
 SNR_RANGE = (1.5, 100.0)
 
-# Relative noise σ of a sky-dominated spectrum vs observed wavelength (throughput and sky), read off real
-# SDSS/BOSS spectra (blue end ≈1.6–2× noisier than 5000 Å, red arm quietest) and DESI's three arms.
+# Relative noise σ (flux units) vs observed wavelength (throughput and sky), read off the bundled real spectra:
+# SDSS/BOSS blue end ≈1.6–2× noisier than at 5000 Å, red arm quietest; DESI falls steeply from the b to the z
+# arm with bumps where the arms overlap.
 NOISE_SHAPE = {
     "sdss": ((3700, 2.2), (4050, 1.6), (4500, 1.2), (5150, 1.0), (5800, 0.95), (6200, 0.78), (6650, 0.72),
              (7500, 0.8), (8650, 1.1), (9400, 1.6)),
     "boss": ((3500, 2.6), (4000, 1.5), (5000, 1.0), (6000, 0.85), (7000, 0.75), (8500, 1.0), (9500, 1.4),
              (10500, 2.5)),
-    "desi": ((3550, 2.4), (3800, 1.4), (4500, 1.0), (5500, 0.95), (5800, 1.3), (6000, 0.9), (7000, 0.9),
-             (7600, 1.1), (8500, 1.2), (9500, 1.8), (9900, 2.6)),
+    "desi": ((3600, 5.5), (3650, 5.0), (4050, 2.0), (4450, 1.5), (4850, 1.12), (5250, 1.0), (5650, 1.0),
+             (5800, 0.9), (6200, 0.7), (6600, 0.6), (7000, 0.5), (7400, 0.55), (7570, 0.7), (7900, 0.42),
+             (8400, 0.34), (9200, 0.34), (9600, 0.5), (9824, 0.8)),
 }
 
 # Random bad pixels: a few % of spectra get a masked run (bad column, dead fibre stretch), every spectrum a
