@@ -25,7 +25,8 @@ def register(sub):
     )
     p.add_argument("-o", "--out", default="demo-output", help="output directory (default: demo-output)")
     p.add_argument("-n", "--n-mock", type=int, default=6000, help="number of mock spectra (default: 6000)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget in minutes (default: 5)")
+    p.add_argument("--steps", type=int, default=400, help="training steps (default: 400, a few minutes on 2 cores)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
     p.add_argument("--real-dir", default=None, help="folder of real FITS files (default: ../shared/data/real)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -38,10 +39,6 @@ def _step(title: str, argv: list[str]) -> None:
     if rc not in (0, None):
         raise SystemExit(f"demo: step '{title}' failed with exit code {rc}")
     print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
-
-
-def _available(name: str) -> bool:
-    return name in cli.build_parser()._subparsers._group_actions[0].choices
 
 
 def run(args) -> int:
@@ -59,5 +56,21 @@ def run(args) -> int:
         _step("ingest the bundled DESI spectra", ["ingest", *desi_files, "-o", str(out / "real-desi.h5"),
                                                 "--instrument", "desi"])
     _step("validate the mock file", ["validate", str(mock)])
+    run_dir = out / "run"
+    train = ["train", str(mock), "-o", str(run_dir), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+             "--seed", str(args.seed), "--augment"]
+    if (run_dir / "checkpoint.pt").exists():
+        train.append("--resume")  # a demo interrupted during training picks up where it stopped
+    _step("train a small model (paper architecture, S=10, redshift augmentation)", train)
+    model = run_dir / "final.pt"
+    sets = [("mock", mock)] + [("real", p) for p in (out / "real-sdss.h5",) if p.exists()]
+    for tag, path in sets:
+        latents = out / f"latents-{tag}.h5"
+        _step(f"encode the {tag} spectra", ["encode", str(model), str(path), "-o", str(latents), "--chi2"])
+        _step(f"report on the {tag} spectra", ["report", str(model), str(path), "-o", str(out / f"report-{tag}"),
+                                               "--latents", str(latents)])
     print(f"\ndemo finished: outputs in {out.resolve()}")
+    for tag, _ in sets:
+        print(f"  {tag:4s} spectra: figures and summary in {(out / f'report-{tag}').resolve()}/report.md, "
+              f"latents in {(out / f'latents-{tag}.h5').resolve()}")
     return 0
