@@ -473,7 +473,7 @@ class Trainer:
         else:
             kw = dict(cfg.model)
             kw.setdefault("instrument", _data_instrument(self.paths).name)
-            model_cfg = ModelConfig(**kw)
+            model_cfg = ModelConfig.from_dict(kw)
         self.model_cfg = model_cfg
         self.instrument = model_cfg.get_instrument()
         self.z_max = float(model_cfg.z_max)
@@ -703,9 +703,19 @@ class Trainer:
         # Losses stay on the device between log steps: one sync per log step, not per step.
         if not self._pending:
             return
-        batch = self._last_batch
-        vals = torch.stack(self._pending).float().cpu()
-        if not torch.isfinite(vals).all():
+        pending = {"loss": self._pending, "aug": self._pending_aug, "cons": self._pending_cons}
+        keys = [k for k, v in pending.items() if v]
+        flat = torch.cat([torch.stack(pending[k]).float() for k in keys])
+        if self.d.enabled:
+            # Ranks hold equal local batches: the mean of their means is the global batch mean.
+            import torch.distributed as dist
+
+            dist.all_reduce(flat)
+            flat /= self.d.world_size
+        values = dict(zip(keys, flat.cpu().split([len(pending[k]) for k in keys])))
+        self._pending, self._pending_aug, self._pending_cons = [], [], []
+        if not torch.isfinite(values["loss"]).all():
+            batch = self._last_batch
             rows = [self.train_loader.locate(i) for i in batch.index[:3].tolist()]
             raise FloatingPointError(
                 f"non-finite training loss near step {self.step} (precision {self.cfg.precision}); "
@@ -713,12 +723,10 @@ class Trainer:
                 "Try --precision fp32, a lower --lr, or `fastspec validate` on the data."
             )
         # One value at a time, in step order: the sums then do not depend on where a run was interrupted.
-        for key, pend in (("loss", vals), ("aug", self._pending_aug), ("cons", self._pending_cons)):
-            if len(pend):
-                for v in torch.stack(list(pend)).float().cpu().tolist():
-                    self.acc[key] += v
-        self.acc["n"] += len(vals)
-        self._pending, self._pending_aug, self._pending_cons = [], [], []
+        for key, vals in values.items():
+            for v in vals.tolist():
+                self.acc[key] += v
+        self.acc["n"] += len(values["loss"])
 
     def _log(self, elapsed: float) -> dict:
         n = max(self.acc["n"], 1)

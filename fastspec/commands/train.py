@@ -47,6 +47,9 @@ def register(sub):
                    help="decoder activation: leakyrelu (paper) or speculator (spender)")
     g.add_argument("--unconditioned", action="store_true", help="do not give z to the encoder MLP (spender ≥ 0.3)")
     g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--model-config", default=None, metavar="JSON",
+                   help="more ModelConfig fields as a JSON object or a JSON file, e.g. "
+                   "'{\"encoder_channels\": [64, 128, 256]}' (overrides the options above)")
     g = p.add_argument_group("data")
     g.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction by object_id hash")
     g.add_argument("--exclude-bad", action="store_true",
@@ -85,6 +88,22 @@ def expand_data(items) -> list[str]:
     return out
 
 
+def _json_arg(text: str) -> dict:
+    """A JSON object given inline or as a file name."""
+    import json
+
+    if os.path.isfile(text):
+        with open(text) as f:
+            text = f.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not a JSON object or a JSON file ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _err(msg: str) -> int:
     print(f"fastspec train: error: {msg}", file=sys.stderr)
     return 2
@@ -105,6 +124,11 @@ def run(args) -> int:
         return _err(str(err))
     model = dict(n_latent=args.n_latent, z_max=args.z_max, activation=args.activation,
                  conditioned=not args.unconditioned, dropout=args.dropout)
+    if args.model_config:
+        try:
+            model.update(_json_arg(args.model_config))
+        except ValueError as err:
+            return _err(f"--model-config: {err}")
     cfg = TrainConfig(
         data=data, out=args.out, model=model, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, one_cycle=not args.no_one_cycle, weight_decay=args.weight_decay, precision=args.precision,
