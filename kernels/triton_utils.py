@@ -105,3 +105,81 @@ def compile_specs_report(specs, cc: int) -> list[PtxReport]:
             raise RuntimeError(f"{name}: no PTX entry point produced for sm_{cc}")
         reports.append(ptx_report(name, cc, ptx))
     return reports
+
+
+def compile_modules(modules, targets=None) -> list[dict]:
+    """Compile every kernel of each module (its `triton_compile_specs(dtype)`) for each target cc and dtype.
+
+    One dict per (module, cc, dtype): {'module', 'cc', 'dtype', 'status': 'ok' | 'missing' | 'error', 'error',
+    'reports': [PtxReport as dict]}. Needs a process where triton.language was imported *without*
+    TRITON_INTERPRET (the interpreter turns even tl.sum into an interpreted function); see
+    `compile_modules_subprocess` for test processes.
+    """
+    import dataclasses
+    import importlib
+    import traceback
+
+    targets = TARGETS if targets is None else targets
+    out = []
+    for modname in modules:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            out += [dict(module=modname, cc=cc, dtype=dt, status="missing", error=str(e), reports=[])
+                    for cc, dts in targets.items() for dt in dts]
+            continue
+        for cc, dts in targets.items():
+            for dt in dts:
+                rec = dict(module=modname, cc=cc, dtype=dt, status="ok", error="", reports=[])
+                try:
+                    reps = compile_specs_report(mod.triton_compile_specs(dt), cc)
+                    rec["reports"] = [dataclasses.asdict(r) for r in reps]
+                except Exception:
+                    rec.update(status="error", error=traceback.format_exc(limit=8))
+                out.append(rec)
+    return out
+
+
+def compile_modules_subprocess(modules, targets=None, timeout: float = 600) -> list[dict]:
+    """`compile_modules` in a fresh interpreter with TRITON_INTERPRET unset (for test processes, where the
+    Triton interpreter is on for the CPU runs of the kernels)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    arg = json.dumps({"modules": list(modules), "targets": {str(k): list(v) for k, v in (targets or TARGETS).items()}})
+    proc = subprocess.run([sys.executable, "-m", __name__, "--json", arg], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _main(argv=None):
+    """`python -m fastspec.kernels.triton_utils fastspec.kernels.resample ...`: print each kernel's PTX summary."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=_main.__doc__)
+    p.add_argument("modules", nargs="*", default=["fastspec.kernels.resample", "fastspec.kernels.attention"])
+    p.add_argument("--json", help="machine interface: JSON {'modules': [...], 'targets': {cc: [dtypes]}}")
+    a = p.parse_args(argv)
+    if a.json:
+        req = json.loads(a.json)
+        res = compile_modules(req["modules"], {int(k): tuple(v) for k, v in req["targets"].items()})
+        print(json.dumps(res))
+        return 0
+    for rec in compile_modules(a.modules):
+        if rec["status"] != "ok":
+            print(f"{rec['module']} sm_{rec['cc']} {rec['dtype']}: {rec['status']} {rec['error']}")
+        for r in rec["reports"]:
+            print(rec["dtype"], PtxReport(**r).summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,435 @@
+"""Tests of the redshift-resample ops (kernels/resample*.py) against float64 references.
+
+Each test body runs on numba, on the Triton kernels (interpreter without a GPU, CUDA when present) and, where
+it says so, on the plain-torch index-arithmetic backend. The reference is spender's searchsorted formulation
+in float64 (kernels/resample_ref.py) — wavelength arrays and torch.searchsorted, not index arithmetic — or an
+analytic case (a spectrum linear in λ is interpolated exactly).
+"""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import has_cuda, kernel_backends
+from fastspec.kernels import redshift_observed, resample, resample_loss, use_backend
+from fastspec.kernels import resample_ref as ref
+
+from fastspec.instruments import Instrument, get_instrument
+
+resample_mod = importlib.import_module("fastspec.kernels.resample")
+
+BACKENDS = kernel_backends()
+BACKENDS_AND_TORCH = BACKENDS + [("torch", "cpu")]
+
+# A small SDSS-like log-linear observed grid (L = 160) and its linear restframe grid for z_max = 0.5 (R = 240).
+MINI = Instrument("mini", start=3.58, step=1e-3, L=160, loglinear=True)
+MINI_DESI = Instrument("mini-desi", start=3600.0, step=8.0, L=160, loglinear=False)
+Z = [-0.05, 0.0, 0.2, 0.5, 2.0]  # below 0 (red end falls off the grid), in range, beyond the grid's range
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def small_triton_blocks(monkeypatch):
+    """Small Triton blocks so the small test grids still span several programs per row."""
+    try:
+        from fastspec.kernels import resample_triton
+    except ImportError:  # pragma: no cover - triton is a test dependency
+        return
+    monkeypatch.setattr(resample_triton, "MAX_BLOCK_L", 64)
+    monkeypatch.setattr(resample_triton, "MAX_BLOCK_J", 64)
+
+
+def grids(inst=MINI, device="cpu"):
+    wave_obs = torch.as_tensor(inst.wave_obs, device=device)
+    wave_rest = torch.as_tensor(inst.wave_rest(0.5), device=device)
+    return wave_rest, wave_obs
+
+
+def smooth_spectra(N, n, seed=0, dtype=torch.float32, device="cpu"):
+    """Random spectra with structure on a few-pixel scale (white noise plus a smooth continuum)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 1.0 + 0.3 * torch.randn(N, n, generator=g, dtype=torch.float64).cumsum(1) / n**0.5
+    x += 0.2 * torch.randn(N, n, generator=g, dtype=torch.float64)
+    return x.to(device=device, dtype=dtype)
+
+
+def jvp_z(f, z):
+    """∂f/∂z element-wise (each row depends only on its own z): a scale for the z-gradient tolerance."""
+    return torch.func.jvp(f, (z,), (torch.ones_like(z),))[1]
+
+
+def assert_close(actual, expected, tol, scale=None, what=""):
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    scale = expected.abs().max().clamp_min(1e-30) if scale is None else scale
+    err = (actual - expected).abs().max() if actual.numel() else torch.tensor(0.0)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} × scale {float(scale):.3g}"
+
+
+# ---- resample ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_resample_forward_backward_vs_searchsorted(backend, device, dtype):
+    wave_rest, wave_obs = grids(device=device)
+    N, R, L = len(Z), wave_rest.numel(), wave_obs.numel()
+    x = smooth_spectra(N, R, dtype=dtype, device=device).requires_grad_()
+    z = torch.tensor(Z, dtype=torch.float32, device=device, requires_grad=True)
+    g = torch.randn(N, L, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+
+    x64 = x.detach().double().requires_grad_()
+    z64 = z.detach().double().requires_grad_()
+    y_ref, valid_ref = ref.resample_searchsorted(x64, z64, wave_rest, wave_obs)
+    gx_ref, gz_ref = torch.autograd.grad((y_ref * g).sum(), (x64, z64))
+    dydz = jvp_z(lambda zz: ref.resample_searchsorted(x64.detach(), zz, wave_rest, wave_obs)[0], z64.detach())
+
+    with use_backend(backend):
+        y, valid = resample(x, z, wave_rest, wave_obs)
+        assert y.dtype == dtype and valid.dtype == torch.bool and y.shape == (N, L)
+        gx, gz = torch.autograd.grad((y.double() * g).sum(), (x, z))
+
+    # Inputs are exactly representable in float64: the mask must agree pixel for pixel.
+    assert torch.equal(valid.cpu(), valid_ref.cpu())
+    assert valid[0].any() and not valid[0].all(), "z < 0: the red end must be masked, the rest kept"
+    assert not valid[-1].any() and (y[-1] == 0).all(), "z beyond the grid's range: all masked and zero"
+    tol = TOL[dtype]
+    assert_close(y, y_ref, tol, what="spec_obs")
+    assert_close(gx, gx_ref, tol, scale=g.abs().max() * 2, what="grad spec_rest")
+    assert gx.dtype == dtype
+    # z-gradient: sum over L terms of size |g·∂ŷ/∂z|; half-precision x enters rounded.
+    assert_close(gz, gz_ref, tol, scale=(g.abs() * dydz.abs()).sum(1).max(), what="grad z")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_resample_analytic_linear_spectrum_real_grid(backend, device):
+    """On the real SDSS grids a spectrum linear in λ is interpolated exactly; ∂ŷ/∂z = −β·λ/(1+z)²."""
+    inst = get_instrument("sdss")
+    wave_rest, wave_obs = inst.wave_rest(0.5), inst.wave_obs  # numpy grids are accepted too
+    alpha, beta = 2.0, 1e-3
+    z = torch.tensor([0.0, 0.5], dtype=torch.float64, device=device, requires_grad=True)
+    x = (alpha + beta * torch.as_tensor(wave_rest, device=device)).expand(2, -1).float().requires_grad_()
+    with use_backend(backend):
+        y, valid = resample(x, z, wave_rest, wave_obs, deterministic=False)
+        y.sum().backward()
+    lam = torch.as_tensor(wave_obs, device=device)
+    expected = (alpha + beta * lam[None, :] / (1 + z.detach()[:, None]))
+    assert valid.all(), "z in [0, z_max] keeps every observed pixel inside the restframe grid"
+    assert_close(y, expected, 1e-6, what="linear spectrum")
+    dz = (-beta * lam[None, :] / (1 + z.detach()[:, None]) ** 2).sum(1)
+    assert_close(z.grad, dz, 1e-5, what="analytic z-gradient")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_resample_gradcheck_float64(backend, device):
+    wave_rest, wave_obs = grids(device=device)
+    wave_rest, wave_obs = wave_rest[::4].contiguous(), wave_obs[::5].contiguous()  # L = 32, R = 60
+    x = smooth_spectra(2, wave_rest.numel(), dtype=torch.float64, device=device).requires_grad_()
+    z = torch.tensor([0.07, 0.31], dtype=torch.float64, device=device, requires_grad=True)
+    y = smooth_spectra(2, wave_obs.numel(), seed=3, dtype=torch.float64, device=device)
+    w = torch.rand(2, wave_obs.numel(), dtype=torch.float64, device=device)
+    dets = [False, True] if backend == "triton" else [False]
+    with use_backend(backend):
+        for det in dets:
+            def spec_obs(x, z, det=det):
+                return resample(x, z, wave_rest, wave_obs, deterministic=det)[0]
+
+            def loss(x, z, det=det):
+                return resample_loss(x, z, wave_rest, wave_obs, y, w, deterministic=det)
+
+            assert torch.autograd.gradcheck(spec_obs, (x, z), eps=1e-7, atol=1e-6, fast_mode=True)
+            assert torch.autograd.gradcheck(loss, (x, z), eps=1e-7, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_resample_deterministic_backward(backend, device):
+    wave_rest, wave_obs = grids(device=device)
+    x = smooth_spectra(2, wave_rest.numel(), device=device).requires_grad_()
+    z = torch.tensor([0.05, 0.45], device=device, requires_grad=True)
+    g = torch.randn(2, wave_obs.numel(), device=device)
+    grads = []
+    with use_backend(backend):
+        for det in (True, True, False):
+            y, _ = resample(x, z, wave_rest, wave_obs, deterministic=det)
+            grads.append(torch.autograd.grad((y * g).sum(), (x, z)))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1]), "not bitwise repeatable"
+    assert_close(grads[2][0], grads[0][0], 1e-6, what="scatter vs gather grad spec_rest")
+    assert_close(grads[2][1], grads[0][1], 1e-5, what="scatter vs gather grad z")
+
+
+# ---- resample_loss -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_resample_loss_vs_searchsorted(backend, device, dtype):
+    wave_rest, wave_obs = grids(device=device)
+    N, R, L = len(Z), wave_rest.numel(), wave_obs.numel()
+    x = smooth_spectra(N, R, dtype=dtype, device=device).requires_grad_()
+    z = torch.tensor(Z, dtype=torch.float64, device=device, requires_grad=True)
+    gen = torch.Generator().manual_seed(5)
+    y = (smooth_spectra(N, L, seed=2) + 0.1 * torch.randn(N, L, generator=gen)).to(device)
+    w = torch.rand(N, L, generator=gen).to(device)
+    w[:, ::7] = 0
+    y[:, ::7] = float("nan")  # masked pixels may hold garbage: w = 0 skips them
+    gl = torch.tensor([1.0, -0.5, 2.0, 0.3, 1.0], device=device)
+
+    x64 = x.detach().double().requires_grad_()
+    z64 = z.detach().clone().requires_grad_()
+    loss_ref = ref.resample_loss_searchsorted(x64, z64, wave_rest, wave_obs, y.double(), w.double())
+    gx_ref, gz_ref = torch.autograd.grad((loss_ref * gl).sum(), (x64, z64))
+
+    with use_backend(backend):
+        loss = resample_loss(x, z, wave_rest, wave_obs, y, w)
+        assert loss.shape == (N,) and loss.dtype == torch.float32
+        gx, gz = torch.autograd.grad((loss * gl).sum(), (x, z))
+    tol = TOL[dtype]
+    assert loss[-1] == 0, "no valid pixel: zero loss"
+    assert_close(loss, loss_ref, tol, what="loss")
+    assert_close(gx, gx_ref, tol, what="grad spec_rest")
+    assert_close(gz, gz_ref, 10 * tol, what="grad z")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_resample_loss_equals_unfused(backend, device):
+    """The fused loss equals Σ w·valid·(y − ŷ)² from `resample`; gradients to y and w come out too."""
+    wave_rest, wave_obs = grids(MINI_DESI, device=device)
+    x = smooth_spectra(3, wave_rest.numel(), device=device)
+    z = torch.tensor([0.0, 0.2, 0.4], device=device)
+    y = smooth_spectra(3, wave_obs.numel(), seed=7, device=device).requires_grad_()
+    w = torch.rand(3, wave_obs.numel(), device=device).requires_grad_()
+    with use_backend(backend):
+        loss = resample_loss(x, z, wave_rest, wave_obs, y, w, deterministic=True)
+        gy, gw = torch.autograd.grad(loss.sum(), (y, w))
+        yhat, valid = resample(x, z, wave_rest, wave_obs)
+    y2, w2 = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    unfused = (w2 * valid * (y2 - yhat.double()) ** 2).sum(1)
+    gy2, gw2 = torch.autograd.grad(unfused.sum(), (y2, w2))
+    assert_close(loss, unfused, 1e-5, what="loss")
+    assert_close(gy, gy2, 1e-5, what="grad y")
+    assert_close(gw, gw2, 1e-5, what="grad w")
+
+
+# ---- redshift_observed -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inst", [MINI, MINI_DESI], ids=["loglinear", "linear"])
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_redshift_observed_vs_searchsorted(backend, device, inst):
+    wave_obs = torch.as_tensor(inst.wave_obs, device=device)
+    N, L = 4, wave_obs.numel()
+    x = smooth_spectra(N, L, device=device).requires_grad_()
+    # The z-gradient is one-sided where a sample lands exactly on a source pixel (a kink of the interpolant):
+    # row 2 (z_new = z, the identity) does everywhere, and "round" ratios like 1.1/1.3 on a linear grid put
+    # every 13th sample on a pixel, so the redshifts below are not round and row 2's gradient is not compared.
+    z = torch.tensor([0.1137, 0.3091, 0.25, 0.2], dtype=torch.float64, device=device, requires_grad=True)
+    z_new = torch.tensor([0.3013, 0.1071, 0.25, 1.5], dtype=torch.float64, device=device, requires_grad=True)
+    g = torch.randn(N, L, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    g[2] = 0
+
+    args64 = [t.detach().double().requires_grad_() for t in (x, z, z_new)]
+    y_ref, valid_ref = ref.redshift_observed_searchsorted(*args64, wave_obs, loglinear=inst.loglinear)
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), args64)
+
+    with use_backend(backend):
+        y, valid = redshift_observed(x, z, z_new, wave_obs)
+        grads = torch.autograd.grad((y.double() * g).sum(), (x, z, z_new))
+    assert torch.equal(valid.cpu(), valid_ref.cpu())
+    assert not valid[0].all() and not valid[1].all() and not valid[3].any(), "ends masked as they move"
+    assert valid[2].all() and torch.equal(y[2], x[2].detach()), "z_new = z is the identity"
+    assert_close(y, y_ref, 2e-5, what="spec_new")
+    assert_close(grads[0], grads_ref[0], 2e-5, scale=2 * g.abs().max(), what="grad spec_obs")
+    for k in (1, 2):
+        assert_close(grads[k], grads_ref[k], 1e-4, what=f"grad {['z', 'z_new'][k - 1]}")
+
+
+def test_redshift_observed_there_and_back_real_grid():
+    """On the SDSS log-linear grid, a redshift change with (1+z)/(1+z_new) = 10**(k·step) is an exact shift by
+    k pixels: spec_new[l] = spec_obs[l + k], and the k pixels shifted in from outside the grid are masked."""
+    inst = get_instrument("sdss")
+    x = smooth_spectra(2, inst.L)
+    z = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    # (1+z)/(1+z_new) = 10**(k·step): an exact shift by k pixels
+    k = torch.tensor([7.0, -31.0], dtype=torch.float64)
+    z_new = (1 + z) / 10 ** (k * inst.step) - 1
+    y, valid = redshift_observed(x, z, z_new, inst.wave_obs)
+    for n in range(2):
+        s = int(k[n])
+        expect = torch.roll(x[n], -s)
+        keep = valid[n].clone()
+        # the pixel landing exactly on the grid's end may fall either side by rounding
+        assert inst.L - abs(s) - 1 <= keep.sum() <= inst.L - abs(s)
+        assert_close(y[n][keep], expect[keep], 1e-5, what="integer pixel shift")
+
+
+# ---- edge cases --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_unusable_redshifts_are_masked_with_zero_gradients(backend, device):
+    wave_rest, wave_obs = grids(device=device)
+    z = torch.tensor([float("nan"), -1.0, -3.0, float("inf"), 0.1], device=device, requires_grad=True)
+    x = smooth_spectra(5, wave_rest.numel(), device=device).requires_grad_()
+    y = torch.ones(5, wave_obs.numel(), device=device)
+    with use_backend(backend):
+        out, valid = resample(x, z, wave_rest, wave_obs)
+        loss = resample_loss(x, z, wave_rest, wave_obs, y, torch.ones_like(y))
+        (out.sum() + loss.sum()).backward()
+        moved, mvalid = redshift_observed(y, z, torch.zeros_like(z), wave_obs)
+    assert not valid[:4].any() and (out[:4] == 0).all() and valid[4].any()
+    assert (loss[:4] == 0).all()
+    assert not mvalid[:4].any() and mvalid[4].any()
+    assert torch.isfinite(x.grad).all() and (x.grad[:4] == 0).all()
+    assert torch.isfinite(z.grad).all() and (z.grad[:4] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_empty_batch(backend, device):
+    wave_rest, wave_obs = grids(device=device)
+    x = torch.zeros(0, wave_rest.numel(), device=device, requires_grad=True)
+    z = torch.zeros(0, device=device, requires_grad=True)
+    y = torch.zeros(0, wave_obs.numel(), device=device)
+    with use_backend(backend):
+        out, valid = resample(x, z, wave_rest, wave_obs)
+        loss = resample_loss(x, z, wave_rest, wave_obs, y, y)
+        (out.sum() + loss.sum()).backward()
+        moved, _ = redshift_observed(y, z, z, wave_obs)
+    assert out.shape == (0, wave_obs.numel()) and valid.shape == out.shape and loss.shape == (0,)
+    assert x.grad.shape == x.shape and z.grad.shape == (0,) and moved.shape == y.shape
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    wave_rest, wave_obs = grids(device=device)
+    R, L = wave_rest.numel(), wave_obs.numel()
+    big = smooth_spectra(R, 6, device=device).t()  # (6, R), column-major
+    x = big[::2]  # (3, R), strided both ways
+    z = torch.tensor([0.1, 9.0, 0.2, 9.0, 0.4, 9.0], device=device)[::2]
+    y = smooth_spectra(L, 3, seed=1, device=device).t()
+    w = torch.rand(L, 3, device=device).t()
+    assert not (x.is_contiguous() or z.is_contiguous() or y.is_contiguous())
+    with use_backend(backend):
+        out, valid = resample(x, z, wave_rest, wave_obs)
+        out_c, valid_c = resample(x.contiguous(), z.contiguous(), wave_rest, wave_obs)
+        loss = resample_loss(x, z, wave_rest, wave_obs, y, w)
+        loss_c = resample_loss(x.contiguous(), z.contiguous(), wave_rest, wave_obs, y.contiguous(), w.contiguous())
+        moved = redshift_observed(y, z, z.flip(0), wave_obs)[0]
+        moved_c = redshift_observed(y.contiguous(), z.contiguous(), z.flip(0).contiguous(), wave_obs)[0]
+    assert torch.equal(out, out_c) and torch.equal(valid, valid_c)
+    assert torch.allclose(loss, loss_c, rtol=1e-6) and torch.equal(moved, moved_c)
+
+
+def test_bad_input_errors():
+    wave_rest, wave_obs = grids()
+    R, L = wave_rest.numel(), wave_obs.numel()
+    x = torch.ones(2, R)
+    z = torch.zeros(2)
+    y = torch.ones(2, L)
+    with pytest.raises(ValueError, match=r"resample: z must have shape \(2,\)"):
+        resample(x, torch.zeros(3), wave_rest, wave_obs)
+    with pytest.raises(ValueError, match=f"spec_rest has {R} pixels per spectrum but wave_rest has {R - 1}"):
+        resample(x, z, wave_rest[:-1], wave_obs)
+    with pytest.raises(ValueError, match=r"spec_rest must have shape \(N, pixels\)"):
+        resample(torch.ones(R), z, wave_rest, wave_obs)
+    with pytest.raises(TypeError, match="spec_rest has dtype torch.int64"):
+        resample(torch.ones(2, R, dtype=torch.int64), z, wave_rest, wave_obs)
+    with pytest.raises(ValueError, match="wave_rest is not a linear grid"):
+        resample(x, z, torch.logspace(3.3, 4.0, R, dtype=torch.float64), wave_obs)
+    with pytest.raises(ValueError, match=r"wave_obs must increase strictly.*wave_obs\[6\]"):
+        resample(x, z, wave_rest, torch.cat([wave_obs[:6], wave_obs[5:-1]]))
+    with pytest.raises(ValueError, match=r"wave_obs\[0\] = nan is not a positive finite wavelength"):
+        resample(x, z, wave_rest, torch.cat([torch.tensor([float("nan")], dtype=torch.float64), wave_obs[1:]]))
+    with pytest.raises(ValueError, match="z is on meta but the spectra are on cpu"):
+        resample(x, torch.zeros(2, device="meta"), wave_rest, wave_obs)
+    with pytest.raises(ValueError, match="wave_rest is on meta but the spectra are on cpu"):
+        resample(x, z, wave_rest.to("meta"), wave_obs)
+    with pytest.raises(ValueError, match=rf"resample_loss: w must have shape \(2, {L}\)"):
+        resample_loss(x, z, wave_rest, wave_obs, y, torch.ones(2, L - 1))
+    with pytest.raises(ValueError, match="resample_loss: y is on meta but spec_rest is on cpu"):
+        resample_loss(x, z, wave_rest, wave_obs, y.to("meta"), y)
+    with pytest.raises(ValueError, match="redshift_observed: wave_obs is not a linear or log-linear grid"):
+        redshift_observed(y, z, z, np.sort(np.random.default_rng(0).uniform(4000, 9000, L)))
+    with pytest.raises(ValueError, match="redshift_observed: wave_obs is not a linear grid"):
+        redshift_observed(y, z, z, wave_obs, loglinear=False)
+    with pytest.raises(ValueError, match=f"spec_obs has {L} pixels per spectrum but wave_obs has {R}"):
+        redshift_observed(y, z, z, wave_rest)
+
+
+@pytest.mark.skipif(has_cuda, reason="the interpreter-only guard test; CUDA runs the same launchers above")
+def test_triton_launchers_stay_in_bounds():
+    """Out-of-bounds accesses are not detected by the interpreter: run the launchers on views into larger
+    buffers and check that the guard regions are untouched (writes) and that NaN guards are never read."""
+    rt = importlib.import_module("fastspec.kernels.resample_triton")
+    wave_rest, wave_obs = grids()
+    wave_rest, wave_obs = wave_rest[::2].contiguous(), wave_obs[::2].contiguous()
+    N, R, L = 3, wave_rest.numel(), wave_obs.numel()
+    xbuf = torch.full((N + 2, R + 2), float("nan"))
+    x = xbuf[1:-1, 1:-1]
+    x.copy_(smooth_spectra(N, R))
+    xbuf_flat = torch.full(((N + 2) * R,), float("nan"))
+    xc = xbuf_flat[R:-R].view(N, R)  # contiguous rows with NaN before and after
+    xc.copy_(x)
+    c, a, b = resample_mod._rest_coeffs(xc, torch.tensor([-0.05, 0.2, 0.5]), wave_rest, wave_obs, "test")
+    out_buf = torch.full(((N + 2) * L,), -7.0)
+    valid_buf = torch.ones(((N + 2) * L,), dtype=torch.bool)
+    out = out_buf[L:-L].view(N, L)
+    valid = valid_buf[L:-L].view(N, L)
+    rt.resample_fwd(xc, c, a, b, out=out, valid=valid)
+    assert (out_buf[:L] == -7).all() and (out_buf[-L:] == -7).all()
+    assert valid_buf[:L].all() and valid_buf[-L:].all()
+    assert torch.isfinite(out).all(), "a NaN guard pixel was read"
+    y_ref, v_ref = ref.resample_index(xc.double(), c, a, b)
+    assert torch.equal(valid, v_ref) and torch.allclose(out.double(), y_ref, atol=1e-5)
+    g = torch.randn(N, L)
+    for det in (False, True):
+        gx, gab = rt.resample_bwd(g, xc, c, a, b, True, det)
+        assert gx.shape == (N, R) and torch.isfinite(gx).all() and torch.isfinite(gab).all()
+        gx, gab = rt.resample_loss_bwd(torch.ones(N), xc, c, a, b, torch.ones(N, L), torch.ones(N, L), True, det)
+        assert torch.isfinite(gx).all() and torch.isfinite(gab).all()
+
+
+# ---- torch.library / torch.compile -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["numba", "triton"])
+def test_opcheck(impl):
+    wave_rest, wave_obs = grids()
+    wave_rest, wave_obs = wave_rest[::4].contiguous(), wave_obs[::5].contiguous()
+    N, R, L = 3, wave_rest.numel(), wave_obs.numel()
+    x = smooth_spectra(N, R).requires_grad_()
+    z = torch.tensor([0.1, 0.4, -0.02], dtype=torch.float64)
+    c, a, b = resample_mod._rest_coeffs(x, z, wave_rest, wave_obs, "test")
+    a.requires_grad_()
+    y, w = smooth_spectra(N, L, seed=2), torch.rand(N, L)
+    ops = torch.ops.fastspec
+    torch.library.opcheck(ops.resample_fwd.default, (x, c, a, b, impl, False))
+    torch.library.opcheck(ops.resample_loss_fwd.default, (x, c, a, b, y, w, impl, False))
+    xd, ad = x.detach(), a.detach()
+    torch.library.opcheck(ops.resample_bwd.default, (torch.randn(N, L), xd, c, ad, b, True, impl, True))
+    torch.library.opcheck(ops.resample_loss_bwd.default, (torch.ones(N), xd, c, ad, b, y, w, True, impl, False))
+
+
+def test_torch_compile_cpu():
+    """All three ops (forward and backward) in one compiled graph, no graph breaks, same numbers as eager."""
+    wave_rest, wave_obs = grids()
+    N, R, L = 3, wave_rest.numel(), wave_obs.numel()
+
+    def step(x, z, y, w, z_new):
+        out, valid = resample(x, z, wave_rest, wave_obs)
+        loss = resample_loss(x, z, wave_rest, wave_obs, y, w)
+        moved, mvalid = redshift_observed(y, z, z_new, wave_obs, loglinear=True)
+        return (out * valid).square().sum() + loss.sum() + (moved * mvalid).sum()
+
+    x = smooth_spectra(N, R).requires_grad_()
+    z = torch.tensor([0.05, 0.2, 0.4], requires_grad=True)
+    y, w = smooth_spectra(N, L, seed=2), torch.rand(N, L)
+    z_new = torch.tensor([0.3, 0.0, 0.1])
+    with use_backend("numba"):
+        compiled = torch.compile(step, fullgraph=True)
+        val = compiled(x, z, y, w, z_new)
+        gx, gz = torch.autograd.grad(val, (x, z))
+        val_e = step(x, z, y, w, z_new)
+        gx_e, gz_e = torch.autograd.grad(val_e, (x, z))
+    assert torch.allclose(val, val_e, rtol=1e-5)
+    assert torch.allclose(gx, gx_e, rtol=1e-5, atol=1e-6) and torch.allclose(gz, gz_e, rtol=1e-5)
