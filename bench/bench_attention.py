@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +77,16 @@ def peak_extra_bytes(fn, device: str) -> int | None:
     return (_status_kib("VmHWM") - before) * 1024
 
 
+def cpu_time(fn, repeat: int) -> float:
+    """Median process CPU time (all threads) of fn(): less sensitive than wall time to a busy machine."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
 def run_case(impl: str, mode: str, N: int, dtype: torch.dtype, device: str, repeat: int, bw: float) -> dict:
     pool = IMPLS[impl]
     x = torch.randn(N, 2 * C, T, dtype=dtype, device=device)
@@ -99,11 +112,14 @@ def run_case(impl: str, mode: str, N: int, dtype: torch.dtype, device: str, repe
         out_bytes = (N * C + 2 * N * C * T) * es
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     t = timeit(fn, repeat=repeat, warmup=1, sync=sync)
-    extra = peak_extra_bytes(fn, device)
+    cpu = cpu_time(fn, repeat=max(1, repeat // 2))
+    # Twice, keeping the larger: the kernel's resident-set counters can lag on a busy machine.
+    extras = [peak_extra_bytes(fn, device) for _ in range(2)]
+    extra = None if None in extras else max(extras)
     gbs = nbytes / t / 1e9
     return {
         "impl": impl, "mode": mode, "N": N, "dtype": str(dtype).replace("torch.", ""), "device": device,
-        "time_ms": t * 1e3, "spectra_per_s": N / t, "GB_per_s": gbs, "floor_ms": nbytes / (bw * 1e9) * 1e3,
+        "time_ms": t * 1e3, "cpu_ms": cpu * 1e3, "spectra_per_s": N / t, "GB_per_s": gbs, "floor_ms": nbytes / (bw * 1e9) * 1e3,
         "pct_of_bw": 100 * gbs / bw, "extra_MB": None if extra is None else extra / 1e6,
         "out_MB": out_bytes / 1e6, "extra_over_out": None if extra is None else extra / out_bytes,
     }
@@ -115,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None, help="comma-separated N (default 64,256,1024,4096; +16384 on CUDA)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    ap.add_argument("--impls", default="torch_softmax,fused",
+                    help="comma-separated subset of " + ",".join(IMPLS) + " (default: torch_softmax,fused)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write bench/results")
     args = ap.parse_args(argv)
 
@@ -133,16 +150,17 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
 
     info = machine_info()
+    load_before = os.getloadavg()
     bw = bandwidth_floor(device)
     print(f"# {info.get('cpu', '')} {info.get('gpu', '')}  torch {info['torch']}  threads {info['torch_threads']}  "
-          f"copy bandwidth {bw:.1f} GB/s ({device})", flush=True)
+          f"copy bandwidth {bw:.1f} GB/s ({device})  load average {load_before[0]:.1f}", flush=True)
     # Compile / load the kernels outside the timings.
     xw = torch.randn(2, 2 * C, T, dtype=dtype, device=device, requires_grad=True)
     fused_pool(xw[:, :C], xw[:, C:]).sum().backward()
 
     rows = []
     for N in sizes:
-        repeat = args.repeat if N * C * T < 2**27 else max(3, args.repeat // 2)
+        repeat = args.repeat if N < 2048 else max(3, args.repeat // 2)
         for mode in ("fwd", "fwd+bwd"):
             base = None
             for impl in impls:
@@ -151,17 +169,19 @@ def main(argv=None) -> int:
                     base = row["time_ms"]
                 row["speedup_vs_torch_softmax"] = None if base is None else base / row["time_ms"]
                 rows.append(row)
-                print_table([row], ["impl", "mode", "N", "time_ms", "spectra_per_s", "GB_per_s", "floor_ms",
-                                    "pct_of_bw", "speedup_vs_torch_softmax", "extra_MB", "out_MB"])
+                print(f"  {impl:>13} {mode:>7} N={N:<6} {row['time_ms']:9.2f} ms  {row['GB_per_s']:7.2f} GB/s",
+                      flush=True)
             gc.collect()
     print()
-    cols = ["impl", "mode", "N", "time_ms", "spectra_per_s", "GB_per_s", "floor_ms", "pct_of_bw",
+    load_after = os.getloadavg()
+    cols = ["impl", "mode", "N", "time_ms", "cpu_ms", "spectra_per_s", "GB_per_s", "floor_ms", "pct_of_bw",
             "speedup_vs_torch_softmax", "extra_MB", "out_MB", "extra_over_out"]
     print_table(rows, cols, title=f"attention_pool (N, {C}, {T}) {args.dtype} on {device}")
     if not args.no_write:
         name = "attention" if device == "cpu" else "attention_cuda"
         payload = {"benchmark": "attention_pool", "shape": f"(N, {C}, {T}) halves of (N, {2 * C}, {T})",
                    "dtype": args.dtype, "device": device, "bandwidth_floor_GBps": bw, "machine": info,
+                   "load_average_1min": {"before": load_before[0], "after": load_after[0]},
                    "rows": rows}
         print("wrote", write_results(name, payload, rows))
     return 0
