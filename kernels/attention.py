@@ -109,7 +109,7 @@ def _numba_operand(t: torch.Tensor, acc: torch.dtype):
 
     The numba kernels want unit stride along t; anything else (rare: transposed inputs) is copied, as are
     half types (numba has no float16/bfloat16)."""
-    t = t.detach().to(acc)
+    t = t.detach().resolve_neg().to(acc)  # numpy views see raw memory, not the lazy negation bit
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         t = t.contiguous()
     span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
@@ -138,7 +138,7 @@ def _numba_bwd(g: torch.Tensor, h: torch.Tensor, k: torch.Tensor) -> tuple[torch
     from .attention_numba import attention_pool_bwd_numba
 
     acc = _acc_dtype(h.dtype)
-    g = g.detach().to(acc)
+    g = g.detach().resolve_neg().to(acc)
     span = 1 + sum((size - 1) * stride for size, stride in zip(g.shape, g.stride()))
     gb = torch.as_strided(g, (span,), (1,), g.storage_offset()).numpy()
     hb, h_sn, h_sc = _numba_operand(h, acc)

@@ -168,6 +168,7 @@ def _device_guard(t: torch.Tensor):
 def attention_pool_fwd_triton(h: torch.Tensor, k: torch.Tensor, block_r: int | None = None,
                               block_t: int | None = None) -> torch.Tensor:
     """e (N, C) in h's dtype. Inputs are assumed checked (same shape, device and float dtype)."""
+    h, k = h.resolve_neg(), k.resolve_neg()  # a lazily negated view: the kernel reads raw memory
     N, C, T = h.shape
     e = torch.empty((N, C), dtype=h.dtype, device=h.device)
     R = N * C
@@ -187,6 +188,7 @@ def attention_pool_fwd_triton(h: torch.Tensor, k: torch.Tensor, block_r: int | N
 def attention_pool_bwd_triton(g: torch.Tensor, h: torch.Tensor, k: torch.Tensor, block_r: int | None = None,
                               block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh, dk), contiguous (N, C, T) in h's dtype, for the upstream gradient g (N, C)."""
+    g, h, k = g.resolve_neg(), h.resolve_neg(), k.resolve_neg()
     N, C, T = h.shape
     dh = torch.empty((N, C, T), dtype=h.dtype, device=h.device)
     dk = torch.empty((N, C, T), dtype=h.dtype, device=h.device)
