@@ -238,9 +238,14 @@ class _TritonInterpreted(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------- public API
 
-@torch._dynamo.assume_constant_result
 def _resolve_at_trace_time(device) -> str:
     return resolve(device)
+
+
+# What torch.compiler.assume_constant_result does (dynamo calls the function while tracing and bakes in its
+# result), without importing torch._dynamo (~2.5 s) whenever this module is imported; test_torch_compile_cpu
+# (fullgraph=True) fails if dynamo stops honouring it.
+_resolve_at_trace_time._dynamo_marked_constant = True
 
 
 def attention_pool(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
