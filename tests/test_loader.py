@@ -80,11 +80,15 @@ def test_order_depends_on_seed_and_epoch_not_on_workers(files):
     b = SpectraLoader(files, seed=7, num_workers=2, **kw)
     o0 = order(a, 0)
     np.testing.assert_array_equal(o0, order(b, 0))
-    np.testing.assert_array_equal(order(a, 1), order(b, 1))  # persistent workers follow the epoch
+    np.testing.assert_array_equal(order(a, 1), order(b, 1))
+    c = SpectraLoader(files, seed=7, num_workers=2, worker_type="process", **kw)
+    np.testing.assert_array_equal(order(c, 1), order(a, 1))
+    np.testing.assert_array_equal(order(c, 0), o0)  # persistent worker processes follow the epoch
     assert not np.array_equal(o0, order(a, 1))
     assert not np.array_equal(o0, order(SpectraLoader(files, seed=8, num_workers=0, **kw), 0))
     assert len(o0) == len(a) * 16 == (320 // 16) * 16  # drop_last: whole batches only
     b.close()
+    c.close()
 
 
 def test_unshuffled_is_file_order(files):
@@ -114,20 +118,21 @@ def test_skip_batches_resumes_mid_epoch_and_skips_reading(files, monkeypatch):
     full = order(SpectraLoader(files, **kw), 1)
     loader = SpectraLoader(files, **kw)
     reads = []
-    from fastspec import h5format
+    from fastspec import loader as loader_mod
 
-    orig = h5format.SpectraFile.read
+    orig = loader_mod._ChunkReader._read_block
 
-    def counting_read(self, start=0, stop=None):
-        reads.append((start, stop))
-        return orig(self, start, stop)
+    def counting_read(self, fi, start, stop, dest, *out):
+        reads.append((fi, start, stop, int((dest >= 0).sum())))
+        return orig(self, fi, start, stop, dest, *out)
 
-    monkeypatch.setattr(h5format.SpectraFile, "read", counting_read)
+    monkeypatch.setattr(loader_mod._ChunkReader, "_read_block", counting_read)
     tail = order(loader, 1, skip=13)
     np.testing.assert_array_equal(tail, full[13 * 16 :])
-    # block reads only (contiguous ranges of block_rows), and the chunks before the resume point not at all
-    assert all(stop - start <= 16 for start, stop in reads)
+    # whole blocks of block_rows contiguous rows, and the chunks before the resume point not at all
+    assert all(stop - start <= 16 for _, start, stop, _ in reads)
     assert len(reads) < len(loader._blocks)
+    assert sum(k for *_, k in reads) < 320 - 13 * 16 + 2 * 16  # at most the partly used chunk extra
 
 
 def test_row_selection_and_stable_validation_split(files):
