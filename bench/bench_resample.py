@@ -1,0 +1,274 @@
+"""Benchmark of the redshift-resample ops on the SDSS grid (L = 3921 observed, R = 5882 restframe pixels).
+
+Side by side in one process: the fused ops (numba on CPU; Triton with atomics and the deterministic gather on
+CUDA), the plain-torch index-arithmetic reference (backend 'torch') and spender's searchsorted formulation.
+Cases: resample forward, resample forward+backward (gradients to spec_rest and z), the training loss
+Σ w·valid·(y−ŷ)² forward and forward+backward (fused `resample_loss` vs resample + torch arithmetic).
+
+Reported per case: median time, spectra/s, achieved GB/s over the minimal traffic of the op (every input read
+once, every output written once — the same byte count for every method, so GB/s compares equal work), that
+as a fraction of this machine's memory-bandwidth floor measured in the same run (bench/common.bandwidth_floor),
+speed-up over searchsorted, and the peak extra memory of the case next to the size of its outputs (CPU: RSS
+high-water in a fresh subprocess per case, after resetting VmHWM; CUDA: torch.cuda.max_memory_allocated).
+
+    .venv/bin/python bench/bench_resample.py                 # default: N = 64 … 4096, memory at N = 1024
+    .venv/bin/python bench/bench_resample.py --sizes 256 --no-memory
+Writes bench/results/resample.json and .csv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bandwidth_floor, machine_info, print_table, timeit, write_results  # noqa: E402
+from fastspec.kernels import redshift_observed, resample, resample_loss, use_backend  # noqa: E402
+from fastspec.kernels import resample_ref as ref  # noqa: E402
+
+from fastspec.instruments import get_instrument  # noqa: E402
+
+OPS = ["resample_fwd", "resample_fwd_bwd", "loss_fwd", "loss_fwd_bwd", "redshift_observed_fwd"]
+
+
+def methods_for(device: str) -> list[str]:
+    if device == "cuda":
+        return ["triton", "triton-det", "torch-index", "searchsorted"]
+    return ["numba", "torch-index", "searchsorted"]
+
+
+def make_inputs(N: int, device: str, seed: int = 0):
+    inst = get_instrument("sdss")
+    wave_rest = torch.as_tensor(inst.wave_rest(0.5), device=device)
+    wave_obs = torch.as_tensor(inst.wave_obs, device=device)
+    R, L = wave_rest.numel(), wave_obs.numel()
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(N, R, generator=g, device=device) + 1.0
+    z = torch.rand(N, generator=g, device=device) * 0.5
+    y = torch.randn(N, L, generator=g, device=device) + 1.0
+    w = torch.rand(N, L, generator=g, device=device)
+    grad = torch.randn(N, L, generator=g, device=device)
+    z_new = torch.rand(N, generator=g, device=device) * 0.5
+    return dict(x=x, z=z, y=y, w=w, grad=grad, z_new=z_new, wave_rest=wave_rest, wave_obs=wave_obs, R=R, L=L,
+                loglinear=inst.loglinear)
+
+
+def _unfused_loss(y_hat, valid, y, w):
+    return (w * valid * (y - y_hat) ** 2).sum(1)
+
+
+def make_case(op: str, method: str, d: dict):
+    """A zero-argument callable running one case, and the byte count of its outputs."""
+    x, z, y, w, grad = d["x"], d["z"], d["y"], d["w"], d["grad"]
+    wr, wo = d["wave_rest"], d["wave_obs"]
+    N, R, L = x.shape[0], d["R"], d["L"]
+    es = x.element_size()
+    backend = {"numba": "numba", "triton": "triton", "triton-det": "triton", "torch-index": "torch"}.get(method)
+    det = method == "triton-det"
+    bwd = op.endswith("_bwd")
+    xg = x.detach().requires_grad_(bwd)
+    zg = z.detach().requires_grad_(bwd)
+
+    # spender keeps its grids in float32 (module buffers); so does the searchsorted reference here
+    wr32, wo32 = wr.float(), wo.float()
+
+    def fwd_resample():
+        if method == "searchsorted":
+            return ref.resample_searchsorted(xg, zg, wr32, wo32)
+        with use_backend(backend):
+            return resample(xg, zg, wr, wo, deterministic=det)
+
+    def fwd_loss():
+        if method == "searchsorted":
+            return _unfused_loss(*ref.resample_searchsorted(xg, zg, wr32, wo32), y, w)
+        with use_backend(backend):
+            return resample_loss(xg, zg, wr, wo, y, w, deterministic=det)
+
+    if op == "resample_fwd":
+        def run():
+            with torch.no_grad():
+                return fwd_resample()
+        out_bytes = N * L * (es + 1)
+    elif op == "resample_fwd_bwd":
+        def run():
+            y_hat, _ = fwd_resample()
+            return torch.autograd.grad(y_hat, (xg, zg), grad)  # runs on the forward's backend
+        out_bytes = N * L * (es + 1) + N * R * es
+    elif op == "loss_fwd":
+        def run():
+            with torch.no_grad():
+                return fwd_loss()
+        out_bytes = N * 4
+    elif op == "loss_fwd_bwd":
+        def run():
+            return torch.autograd.grad(fwd_loss().sum(), (xg, zg))
+        out_bytes = N * 4 + N * R * es
+    elif op == "redshift_observed_fwd":
+        def run():
+            with torch.no_grad():
+                if method == "searchsorted":
+                    return ref.redshift_observed_searchsorted(y, z, d["z_new"], wo32, loglinear=True)
+                with use_backend(backend):
+                    return redshift_observed(y, z, d["z_new"], wo, loglinear=d["loglinear"], deterministic=det)
+        out_bytes = N * L * (es + 1)
+    else:
+        raise ValueError(op)
+    return run, out_bytes
+
+
+def traffic_bytes(op: str, N: int, R: int, L: int, es: int = 4) -> int:
+    """Minimal bytes moved: each input read once, each output written once."""
+    fwd = N * R * es + N * L * (es + 1)  # x in; ŷ and valid out
+    if op == "resample_fwd":
+        return fwd
+    if op == "resample_fwd_bwd":
+        return fwd + N * L * es + N * R * es + N * R * es  # g and x in; ∂x out
+    if op == "loss_fwd":
+        return N * R * es + 2 * N * L * es  # x, y, w in
+    if op == "loss_fwd_bwd":
+        return 2 * (N * R * es + 2 * N * L * es) + N * R * es  # twice x, y, w in; ∂x out
+    if op == "redshift_observed_fwd":
+        return N * L * es + N * L * (es + 1)
+    raise ValueError(op)
+
+
+# ---- memory: one fresh subprocess per case (CPU) ---------------------------------------------------------
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def set_threads(n: int) -> None:
+    import numba
+
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def _memory_child(op: str, method: str, N: int, threads: int) -> dict:
+    set_threads(threads)
+    d = make_inputs(N, "cpu")
+    small = make_inputs(8, "cpu")
+    make_case(op, method, small)[0]()  # compile / warm up at a tiny size
+    run, out_bytes = make_case(op, method, d)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _rss_kib("VmRSS")
+    result = run()  # keep the outputs alive while the high-water mark is read
+    peak = _rss_kib("VmHWM")
+    del result
+    return dict(extra_MB=(peak - base) * 1024 / 1e6, output_MB=out_bytes / 1e6)
+
+
+def measure_memory_cpu(op: str, method: str, N: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", json.dumps([op, method, N, threads])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return dict(extra_MB=float("nan"), output_MB=float("nan"), error=proc.stderr[-500:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_memory_cuda(run, out_bytes) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return dict(extra_MB=(peak - base) / 1e6, output_MB=out_bytes / 1e6)
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    p.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="CPU threads for torch and numba alike (default: torch's default)")
+    p.add_argument("--memory-n", type=int, default=1024, help="N of the memory measurements (0: none)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", default="resample", help="results name under bench/results/")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.memory_child:
+        print(json.dumps(_memory_child(*json.loads(a.memory_child))))
+        return 0
+
+    device = a.device
+    set_threads(a.threads)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    info = machine_info()
+    floor = bandwidth_floor(device)
+    print(f"device {device}; memory-bandwidth floor (copy) {floor:.1f} GB/s; threads {a.threads}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    methods = methods_for(device)
+    rows = []
+    for op in a.ops:
+        for N in a.sizes:
+            d = make_inputs(N, device)
+            R, L = d["R"], d["L"]
+            nbytes = traffic_bytes(op, N, R, L)
+            base_t = None
+            for method in methods:
+                run, out_bytes = make_case(op, method, d)
+                # one warm-up for the slow references, two for the kernels (numba/Triton compile on the first)
+                warm = 1 if method in ("torch-index", "searchsorted") else 2
+                t = timeit(run, repeat=a.repeat, warmup=warm, sync=sync)
+                if method == "searchsorted":
+                    base_t = t
+                rows.append(dict(op=op, N=N, method=method, device=device, time_ms=t * 1e3,
+                                 spectra_per_s=N / t, GBps=nbytes / t / 1e9, frac_floor=nbytes / t / 1e9 / floor,
+                                 out_MB=out_bytes / 1e6))
+            for r in rows[-len(methods):]:
+                r["speedup_vs_searchsorted"] = base_t / (r["time_ms"] / 1e3) if base_t else float("nan")
+        print_table([r for r in rows if r["op"] == op],
+                    ["op", "N", "method", "time_ms", "spectra_per_s", "GBps", "frac_floor",
+                     "speedup_vs_searchsorted"], title=f"\n{op} (L={L}, R={R})")
+
+    mem_rows = []
+    if not a.no_memory and a.memory_n:
+        N = a.memory_n
+        for op in a.ops:
+            for method in methods:
+                if device == "cuda":
+                    run, out_bytes = make_case(op, method, make_inputs(N, device))
+                    run()
+                    m = measure_memory_cuda(run, out_bytes)
+                else:
+                    m = measure_memory_cpu(op, method, N, a.threads)
+                mem_rows.append(dict(op=op, N=N, method=method, **m))
+        print_table(mem_rows, ["op", "N", "method", "extra_MB", "output_MB"],
+                    title="\npeak extra memory (CPU: RSS high-water per subprocess; CUDA: max_memory_allocated)")
+
+    summary = {}
+    for r in rows:
+        if r["op"] == "resample_fwd_bwd" and r["N"] == 256 and r["method"] in ("numba", "triton"):
+            summary["resample_fwd_bwd_N256_speedup_vs_searchsorted"] = r["speedup_vs_searchsorted"]
+    inst = get_instrument("sdss")
+    payload = dict(benchmark="resample", machine=info, device=device, threads=a.threads,
+                   load_average=os.getloadavg(), bandwidth_floor_GBps=floor,
+                   grid=dict(instrument="sdss", L=inst.L, R=inst.n_rest(0.5), z_max=0.5),
+                   traffic_model="each input read once, each output written once (fp32 values, 1-byte mask)",
+                   summary=summary, rows=rows, memory=mem_rows)
+    path = write_results(a.out, payload, rows + mem_rows)
+    print(f"\nsummary: {summary}\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
