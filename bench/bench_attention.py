@@ -4,14 +4,15 @@ Side by side in one process: `torch.softmax` pooling as spender writes it, fasts
 (backend 'torch', defined -inf semantics), and the fused op (numba on CPU, Triton on CUDA). h and k are the
 two channel halves of one (N, 512, 72) tensor, as the encoder passes them. For forward and forward+backward
 it reports time, spectra/s, achieved GB/s over the minimal traffic (fwd: read h, k, write e; +bwd: read g, h, k,
-write dh, dk), that traffic's time at the measured copy bandwidth (bench.common.bandwidth_floor), the speedup
-over the torch.softmax form, and the peak extra memory per case (CPU: resident-set high-water above the
+write dh, dk), that traffic's time at the measured copy bandwidth (bench.common.bandwidth_floor), the speedups
+over both torch forms, and the peak extra memory per case (CPU: resident-set high-water above the
 resident set before the call, reset through /proc/self/clear_refs; CUDA: max_memory_allocated) next to the
 size of the outputs.
 
     .venv/bin/python bench/bench_attention.py                    # CPU, N = 64 … 4096, ~1-2 min on 2 cores
+    .venv/bin/python bench/bench_attention.py --threads 1        # one core: robust on a busy machine
     .venv/bin/python bench/bench_attention.py --device cuda      # when a GPU is lent (N up to 16384)
-Results: bench/results/attention.json/.csv (attention_cuda.* on CUDA).
+Results: bench/results/attention.json/.csv (attention_1thread.*, attention_cuda.*).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bandwidth_floor, machine_info, print_table, timeit, write_results  # noqa: E402
+from common import bandwidth_floor, machine_info, print_table, write_results  # noqa: E402
 from fastspec.kernels import attention_pool, use_backend  # noqa: E402
 
 C, T = 256, 72
@@ -77,14 +78,30 @@ def peak_extra_bytes(fn, device: str) -> int | None:
     return (_status_kib("VmHWM") - before) * 1024
 
 
-def cpu_time(fn, repeat: int) -> float:
-    """Median process CPU time (all threads) of fn(): less sensitive than wall time to a busy machine."""
-    times = []
+def _numba_threads():
+    try:
+        import numba
+
+        return numba.get_num_threads()
+    except ImportError:
+        return None
+
+
+def wall_and_cpu(fn, repeat: int, sync=None) -> tuple[float, float]:
+    """Median wall time and median process CPU time (all threads) of fn() after one warm-up call; CPU time
+    is less sensitive than wall time to other jobs on a busy machine."""
+    fn()
+    walls, cpus = [], []
     for _ in range(repeat):
-        t0 = time.process_time()
+        if sync:
+            sync()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
+        if sync:
+            sync()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def run_case(impl: str, mode: str, N: int, dtype: torch.dtype, device: str, repeat: int, bw: float) -> dict:
@@ -111,10 +128,9 @@ def run_case(impl: str, mode: str, N: int, dtype: torch.dtype, device: str, repe
         nbytes = (2 * N * C * T + N * C + N * C + 2 * N * C * T + 2 * N * C * T) * es
         out_bytes = (N * C + 2 * N * C * T) * es
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
-    t = timeit(fn, repeat=repeat, warmup=1, sync=sync)
-    cpu = cpu_time(fn, repeat=max(1, repeat // 2))
-    # Twice, keeping the larger: the kernel's resident-set counters can lag on a busy machine.
-    extras = [peak_extra_bytes(fn, device) for _ in range(2)]
+    t, cpu = wall_and_cpu(fn, repeat, sync)
+    # Twice for small cases, keeping the larger: the kernel's resident-set counters can lag.
+    extras = [peak_extra_bytes(fn, device) for _ in range(2 if N < 2048 else 1)]
     extra = None if None in extras else max(extras)
     gbs = nbytes / t / 1e9
     return {
@@ -131,8 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None, help="comma-separated N (default 64,256,1024,4096; +16384 on CUDA)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--impls", default="torch_softmax,fused",
-                    help="comma-separated subset of " + ",".join(IMPLS) + " (default: torch_softmax,fused)")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch and numba (default: all); results go to attention_<n>thread.*")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write bench/results")
     args = ap.parse_args(argv)
 
@@ -148,6 +165,11 @@ def main(argv=None) -> int:
             print(f"bench_attention: unknown impl {name!r}; choose from {', '.join(IMPLS)}", file=sys.stderr)
             return 2
     dtype = DTYPES[args.dtype]
+    if args.threads:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
 
     info = machine_info()
     load_before = os.getloadavg()
@@ -162,26 +184,30 @@ def main(argv=None) -> int:
     for N in sizes:
         repeat = args.repeat if N < 2048 else max(3, args.repeat // 2)
         for mode in ("fwd", "fwd+bwd"):
-            base = None
+            base = {}
             for impl in impls:
                 row = run_case(impl, mode, N, dtype, device, repeat, bw)
-                if impl == "torch_softmax":
-                    base = row["time_ms"]
-                row["speedup_vs_torch_softmax"] = None if base is None else base / row["time_ms"]
+                base[impl] = row["time_ms"]
                 rows.append(row)
+            for row in rows[-len(impls):]:
+                for ref in ("torch_softmax", "torch_ref"):
+                    row[f"speedup_vs_{ref}"] = base[ref] / row["time_ms"] if ref in base else None
                 print(f"  {impl:>13} {mode:>7} N={N:<6} {row['time_ms']:9.2f} ms  {row['GB_per_s']:7.2f} GB/s",
                       flush=True)
             gc.collect()
     print()
     load_after = os.getloadavg()
     cols = ["impl", "mode", "N", "time_ms", "cpu_ms", "spectra_per_s", "GB_per_s", "floor_ms", "pct_of_bw",
-            "speedup_vs_torch_softmax", "extra_MB", "out_MB", "extra_over_out"]
+            "speedup_vs_torch_softmax", "speedup_vs_torch_ref", "extra_MB", "out_MB", "extra_over_out"]
     print_table(rows, cols, title=f"attention_pool (N, {C}, {T}) {args.dtype} on {device}")
     if not args.no_write:
         name = "attention" if device == "cpu" else "attention_cuda"
+        if args.threads:
+            name += f"_{args.threads}thread"
         payload = {"benchmark": "attention_pool", "shape": f"(N, {C}, {T}) halves of (N, {2 * C}, {T})",
                    "dtype": args.dtype, "device": device, "bandwidth_floor_GBps": bw, "machine": info,
                    "load_average_1min": {"before": load_before[0], "after": load_after[0]},
+                   "threads": {"torch": torch.get_num_threads(), "numba": _numba_threads()},
                    "rows": rows}
         print("wrote", write_results(name, payload, rows))
     return 0
