@@ -5,8 +5,8 @@ Coordinates are computed in float64 (cheap on a CPU, and it keeps the valid mask
 reference away from exact ties); values are computed in fp32 (float64 for float64 inputs, so gradcheck
 works); half inputs are upcast to fp32 at the boundary (numba has no float16/bfloat16).
 Parallel over chunks of spectra; each spectrum is walked serially in l, so the scatter-add of the backward
-needs no atomics and is deterministic. Each spectrum takes two passes: a vectorised one for the coordinates
-(i, t) into a scratch row, then the gathers/scatters.
+needs no atomics and is deterministic. Each block of output pixels takes two passes: a vectorised one for
+the coordinates (i, t) into small scratch rows, then the gathers/scatters.
 """
 from __future__ import annotations
 
@@ -20,22 +20,26 @@ _jit = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, nogil=True)
 
 
 @numba.njit(fastmath=_FASTMATH, inline="always")
-def _coords(c, an, bn, R, ib, tb):
-    """Pass 1 of every kernel, per spectrum: rest pixel i[l] (−1 where not valid) and weight t[l].
-
-    Branch-free and gather-free, so LLVM vectorises it; the gathers/scatters of pass 2 then do less work.
-    """
+def _coords(c, l0, l1, an, bn, R, ib, tb):
+    """Pass 1 over output pixels l0 ≤ l < l1 of one spectrum: rest pixel ib[l−l0] (−1 where not valid) and
+    weight tb[l−l0]. Branch-free and gather-free, so LLVM vectorises it; pass 2 then gathers/scatters."""
     hi = R - 1.0
     imax = R - 2.0
     if not an > 0.0:  # a ≤ 0 or NaN: no valid pixel in this row
         an = np.nan
-    for l in range(c.shape[0]):
-        u = c[l] * an + bn
+    cb = c[l0:l1]
+    for j in range(l1 - l0):  # the loop variable indexes without wraparound checks
+        u = cb[j] * an + bn
         ok = (u >= 0.0) & (u <= hi)
         us = u if ok else 0.0
         i = np.int32(min(us, imax))  # truncation = floor for u ≥ 0
-        ib[l] = i if ok else np.int32(-1)
-        tb[l] = us - i
+        ib[j] = i if ok else np.int32(-1)
+        tb[j] = us - i
+
+
+# Output pixels per pass: the scratch rows (BLOCK int32 + BLOCK values per chunk of spectra) stay in L1 and
+# the ops allocate nothing of size N or L beyond their outputs.
+BLOCK = 512
 
 
 @numba.njit(inline="always")
@@ -47,24 +51,28 @@ def _chunk(k, nchunk, N):
 def _fwd(x, c, a, b, out, valid, nchunk):
     N, R = x.shape
     L = c.shape[0]
-    for k in numba.prange(nchunk):  # chunks of spectra, so the scratch rows are allocated once per chunk
-        ib = np.empty(L, np.int32)
-        tb = np.empty(L, x.dtype)
+    for k in numba.prange(nchunk):  # chunks of spectra: the scratch rows are allocated once per chunk
+        ib = np.empty(BLOCK, np.int32)
+        tb = np.empty(BLOCK, x.dtype)
         n0, n1 = _chunk(k, nchunk, N)
         for n in range(n0, n1):
-            _coords(c, a[n], b[n], R, ib, tb)
             xr = x[n]
             outr = out[n]
             vr = valid[n]
-            for l in range(L):
-                i = ib[l]
-                if i >= 0:
-                    x0 = xr[i]
-                    outr[l] = x0 + tb[l] * (xr[i + 1] - x0)
-                    vr[l] = True
-                else:
-                    outr[l] = 0.0
-                    vr[l] = False
+            for l0 in range(0, L, BLOCK):
+                l1 = min(l0 + BLOCK, L)
+                _coords(c, l0, l1, a[n], b[n], R, ib, tb)
+                ob = outr[l0:l1]  # block views: indexing by the loop variable needs no wraparound checks
+                vb = vr[l0:l1]
+                for j in range(l1 - l0):
+                    i = ib[j]
+                    if i >= 0:
+                        x0 = xr[i]
+                        ob[j] = x0 + tb[j] * (xr[i + 1] - x0)
+                        vb[j] = True
+                    else:
+                        ob[j] = 0.0
+                        vb[j] = False
 
 
 @_jit
@@ -73,27 +81,31 @@ def _bwd(g, x, c, a, b, gx, gab, need_ab, nchunk):
     N, R = x.shape
     L = c.shape[0]
     for k in numba.prange(nchunk):
-        ib = np.empty(L, np.int32)
-        tb = np.empty(L, x.dtype)
+        ib = np.empty(BLOCK, np.int32)
+        tb = np.empty(BLOCK, x.dtype)
         n0, n1 = _chunk(k, nchunk, N)
         for n in range(n0, n1):
-            _coords(c, a[n], b[n], R, ib, tb)
             gr = g[n]
             xr = x[n]
             gxr = gx[n]
             sa = 0.0
             sb = 0.0
-            for l in range(L):
-                i = ib[l]
-                if i >= 0:
-                    t = tb[l]
-                    G = gr[l]
-                    gxr[i] += G * (1 - t)
-                    gxr[i + 1] += G * t
-                    if need_ab:
-                        d = G * (xr[i + 1] - xr[i])
-                        sa += d * c[l]
-                        sb += d
+            for l0 in range(0, L, BLOCK):
+                l1 = min(l0 + BLOCK, L)
+                _coords(c, l0, l1, a[n], b[n], R, ib, tb)
+                gb = gr[l0:l1]
+                cb = c[l0:l1]
+                for j in range(l1 - l0):
+                    i = ib[j]
+                    if i >= 0:
+                        t = tb[j]
+                        G = gb[j]
+                        gxr[i] += G * (1 - t)
+                        gxr[i + 1] += G * t
+                        if need_ab:
+                            d = G * (xr[i + 1] - xr[i])
+                            sa += d * cb[j]
+                            sb += d
             gab[n, 0] = sa
             gab[n, 1] = sb
 
@@ -103,22 +115,26 @@ def _loss_fwd(x, c, a, b, y, w, out, nchunk):
     N, R = x.shape
     L = c.shape[0]
     for k in numba.prange(nchunk):
-        ib = np.empty(L, np.int32)
-        tb = np.empty(L, x.dtype)
+        ib = np.empty(BLOCK, np.int32)
+        tb = np.empty(BLOCK, x.dtype)
         n0, n1 = _chunk(k, nchunk, N)
         for n in range(n0, n1):
-            _coords(c, a[n], b[n], R, ib, tb)
             xr = x[n]
             yr = y[n]
             wr = w[n]
             s = 0.0
-            for l in range(L):
-                i = ib[l]
-                wl = wr[l]
-                if i >= 0 and wl != 0.0:  # w = 0 pixels are skipped even when y is NaN there
-                    x0 = xr[i]
-                    r = yr[l] - (x0 + tb[l] * (xr[i + 1] - x0))
-                    s += wl * r * r
+            for l0 in range(0, L, BLOCK):
+                l1 = min(l0 + BLOCK, L)
+                _coords(c, l0, l1, a[n], b[n], R, ib, tb)
+                yb = yr[l0:l1]
+                wb = wr[l0:l1]
+                for j in range(l1 - l0):
+                    i = ib[j]
+                    wl = wb[j]
+                    if i >= 0 and wl != 0.0:  # w = 0 pixels are skipped even when y is NaN there
+                        x0 = xr[i]
+                        r = yb[j] - (x0 + tb[j] * (xr[i + 1] - x0))
+                        s += wl * r * r
             out[n] = s
 
 
@@ -127,31 +143,35 @@ def _loss_bwd(gl, x, c, a, b, y, w, gx, gab, need_ab, nchunk):
     N, R = x.shape
     L = c.shape[0]
     for k in numba.prange(nchunk):
-        ib = np.empty(L, np.int32)
-        tb = np.empty(L, x.dtype)
+        ib = np.empty(BLOCK, np.int32)
+        tb = np.empty(BLOCK, x.dtype)
         n0, n1 = _chunk(k, nchunk, N)
         for n in range(n0, n1):
             g2 = -2.0 * gl[n]
             sa = 0.0
             sb = 0.0
-            if g2 != 0.0:
-                _coords(c, a[n], b[n], R, ib, tb)
-                xr = x[n]
-                yr = y[n]
-                wr = w[n]
-                gxr = gx[n]
-                for l in range(L):
-                    i = ib[l]
-                    wl = wr[l]
+            xr = x[n]
+            yr = y[n]
+            wr = w[n]
+            gxr = gx[n]
+            for l0 in range(0, L if g2 != 0.0 else 0, BLOCK):
+                l1 = min(l0 + BLOCK, L)
+                _coords(c, l0, l1, a[n], b[n], R, ib, tb)
+                yb = yr[l0:l1]
+                wb = wr[l0:l1]
+                cb = c[l0:l1]
+                for j in range(l1 - l0):
+                    i = ib[j]
+                    wl = wb[j]
                     if i >= 0 and wl != 0.0:
-                        t = tb[l]
+                        t = tb[j]
                         x0 = xr[i]
                         dx = xr[i + 1] - x0
-                        G = g2 * wl * (yr[l] - (x0 + t * dx))
+                        G = g2 * wl * (yb[j] - (x0 + t * dx))
                         gxr[i] += G * (1 - t)
                         gxr[i + 1] += G * t
                         if need_ab:
-                            sa += G * dx * c[l]
+                            sa += G * dx * cb[j]
                             sb += G * dx
             gab[n, 0] = sa
             gab[n, 1] = sb
