@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..encode import PRECISIONS
+PRECISIONS = ("fp32", "bf16", "fp16")  # as fastspec.encode.PRECISIONS; importing it here would load torch
 
 
 def register(sub):
@@ -27,6 +27,9 @@ def register(sub):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--backend", choices=["auto", "triton", "numba", "torch"], default=None,
                    help="kernel backend (default: auto = Triton on CUDA, numba on CPU)")
+    p.add_argument("--engine", choices=["auto", "fused", "model"], default="auto",
+                   help="encoder implementation: fused (CPU: norm, PReLU and pooling fused into one pass per "
+                   "conv; same function), model (the model's own forward); auto = fused on CPU (default)")
     p.add_argument("--chi2", action="store_true", help="also write the reduced chi2 of each reconstruction")
     p.add_argument("--restframe", action="store_true",
                    help="also write the restframe model spec_rest (N, R) and wave_rest (large: R floats per row)")
@@ -97,7 +100,7 @@ def run(args) -> int:
         stats = E.encode_files(
             model, args.data, args.out, shard=shard, batch_size=batch_size, flush_rows=args.flush_rows,
             precision=args.precision, chi2=args.chi2, restframe=args.restframe, workers=args.workers,
-            progress=progress, model_path=args.model, resume=not args.no_resume,
+            progress=progress, model_path=args.model, resume=not args.no_resume, engine=args.engine,
         )
     except (E.EncodeError, SpectraFormatError) as err:
         print(f"fastspec encode: error: {err}", file=sys.stderr)

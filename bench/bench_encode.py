@@ -1,0 +1,252 @@
+"""Encoding throughput, file → latents on file: `fastspec encode` side by side with spender 0.3's encoder.
+
+Both encode the same mock SDSS file with the same weights (spender's architecture: `ModelConfig.spender`,
+weights copied with `SpectrumAutoencoder.from_spender`), and both write latents + Z + object_id to HDF5:
+
+* fastspec: `fastspec.encode.encode_files` — the streaming loader (block reads, background workers on CUDA,
+  pinned memory, copy on a side stream), inference mode, optional autocast, a writer thread.
+* spender: what a spender user writes around `SpectrumAutoencoder.encode` (spender has no file pipeline):
+  read a block with h5py, zero the masked pixels, copy to the device, `encode` under `torch.no_grad()`
+  (optionally inside `torch.autocast`), write the latents with h5py — one step after the other.
+
+The table says where the time goes. spender's steps add up to its total. fastspec's overlap: "read" is the time
+the compute thread waited for the loader (reading not hidden by prefetch), "write" is the writer thread's busy
+time (hidden), and the "alone" rows time each stage by itself (loader without compute; encoder on a batch
+already on the device).
+
+    python bench/bench_encode.py                 # CPU: 1024 spectra, fp32 and bf16
+    python bench/bench_encode.py --n 20000       # on a GPU machine: cuda, batch 4096 (file in page cache)
+
+Results: bench/results/encode.json (CPU) or encode-cuda.json, with machine info.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, print_table, write_results  # noqa: E402
+
+from fastspec import encode as E  # noqa: E402
+from fastspec.h5format import SpectraFile  # noqa: E402
+from fastspec.model import ModelConfig, SpectrumAutoencoder  # noqa: E402
+
+Z_MAX = 0.5
+
+
+def mock_file(n: int, cache: Path) -> str:
+    path = cache / f"mock-sdss-{n}.h5"
+    if not path.exists():
+        from fastspec.mock import write_mock
+
+        print(f"writing {n} mock SDSS spectra to {path} …", flush=True)
+        write_mock(path, n, instrument="sdss", seed=0, restframe_truth=False, progress=False)
+    return str(path)
+
+
+def spender_model(device):
+    """spender 0.3's SDSS autoencoder as its train_sdss.py builds it; None if spender does not import."""
+    try:
+        import spender
+    except Exception as err:  # spender needs nflows etc.; the benchmark runs without it
+        print(f"spender not importable ({err.__class__.__name__}: {err}); fastspec rows only", flush=True)
+        return None
+    wave_obs = 10 ** torch.arange(3.578, 3.97, 0.0001)
+    inst = spender.Instrument(wave_obs)
+    L = wave_obs.shape[0]
+    wave_rest = torch.linspace(wave_obs.min() / (1 + Z_MAX), wave_obs.max(), int(L * (1 + Z_MAX)),
+                               dtype=torch.float32)
+    torch.manual_seed(0)
+    return spender.SpectrumAutoencoder(inst, wave_rest, n_latent=10).to(device).eval()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def spender_encode_file(model, path: str, out: str, batch_size: int, device, dtype=None) -> dict:
+    """The plain sequential loop around spender's `encode`; returns seconds per step."""
+    t = dict(read=0.0, copy=0.0, compute=0.0, write=0.0)
+    t_all = time.perf_counter()
+    tmp = out + ".tmp"
+    with SpectraFile(path) as sf, h5py.File(tmp, "w") as h:
+        n = len(sf)
+        lat = h.create_dataset("latents", (n, model.encoder.n_latent), np.float32)
+        zs = h.create_dataset("Z", (n,), np.float64)
+        ids = h.create_dataset("object_id", (n,), np.uint64)
+        for a in range(0, n, batch_size):
+            t0 = time.perf_counter()
+            b = sf.read(a, a + batch_size)
+            y, w, z = E.prepare(b)
+            t1 = time.perf_counter()
+            yt = torch.from_numpy(y).to(device)
+            _sync(device)
+            t2 = time.perf_counter()
+            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else _null()):
+                s = model.encode(yt)
+            s = s.float().cpu().numpy()
+            t3 = time.perf_counter()
+            lat[a:a + len(s)] = s
+            zs[a:a + len(s)] = b.z
+            ids[a:a + len(s)] = b.object_id
+            t4 = time.perf_counter()
+            t["read"] += t1 - t0
+            t["copy"] += t2 - t1
+            t["compute"] += t3 - t2
+            t["write"] += t4 - t3
+    os.replace(tmp, out)
+    t["total"] = time.perf_counter() - t_all
+    return t
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def loader_alone(path: str, batch_size: int, device, workers: int) -> float:
+    """Seconds for the loader alone (read + prepare + copy to the device), as encode_files configures it."""
+    from fastspec.loader import SpectraLoader
+
+    t0 = time.perf_counter()
+    loader = SpectraLoader([path], batch_size=batch_size, block_rows=min(1024, batch_size),
+                           shuffle_blocks=max(1, -(-batch_size // 1024)), shuffle=False, num_workers=workers,
+                           prefetch=2, device=device, drop_last=False, persistent_workers=False)
+    n = 0
+    for b in loader:
+        n += len(b.z)
+    _sync(device)
+    loader.close()
+    return time.perf_counter() - t0
+
+
+def compute_alone(model, path: str, n: int, batch_size: int, device, precision: str) -> float:
+    """Seconds to encode n spectra from a batch already on the device (the encoder's own speed)."""
+    with SpectraFile(path) as sf:
+        y, w, z = E.prepare(sf.read(0, batch_size))
+    y, w, z = (torch.from_numpy(a).to(device) for a in (y, w, z))
+    encoder = E.make_encoder(model, precision)
+    E.encode_batch(model, y, w, z, precision, encoder=encoder)  # warm-up (kernels compile, caches fill)
+    _sync(device)
+    reps = max(1, round(n / batch_size))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        E.encode_batch(model, y, w, z, precision, encoder=encoder)
+    _sync(device)
+    return (time.perf_counter() - t0) * n / (reps * len(z))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n", type=int, default=None, help="spectra in the mock file (default 1024 CPU, 20000 CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 on CPU, 4096 on CUDA")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default 0 CPU, 6 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fastspec-bench"),
+                   help="where the mock file is kept between runs")
+    p.add_argument("--no-spender", action="store_true")
+    p.add_argument("--out", default=None, help="results name in bench/results (default encode / encode-cuda)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.n or (20000 if cuda else 1024)
+    batch_size = args.batch_size or (4096 if cuda else 128)
+    workers = args.workers if args.workers is not None else (6 if cuda else 0)
+    precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = mock_file(n, cache)
+    with open(path, "rb") as f:  # page cache: time the pipeline, not the disk
+        while f.read(64 << 20):
+            pass
+
+    sp = None if args.no_spender else spender_model(device)
+    if sp is not None:
+        ours = SpectrumAutoencoder.from_spender(sp.state_dict(), instrument="sdss").to(device).eval()
+    else:
+        torch.manual_seed(0)
+        ours = SpectrumAutoencoder(ModelConfig.spender("sdss", n_latent=10, z_max=Z_MAX)).to(device).eval()
+    info = machine_info()
+    print(f"{n} SDSS spectra, batch {batch_size}, {device}, torch threads {torch.get_num_threads()}, "
+          f"loader workers {workers}", flush=True)
+
+    rows, check = [], {}
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-encode-", dir=cache))
+    for precision in precisions:
+        if precision == "fp16" and not cuda:
+            continue
+        dtype = E.PRECISIONS[precision]
+        # warm both once on a small file so one-time costs (numba/Triton compilation, allocator) stay out
+        E.encode_batch(ours, *(torch.zeros(2, 3921, device=device),) * 2, torch.zeros(2, device=device),
+                       precision, encoder=E.make_encoder(ours, precision))
+        out = str(out_dir / f"fastspec-{precision}.h5")
+        stats = E.encode_files(ours, [path], out, batch_size=batch_size, precision=precision, workers=workers,
+                               progress=False, resume=False)
+        rows.append({"impl": "fastspec", "precision": precision, "spectra_per_s": stats.n / stats.seconds,
+                     "total_s": stats.seconds, "read_s": stats.wait_s, "copy_s": float("nan"),
+                     "compute_s": stats.compute_s, "write_s": stats.write_s})
+        t_read = loader_alone(path, batch_size, device, workers)
+        t_comp = compute_alone(ours, path, n, batch_size, device, precision)
+        rows.append({"impl": "fastspec (stages alone)", "precision": precision,
+                     "spectra_per_s": n / max(t_read, t_comp), "total_s": float("nan"),
+                     "read_s": t_read, "copy_s": float("nan"), "compute_s": t_comp, "write_s": float("nan")})
+        if sp is not None:
+            sout = str(out_dir / f"spender-{precision}.h5")
+            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else _null()):
+                sp.encode(torch.zeros(2, 3921, device=device))
+            t = spender_encode_file(sp, path, sout, batch_size, device, dtype)
+            rows.append({"impl": "spender 0.3", "precision": precision, "spectra_per_s": n / t["total"],
+                         "total_s": t["total"], "read_s": t["read"], "copy_s": t["copy"],
+                         "compute_s": t["compute"], "write_s": t["write"]})
+            with E.LatentsFile(out) as a, h5py.File(sout, "r") as b:
+                la, lb = a["latents"], b["latents"][()]
+                check[precision] = float(np.max(np.abs(la - lb)) / np.max(np.abs(lb)))
+                assert np.array_equal(a["object_id"], b["object_id"][()])
+        os.remove(out)
+    ref = {r["precision"]: r["spectra_per_s"] for r in rows if r["impl"] == "spender 0.3"}
+    for r in rows:
+        if "fp32" in ref and not np.isnan(r["total_s"]):
+            r["x_spender_fp32"] = r["spectra_per_s"] / ref["fp32"]
+        if r["precision"] in ref and not np.isnan(r["total_s"]):
+            r["x_spender_same_precision"] = r["spectra_per_s"] / ref[r["precision"]]
+    cols = ["impl", "precision", "spectra_per_s", "total_s", "read_s", "copy_s", "compute_s", "write_s",
+            "x_spender_fp32", "x_spender_same_precision"]
+    text = print_table(rows, cols, title=f"encode, file → latents on file: {n} SDSS spectra, {device}, "
+                                          f"batch {batch_size} (seconds; fastspec stages overlap)")
+    if check:
+        print("max |latents fastspec − spender| / max |latents spender|: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in check.items()))
+    for f in out_dir.iterdir():
+        f.unlink()
+    out_dir.rmdir()
+    name = args.out or ("encode" if not cuda else "encode-cuda")
+    path_json = write_results(name, {
+        "benchmark": "encode: spectra/s from a spectra HDF5 file to latents on file",
+        "machine": info, "n": n, "batch_size": batch_size, "device": str(device), "loader_workers": workers,
+        "model": "spender 0.3 SDSS architecture (S=10, unconditioned, Speculator), same weights in both",
+        "spender_loop": "h5py block read → mask → torch → encode under no_grad (± autocast) → h5py write",
+        "latents_rel_diff_vs_spender": check, "rows": rows, "table": text,
+    }, rows)
+    print(f"results: {path_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
