@@ -60,7 +60,10 @@ class ModelConfig:
     n_latent: latent size S. z_max: largest redshift the restframe grid covers.
     conditioned: append z to the encoder MLP's input (the paper) or not (spender ≥ 0.3).
     activation: decoder activation, 'leakyrelu' (paper) or 'speculator' (spender; learnable γ, β per feature).
-    dropout: dropout probability after each conv block (0 disables it).
+    dropout: dropout probability after each conv block's activation (0 disables it).
+    fused_blocks: run InstanceNorm → PReLU → MaxPool of each conv block as the fused kernel op
+        `fastspec.kernels.instance_norm_prelu_pool` (same function and parameters; less time and memory) or,
+        if False, as the plain torch modules (for comparison).
     grid: 'fastspec' (float64 instrument grid, R = ceil(L·(1+z_max))) or 'spender' (spender's float32 grids,
         R = int(L·(1+z_max))). n_rest overrides R.
     """
@@ -79,6 +82,7 @@ class ModelConfig:
     encoder_hidden: tuple = (128, 64, 32)
     decoder_hidden: tuple = (64, 256, 1024)
     leaky_slope: float = 0.01
+    fused_blocks: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes (JSON), e.g. provenance of a converted model
 
     def __post_init__(self):
@@ -107,6 +111,8 @@ class ModelConfig:
             raise ModelConfigError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ModelConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.fused_blocks, bool):
+            raise ModelConfigError(f"ModelConfig.fused_blocks must be true or false, got {self.fused_blocks!r}")
         if self.grid not in GRIDS:
             raise ModelConfigError(f"ModelConfig.grid must be one of {GRIDS}, got {self.grid!r}")
         if self.grid == "spender" and not (isinstance(self.instrument, str) and self.instrument in _SPENDER_OBS):
@@ -231,17 +237,45 @@ def _mlp(sizes, acts) -> nn.Sequential:
 
 
 class ConvBlock(nn.Module):
-    """Conv1d → InstanceNorm1d → PReLU (→ Dropout); padding k//2 keeps the length."""
+    """Conv1d → InstanceNorm1d → PReLU (→ Dropout) (→ the encoder's MaxPool1d); padding k//2 keeps the length.
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int, dropout: float = 0.0):
+    fused: InstanceNorm, PReLU and the pooling run as one kernel op (`kernels.instance_norm_prelu_pool`);
+    with dropout active (training, p > 0) the op stops after the activation so that dropout still sits
+    between activation and pooling. The modules (norm, act, drop) are kept either way: the parameters, their
+    names and the unfused path are the same.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, dropout: float = 0.0, fused: bool = False):
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
         self.norm = nn.InstanceNorm1d(c_out)
         self.act = nn.PReLU(c_out)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fused = fused
 
-    def forward(self, x):
-        return self.drop(self.act(self.norm(self.conv(x))))
+    @staticmethod
+    def _fusable_pool(pool) -> tuple[int, int] | None:
+        """(window, padding) of a MaxPool1d the fused op reproduces (stride = window, no dilation/ceil)."""
+        if pool is None:
+            return 1, 0
+        k, s, p, d = (v[0] if isinstance(v, (tuple, list)) else v
+                      for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+        if s != k or d != 1 or pool.ceil_mode or pool.return_indices:
+            return None
+        return int(k), int(p)
+
+    def forward(self, x, pool: nn.MaxPool1d | None = None):
+        x = self.conv(x)
+        dropping = self.training and isinstance(self.drop, nn.Dropout) and self.drop.p > 0
+        fusable = self._fusable_pool(pool) if self.fused else None
+        if fusable is not None and not dropping:
+            return kernels.instance_norm_prelu_pool(x, self.act.weight, *fusable, eps=self.norm.eps)
+        if fusable is not None:
+            x = kernels.instance_norm_prelu_pool(x, self.act.weight, eps=self.norm.eps)
+        else:
+            x = self.act(self.norm(x))
+        x = self.drop(x)
+        return pool(x) if pool is not None else x
 
 
 class SpectrumEncoder(nn.Module):
@@ -253,7 +287,8 @@ class SpectrumEncoder(nn.Module):
         self.n_latent = cfg.n_latent
         chans, ks = cfg.encoder_channels, cfg.encoder_kernels
         self.blocks = nn.ModuleList(
-            ConvBlock(1 if i == 0 else chans[i - 1], chans[i], ks[i], cfg.dropout) for i in range(len(chans))
+            ConvBlock(1 if i == 0 else chans[i - 1], chans[i], ks[i], cfg.dropout, fused=cfg.fused_blocks)
+            for i in range(len(chans))
         )
         # padding p//2 as in spender: SDSS 3921 → 785 → 72 positions
         self.pools = nn.ModuleList(nn.MaxPool1d(p, padding=p // 2) for p in cfg.encoder_pools)
@@ -266,9 +301,7 @@ class SpectrumEncoder(nn.Module):
         """Values h and attention keys k, each (N, C, T), from the conv blocks."""
         x = y.unsqueeze(1)
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i < len(self.pools):
-                x = self.pools[i](x)
+            x = block(x, self.pools[i] if i < len(self.pools) else None)
         h, k = torch.split(x, [self.n_feature, self.n_feature], dim=1)
         return h, k
 

@@ -6,6 +6,7 @@ Public API:
     resample_loss(spec_rest, z, wave_rest, wave_obs, y, w) -> (N,)
     redshift_observed(spec_obs, z, z_new, wave_obs) -> (spec_new, valid)     # augmentation
     attention_pool(h, k) -> (N, C)
+    instance_norm_prelu_pool(x, weight, pool=1, padding=0, eps=1e-5) -> (N, C, L_out)
     use_backend(name) / set_backend(name) / get_backend()
 """
 import sys
@@ -18,6 +19,7 @@ _LAZY = {
     "resample_loss": "resample",
     "redshift_observed": "resample",
     "attention_pool": "attention",
+    "instance_norm_prelu_pool": "conv_block",
 }
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", *_LAZY]

@@ -1,0 +1,331 @@
+"""The element-wise work around each encoder convolution, fused: InstanceNorm1d → PReLU → MaxPool1d.
+
+Public: `instance_norm_prelu_pool(x, weight, pool=1, padding=0, eps=1e-5) -> y` for x (N, C, L):
+InstanceNorm1d without affine parameters or running statistics (each (n, c) row normalised by its own mean
+and biased variance, as the encoder's and spender's `nn.InstanceNorm1d(C)`), PReLU with slopes `weight`
+((C,) or (1,), as `nn.PReLU`), then MaxPool1d(pool, stride=pool, padding) (pool = 1: no pooling; the tail
+that fills no window is dropped, ties go to the first maximum, as torch). y has shape (N, C, L_out),
+L_out = (L + 2·padding − pool) // pool + 1, in x's dtype; differentiable in x and weight. Dropout is not part
+of the op: the encoder applies it between the activation and the pooling itself.
+
+Why fused: on a CPU the three torch ops and their backwards read and write the (N, C, L) activation about a
+dozen times and keep three copies of it (plus int64 pooling indices) for the backward. The fused forward reads
+x once for the statistics and once for the output and keeps only x and two numbers per row; the backward
+recomputes the normalised values and window argmaxes from them (see conv_block_numba).
+
+Implementations, chosen by `fastspec.kernels.backend.resolve(device)` as for attention_pool:
+  * 'torch'  -> `instance_norm_prelu_pool_reference`, plain torch ops (autograd by torch);
+  * 'numba'  -> the custom op `fastspec::instance_norm_prelu_pool_fwd` (CPU kernel: numba; backward: the
+                custom op `fastspec::instance_norm_prelu_pool_bwd`), usable under autograd, autocast,
+                torch.compile and opcheck;
+  * 'triton' -> on CUDA the same custom ops, whose CUDA kernels are the Triton launchers; on CPU tensors
+                (tests, TRITON_INTERPRET=1) a torch.autograd.Function calling the Triton launchers in the
+                interpreter with the same forward/backward formula.
+
+Precision: accumulation in fp32 (fp64 for fp64 inputs). bf16 is read and written as is by every kernel
+(under CPU autocast the conv outputs stay bf16 end to end); fp16 is upcast to an fp32 copy for numba only
+(numba has no float16). The output and dx are in x's dtype, the slope gradient in weight's dtype; mean and
+rstd are kept in the accumulation type. Under autocast the op is not cast: it takes the conv's bf16/fp16
+output and returns the same dtype, computing in fp32 inside. Double backward is not supported by the custom
+ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backend import resolve
+
+__all__ = ["instance_norm_prelu_pool", "instance_norm_prelu_pool_reference", "pooled_length",
+           "triton_compile_specs"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_WHERE = "instance_norm_prelu_pool"
+
+
+def pooled_length(L: int, pool: int, padding: int) -> int:
+    """Output length of MaxPool1d(pool, stride=pool, padding) on L positions."""
+    return (L + 2 * padding - pool) // pool + 1
+
+
+def _check_inputs(x, weight, pool, padding, eps, where: str = _WHERE) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{where}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{where}: x must have shape (N, C, L), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where}: x must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where}: weight must be float16, bfloat16, float32 or float64; got {weight.dtype}")
+    C = x.shape[1]
+    if weight.dim() != 1 or weight.shape[0] not in (1, C):
+        raise ValueError(f"{where}: weight (the PReLU slopes) must have shape ({C},) or (1,) for x with C={C} "
+                         f"channels, got shape {tuple(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{where}: x and weight must be on the same device; got x on {x.device} and weight on "
+                         f"{weight.device}")
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+        raise ValueError(f"{where}: pool must be an integer ≥ 1, got {pool!r}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= pool // 2:
+        raise ValueError(f"{where}: padding must be an integer in [0, pool // 2] = [0, {pool // 2}], got {padding!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"{where}: eps must be a positive number, got {eps!r}")
+    L = x.shape[2]
+    if L < 2:
+        raise ValueError(f"{where}: x needs at least 2 positions per row to normalise, got L={L}")
+    if pooled_length(L, pool, padding) < 1:
+        raise ValueError(f"{where}: L={L} positions are fewer than one pooling window (pool={pool}, "
+                         f"padding={padding})")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def instance_norm_prelu_pool_reference(x: torch.Tensor, weight: torch.Tensor, pool: int = 1, padding: int = 0,
+                                       eps: float = 1e-5) -> torch.Tensor:
+    """The op as plain torch functions (F.instance_norm, F.prelu, F.max_pool1d) in fp32 (fp64 for fp64)."""
+    _check_inputs(x, weight, pool, padding, eps, "instance_norm_prelu_pool_reference")
+    acc = _acc_dtype(x.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y = torch.nn.functional.instance_norm(x.to(acc), eps=eps)
+        y = torch.nn.functional.prelu(y, weight.to(acc))
+        if pool > 1:
+            y = torch.nn.functional.max_pool1d(y, pool, stride=pool, padding=padding)
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- numba (CPU)
+
+def _rows_per_chunk(R: int) -> int:
+    # A few chunks per thread balance the load; chunks, not rows, because each allocates a row of scratch.
+    import numba
+
+    return max(1, -(-R // (4 * numba.get_num_threads())))
+
+
+def _numba_buffer(t: torch.Tensor):
+    """t's elements as a flat numpy array starting at t[0, 0, 0] (in place): bf16 as its uint16 bits."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    flat = torch.as_strided(t, (span,), (1,), t.storage_offset())
+    if t.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view("uint16")
+    return flat.numpy()
+
+
+def _numba_operand(t: torch.Tensor) -> torch.Tensor:
+    """t detached, with unit stride along its last dim (copied if not) and fp16, which numba cannot read,
+    upcast; bf16 stays bf16 (read as bits)."""
+    t = t.detach()
+    if t.dtype == torch.float16:
+        t = t.float()
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+def _numba_fwd(x, weight, pool, padding, eps):
+    from .conv_block_numba import conv_block_fwd_numba
+
+    N, C, L = x.shape
+    L_out = pooled_length(L, pool, padding)
+    acc = _acc_dtype(x.dtype)
+    out = torch.empty((N, C, L_out), dtype=x.dtype)
+    mean = torch.empty((N, C), dtype=acc)
+    rstd = torch.empty((N, C), dtype=acc)
+    if N * C == 0:
+        return out, mean, rstd
+    xo = _numba_operand(x)
+    w = weight.detach().to(acc).contiguous()
+    # fp16 x computes into an fp32 output (numba has no float16), cast back below
+    out_k = out if out.dtype != torch.float16 else torch.empty((N, C, L_out), dtype=torch.float32)
+    xb = _numba_buffer(xo)
+    ob = _numba_buffer(out_k)
+    conv_block_fwd_numba(xb, 0, xo.stride(0), xo.stride(1), C, L, w.numpy(), 1 if w.shape[0] > 1 else 0,
+                         pool, padding, L_out, float(eps), ob, mean.view(-1).numpy(), rstd.view(-1).numpy(),
+                         _rows_per_chunk(N * C))
+    if out_k is not out:
+        out.copy_(out_k)
+    return out, mean, rstd
+
+
+def _numba_bwd(g, x, weight, mean, rstd, pool, padding):
+    from .conv_block_numba import conv_block_bwd_numba
+
+    N, C, L = x.shape
+    L_out = pooled_length(L, pool, padding)
+    acc = _acc_dtype(x.dtype)
+    dx = torch.empty((N, C, L), dtype=x.dtype)
+    if N * C == 0:
+        return dx, torch.zeros_like(weight)
+    xo = _numba_operand(x)
+    go = g.detach()
+    if go.dtype != xo.dtype:
+        go = go.to(xo.dtype)  # the kernel reads g with x's decoder (bf16 bits or floats)
+    w = weight.detach().to(acc).contiguous()
+    dx_k = dx if dx.dtype != torch.float16 else torch.empty((N, C, L), dtype=torch.float32)
+    dw_rows = torch.empty((N, C), dtype=acc)
+    xb = _numba_buffer(xo)
+    gb = _numba_buffer(go)
+    dxb = _numba_buffer(dx_k)
+    conv_block_bwd_numba(gb, 0, go.stride(0), go.stride(1), go.stride(2), xb, 0, xo.stride(0), xo.stride(1), C,
+                         L, w.numpy(), 1 if w.shape[0] > 1 else 0, pool, padding, L_out,
+                         mean.detach().to(acc).contiguous().view(-1).numpy(),
+                         rstd.detach().to(acc).contiguous().view(-1).numpy(), dxb, dw_rows.view(-1).numpy(),
+                         _rows_per_chunk(N * C))
+    if dx_k is not dx:
+        dx.copy_(dx_k)
+    dw = dw_rows.sum(0) if weight.shape[0] > 1 else dw_rows.sum().reshape(1)
+    return dx, dw.to(weight.dtype)
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+
+def _check_saved(g, x, mean, rstd, pool, padding, where):
+    N, C, L = x.shape
+    want = (N, C, pooled_length(L, pool, padding))
+    if tuple(g.shape) != want:
+        raise ValueError(f"{where}: g must have shape (N, C, L_out) = {want}, got {tuple(g.shape)}")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if tuple(t.shape) != (N, C):
+            raise ValueError(f"{where}: {name} must have shape (N, C) = {(N, C)}, got {tuple(t.shape)}")
+    if g.device != x.device:
+        raise ValueError(f"{where}: g must be on {x.device}, got {g.device}")
+
+
+@torch.library.custom_op("fastspec::instance_norm_prelu_pool_fwd", mutates_args=(), device_types="cpu")
+def instance_norm_prelu_pool_fwd(x: torch.Tensor, weight: torch.Tensor, pool: int, padding: int,
+                                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (N, C, L_out) in x's dtype, mean (N, C), rstd (N, C)); CPU kernel: numba, CUDA kernel: Triton."""
+    _check_inputs(x, weight, pool, padding, eps, "fastspec::instance_norm_prelu_pool_fwd")
+    return _numba_fwd(x, weight, pool, padding, eps)
+
+
+@instance_norm_prelu_pool_fwd.register_kernel("cuda")
+def _fwd_cuda(x, weight, pool, padding, eps):
+    _check_inputs(x, weight, pool, padding, eps, "fastspec::instance_norm_prelu_pool_fwd")
+    from .conv_block_triton import conv_block_fwd_triton
+
+    return conv_block_fwd_triton(x, weight, pool, padding, eps)
+
+
+@instance_norm_prelu_pool_fwd.register_fake
+def _fwd_fake(x, weight, pool, padding, eps):
+    _check_inputs(x, weight, pool, padding, eps, "fastspec::instance_norm_prelu_pool_fwd")
+    N, C, L = x.shape
+    acc = _acc_dtype(x.dtype)
+    return (x.new_empty((N, C, pooled_length(L, pool, padding))), x.new_empty((N, C), dtype=acc),
+            x.new_empty((N, C), dtype=acc))
+
+
+@torch.library.custom_op("fastspec::instance_norm_prelu_pool_bwd", mutates_args=(), device_types="cpu")
+def instance_norm_prelu_pool_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                                 rstd: torch.Tensor, pool: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (N, C, L) contiguous in x's dtype, dweight in weight's dtype) for the upstream gradient g."""
+    where = "fastspec::instance_norm_prelu_pool_bwd"
+    _check_inputs(x, weight, pool, padding, 1.0, where)
+    _check_saved(g, x, mean, rstd, pool, padding, where)
+    return _numba_bwd(g, x, weight, mean, rstd, pool, padding)
+
+
+@instance_norm_prelu_pool_bwd.register_kernel("cuda")
+def _bwd_cuda(g, x, weight, mean, rstd, pool, padding):
+    where = "fastspec::instance_norm_prelu_pool_bwd"
+    _check_inputs(x, weight, pool, padding, 1.0, where)
+    _check_saved(g, x, mean, rstd, pool, padding, where)
+    from .conv_block_triton import conv_block_bwd_triton
+
+    return conv_block_bwd_triton(g, x, weight, mean, rstd, pool, padding)
+
+
+@instance_norm_prelu_pool_bwd.register_fake
+def _bwd_fake(g, x, weight, mean, rstd, pool, padding):
+    where = "fastspec::instance_norm_prelu_pool_bwd"
+    _check_inputs(x, weight, pool, padding, 1.0, where)
+    _check_saved(g, x, mean, rstd, pool, padding, where)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    # Only x and two numbers per row are kept: the backward recomputes x̂, the activation and the argmaxes.
+    x, weight, pool, padding, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.pool = pool
+    ctx.padding = padding
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, g, _g_mean, _g_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.fastspec.instance_norm_prelu_pool_bwd(g, x, weight, mean, rstd, ctx.pool, ctx.padding)
+    return dx, dw, None, None, None
+
+
+instance_norm_prelu_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _TritonInterpreted(torch.autograd.Function):
+    """The Triton launchers on CPU tensors (interpreter), with the custom ops' forward/backward formula."""
+
+    @staticmethod
+    def forward(ctx, x, weight, pool, padding, eps):
+        from .conv_block_triton import conv_block_fwd_triton
+
+        y, mean, rstd = conv_block_fwd_triton(x, weight, pool, padding, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.pool, ctx.padding = pool, padding
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        from .conv_block_triton import conv_block_bwd_triton
+
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw = conv_block_bwd_triton(g, x, weight, mean, rstd, ctx.pool, ctx.padding)
+        return dx, dw, None, None, None
+
+
+# ------------------------------------------------------------------------------------------- public API
+
+@torch._dynamo.assume_constant_result
+def _resolve_at_trace_time(device) -> str:
+    return resolve(device)
+
+
+def instance_norm_prelu_pool(x: torch.Tensor, weight: torch.Tensor, pool: int = 1, padding: int = 0,
+                             eps: float = 1e-5) -> torch.Tensor:
+    """MaxPool1d(pool, padding)(PReLU(weight)(InstanceNorm1d(C, eps)(x))) in one pass.
+
+    Parameters
+    ----------
+    x : (N, C, L) tensor, fp16 / bf16 / fp32 / fp64, unit stride along L preferred (else copied), L ≥ 2.
+    weight : PReLU slopes, (C,) or (1,), any float dtype, on x's device.
+    pool : pooling window and stride (1 = no pooling). padding : -inf padding on each side, ≤ pool // 2.
+    eps : added to the variance, as InstanceNorm1d's eps.
+
+    Returns
+    -------
+    y : (N, C, (L + 2·padding − pool) // pool + 1) tensor in x's dtype; differentiable in x and weight.
+    """
+    _check_inputs(x, weight, pool, padding, eps)
+    if torch.compiler.is_compiling():
+        backend = _resolve_at_trace_time(x.device)
+        if backend == "torch":
+            return instance_norm_prelu_pool_reference(x, weight, pool, padding, eps)
+        return torch.ops.fastspec.instance_norm_prelu_pool_fwd(x, weight, pool, padding, float(eps))[0]
+    backend = resolve(x.device)
+    if backend == "torch":
+        return instance_norm_prelu_pool_reference(x, weight, pool, padding, eps)
+    if backend == "triton" and not x.is_cuda:
+        return _TritonInterpreted.apply(x, weight, pool, padding, float(eps))
+    return torch.ops.fastspec.instance_norm_prelu_pool_fwd(x, weight, pool, padding, float(eps))[0]
+
+
+def triton_compile_specs(dtype: str):
+    """(name, kernel, signature, constexprs) per Triton kernel variant, for compile-only checks
+    (`triton.compiler.ASTSource`); see conv_block_triton.triton_compile_specs."""
+    from .conv_block_triton import triton_compile_specs as specs
+
+    return specs(dtype)
