@@ -11,7 +11,9 @@ the fractional source index ``u[n, l] = c[l]·a[n] + b[n]`` and linearly interpo
 * redshift_observed on a linear grid (DESI):       c = λ,       a = (1+z)/((1+z_new)Δ),  b = −λ0/Δ
 
 a and b are computed from z (and z_new) with differentiable torch ops, so the custom ops only return
-gradients to x, a and b, and autograd carries them on to the redshifts.
+gradients to x, a and b, and autograd carries them on to the redshifts. Op contract: c is non-decreasing
+(validated grids guarantee it; the gather backward relies on u being monotone in l), and a row with a ≤ 0 or
+NaN has no valid pixel — the public functions set a = NaN for unusable redshifts (z ≤ −1, NaN, ±inf).
 
 Dispatch (kernels/backend.py): 'torch' → the plain-torch reference (resample_ref, autograd by torch);
 'numba' and 'triton' → the torch.library custom ops `fastspec::resample_fwd`, `fastspec::resample_bwd`,
@@ -243,7 +245,7 @@ def _fit_uniform(coord: np.ndarray):
 
 def _grid(arr, name: str, fn: str, device, kind: str, min_len: int) -> _Grid:
     """Validate a wavelength grid (cached) and describe it. kind: 'linear', 'loglinear', 'monotone', 'auto'."""
-    if isinstance(arr, torch.Tensor) and arr.device.type != torch.device(device).type:
+    if isinstance(arr, torch.Tensor) and arr.device != torch.device(device):
         raise ValueError(f"{fn}: {name} is on {arr.device} but the spectra are on {device}")
     key = _cache_key(arr, kind, device)
     hit = _GRID_CACHE.get(key)

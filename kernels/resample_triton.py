@@ -19,6 +19,8 @@ upstream gradient instead of g[n, l]; nothing of size N×L is saved between forw
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -43,7 +45,7 @@ def _coords(c, an, bn, R, ACC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, out_ptr, valid_ptr, R, L, stride_x, stride_out,
+def _fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, out_ptr, valid_ptr, R, L, stride_x, stride_out, stride_valid,
                 ACC: tl.constexpr, BLOCK_L: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -58,7 +60,7 @@ def _fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, out_ptr, valid_ptr, R, L, stride_x, 
     x1 = tl.load(xrow + i + 1, mask=inside, other=0.0).to(ACC)
     y = tl.where(inside, x0 + t * (x1 - x0), 0.0)
     tl.store(out_ptr + n * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(valid_ptr + n * stride_out + offs, inside.to(tl.uint8), mask=m)
+    tl.store(valid_ptr + n * stride_valid + offs, inside.to(tl.uint8), mask=m)
 
 
 @triton.jit
@@ -217,6 +219,11 @@ def _acc_torch(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _on_device(x):
+    # Triton launches on the current CUDA device; make it x's (several GPUs per process).
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _grid_args(x, c, a, b):
     x = x.contiguous()
     c = c.to(torch.float64).contiguous()
@@ -238,8 +245,9 @@ def resample_fwd(x, c, a, b, out=None, valid=None):
         return out, valid
     BLOCK_L = block_size(L, MAX_BLOCK_L)
     grid = (N, triton.cdiv(L, BLOCK_L))
-    _fwd_kernel[grid](x, c, a, b, out, valid.view(torch.uint8), R, L, x.stride(0), out.stride(0),
-                      ACC=_acc(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
+    with _on_device(x):
+        _fwd_kernel[grid](x, c, a, b, out, valid.view(torch.uint8), R, L, x.stride(0), out.stride(0),
+                          valid.stride(0), ACC=_acc(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
     return out, valid
 
 
@@ -255,8 +263,9 @@ def resample_loss_fwd(x, c, a, b, y, w):
     BLOCK_L = block_size(L, MAX_BLOCK_L)
     nb = triton.cdiv(L, BLOCK_L)
     part = torch.empty((N, nb), dtype=acc, device=x.device)
-    _loss_fwd_kernel[(N, nb)](x, c, a, b, y, w, part, R, L, x.stride(0), y.stride(0), w.stride(0), nb,
-                              ACC=_acc(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
+    with _on_device(x):
+        _loss_fwd_kernel[(N, nb)](x, c, a, b, y, w, part, R, L, x.stride(0), y.stride(0), w.stride(0), nb,
+                                  ACC=_acc(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
     return part.sum(1, dtype=torch.float64).to(acc)
 
 
@@ -281,17 +290,19 @@ def _bwd(g, gl, x, c, a, b, y, w, need_ab, deterministic, loss):
         nb = triton.cdiv(R, BLOCK_J)
         gx = torch.empty_like(x)
         gab = torch.empty((N, nb, 2), dtype=acc, device=x.device)
-        _bwd_gather_kernel[(N, nb)](g, gl, x, c, a, b, y, w, gx, gab, R, L, *strides, gx.stride(0), nb,
-                                    int(L).bit_length() + 1, LOSS=loss, NEED_AB=bool(need_ab), ACC=_acc(x.dtype),
-                                    BLOCK_J=BLOCK_J, num_warps=NUM_WARPS)
+        with _on_device(x):
+            _bwd_gather_kernel[(N, nb)](g, gl, x, c, a, b, y, w, gx, gab, R, L, *strides, gx.stride(0), nb,
+                                        int(L).bit_length() + 1, LOSS=loss, NEED_AB=bool(need_ab),
+                                        ACC=_acc(x.dtype), BLOCK_J=BLOCK_J, num_warps=NUM_WARPS)
     else:
         BLOCK_L = block_size(L, MAX_BLOCK_L)
         nb = triton.cdiv(L, BLOCK_L)
         gx = torch.zeros((N, R), dtype=acc, device=x.device)
         gab = torch.empty((N, nb, 2), dtype=acc, device=x.device)
-        _bwd_scatter_kernel[(N, nb)](g, gl, x, c, a, b, y, w, gx, gab, R, L, *strides, gx.stride(0), nb,
-                                     LOSS=loss, NEED_AB=bool(need_ab), ACC=_acc(x.dtype), BLOCK_L=BLOCK_L,
-                                     num_warps=NUM_WARPS)
+        with _on_device(x):
+            _bwd_scatter_kernel[(N, nb)](g, gl, x, c, a, b, y, w, gx, gab, R, L, *strides, gx.stride(0), nb,
+                                         LOSS=loss, NEED_AB=bool(need_ab), ACC=_acc(x.dtype), BLOCK_L=BLOCK_L,
+                                         num_warps=NUM_WARPS)
         gx = gx.to(x.dtype)
     if need_ab:
         gab_out = gab.sum(1, dtype=torch.float64)
@@ -323,7 +334,7 @@ def triton_compile_specs(dtype: str) -> list[tuple]:
     specs = [
         ("resample_fwd", _fwd_kernel,
          dict(x_ptr=xp, c_ptr=f64, a_ptr=f64, b_ptr=f64, out_ptr=xp, valid_ptr="*u8", R=i32, L=i32,
-              stride_x=i32, stride_out=i32, ACC="constexpr", BLOCK_L="constexpr"),
+              stride_x=i32, stride_out=i32, stride_valid=i32, ACC="constexpr", BLOCK_L="constexpr"),
          dict(ACC=accd, BLOCK_L=MAX_BLOCK_L)),
         ("resample_loss_fwd", _loss_fwd_kernel,
          dict(x_ptr=xp, c_ptr=f64, a_ptr=f64, b_ptr=f64, y_ptr=xp, w_ptr=xp, part_ptr="*" + acc, R=i32, L=i32,
