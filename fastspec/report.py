@@ -32,9 +32,9 @@ from .h5format import open_spectra
 
 # Restframe zoom windows (Å, vacuum) and the lines marked in them.
 ZOOMS = [
-    ("[O II]", (3700.0, 3760.0), {"[O II] 3727,3729": 3728.5}),
-    ("Hβ + [O III]", (4830.0, 5030.0), {"Hβ": 4862.7, "[O III] 4960": 4960.3, "[O III] 5008": 5008.2}),
-    ("Hα + [N II]", (6520.0, 6610.0), {"[N II] 6550": 6549.9, "Hα": 6564.6, "[N II] 6585": 6585.3}),
+    ("[O II] λ3727,3729", (3700.0, 3760.0), [("[O II]", 3728.5)]),
+    ("Hβ + [O III] λ4960,5008", (4830.0, 5030.0), [("Hβ", 4862.7), ("[O III]", 4960.3), ("[O III]", 5008.2)]),
+    ("Hα + [N II] λ6550,6585", (6520.0, 6610.0), [("[N II]", 6549.9), ("Hα", 6564.6), ("[N II]", 6585.3)]),
 ]
 INVARIANCE_Z = (0.0, 0.12, 0.25, 0.38, 0.5)
 FLUX_LABEL = "normalised flux $f_\\lambda$"
@@ -223,12 +223,12 @@ def plot_reconstructions(path, sample, rec, idx, wave_obs, wave_rest, z_max) -> 
                 lim = _ylim(x_rest[rsel], lo=0, hi=100, pad=0.3)
             if lim:
                 zx.set_ylim(lim)
-            for lname, lam in lines.items():
+            for lname, lam in lines:
                 zx.axvline(lam, color="tab:green", lw=0.6, ls="--", alpha=0.7)
-                zx.text(lam, 0.98, lname.split(" ")[0] + " ", transform=zx.get_xaxis_transform(), rotation=90,
+                zx.text(lam, 0.98, lname + " ", transform=zx.get_xaxis_transform(), rotation=90,
                         fontsize=6, va="top", ha="right", color="tab:green")
             zx.set_xlim(lo, hi)
-            zx.set_title(name, fontsize=9)
+            zx.set_title(name, fontsize=8)
             zx.set_xlabel(REST_LABEL, fontsize=8)
             zx.tick_params(labelsize=7)
     fig.legend(*handles, loc="upper center", ncol=6, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.985))
@@ -238,10 +238,14 @@ def plot_reconstructions(path, sample, rec, idx, wave_obs, wave_rest, z_max) -> 
 
 
 def _pca(latents):
+    """Principal axes of the standardised latents (each dimension scaled to unit variance, so one latent
+    with a large range does not take every component). Returns (project, variance fractions)."""
     mu = latents.mean(0)
-    u, s, vt = np.linalg.svd(latents - mu, full_matrices=False)
+    sd = latents.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    u, s, vt = np.linalg.svd((latents - mu) / sd, full_matrices=False)
     var = s**2 / max(len(latents) - 1, 1)
-    return mu, vt, var / var.sum()
+    return (lambda x: ((x - mu) / sd) @ vt[:2].T), var / var.sum()
 
 
 def plot_redshift_invariance(path, inv, sample_latents, wave_obs, wave_rest) -> str:
@@ -254,7 +258,7 @@ def plot_redshift_invariance(path, inv, sample_latents, wave_obs, wave_rest) -> 
     cmap = mpl.colors.ListedColormap(mpl.colormaps["plasma"](np.linspace(0, 0.85, 256)))
     norm = mpl.colors.Normalize(0, max(0.5, zs.max()))
     fig = plt.figure(figsize=(13.5, 7.4))
-    grid = fig.add_gridspec(2, 3, width_ratios=[1.5, 1.5, 1.15], height_ratios=[1, 1], hspace=0.38, wspace=0.3)
+    grid = fig.add_gridspec(2, 3, width_ratios=[1.5, 1.5, 1.15], height_ratios=[1, 1], hspace=0.38, wspace=0.36)
     ax_obs = fig.add_subplot(grid[:, 0])
     good_all = inv["w"] > 0
     step = 1.1 * np.nanpercentile(np.where(good_all, inv["y"], np.nan), 99.5) if good_all.any() else 1.0
@@ -266,8 +270,8 @@ def plot_redshift_invariance(path, inv, sample_latents, wave_obs, wave_rest) -> 
         v = inv["valid"][j].astype(bool)
         ax_obs.plot(wave_obs[v], inv["spec_obs"][j][v] + offset, color=cmap(norm(z)), lw=0.8,
                     label="its reconstruction" if j == 0 else None)
-        ax_obs.text(wave_obs[0], offset + 0.05 * step, f"z = {z:.2f}", fontsize=8, color=cmap(norm(z)),
-                    va="bottom", ha="left", fontweight="bold")
+        ax_obs.text(1.01, offset + 0.3 * step, f"z = {z:.2f}", fontsize=8, color=cmap(norm(z)), va="center",
+                    ha="left", fontweight="bold", transform=ax_obs.get_yaxis_transform())
     ax_obs.set_ylim(-0.3 * step, (len(zs) + 0.3) * step)
     ax_obs.set_xlabel(OBS_LABEL)
     ax_obs.set_ylabel(FLUX_LABEL + " + offset")
@@ -294,9 +298,8 @@ def plot_redshift_invariance(path, inv, sample_latents, wave_obs, wave_rest) -> 
     ax_rest.legend(loc="upper right", fontsize=7)
     ax_rest.set_title("restframe models (bars below: restframe range observed at each z)", fontsize=9)
 
-    mu, vt, frac = _pca(sample_latents)
-    p_sample = (sample_latents - mu) @ vt[:2].T
-    p_traj = (inv["latents"] - mu) @ vt[:2].T
+    project, frac = _pca(sample_latents)
+    p_sample, p_traj = project(sample_latents), project(inv["latents"])
     ax_pc = fig.add_subplot(grid[0, 2])
     ax_pc.scatter(p_sample[:, 0], p_sample[:, 1], s=3, color="0.75", lw=0, label="whole sample", rasterized=True)
     ax_pc.plot(p_traj[:, 0], p_traj[:, 1], color="k", lw=0.8, zorder=3)
@@ -304,7 +307,7 @@ def plot_redshift_invariance(path, inv, sample_latents, wave_obs, wave_rest) -> 
                        label="moved spectrum")
     cb = fig.colorbar(sc, ax=ax_pc, pad=0.02, shrink=0.9)
     cb.set_label("z moved to", fontsize=8)
-    ax_pc.set_xlabel(f"latent PC 1 ({100 * frac[0]:.0f}% of the sample variance)")
+    ax_pc.set_xlabel(f"PC 1 of standardised latents ({100 * frac[0]:.0f}% of variance)")
     ax_pc.set_ylabel(f"latent PC 2 ({100 * frac[1]:.0f}%)" if len(frac) > 1 else "latent PC 2")
     ax_pc.legend(loc="best", fontsize=7, markerscale=1.2)
     ax_pc.set_title("latent trajectory against the sample", fontsize=9)
@@ -377,8 +380,8 @@ def plot_latents_z(path, latents, z, max_dims: int = 5) -> str:
 def plot_latents_truth(path, latents, weights) -> str:
     """Latent principal components coloured by each true template weight (mock data)."""
     plt = _plt()
-    mu, vt, frac = _pca(latents)
-    p = (latents - mu) @ vt[:2].T
+    project, frac = _pca(latents)
+    p = project(latents)
     k = weights.shape[1]
     fig, axes = plt.subplots(1, k, figsize=(2.9 * k, 3.0), squeeze=False, sharex=True, sharey=True)
     for t in range(k):
@@ -388,10 +391,11 @@ def plot_latents_truth(path, latents, weights) -> str:
         cb = fig.colorbar(sc, ax=ax, shrink=0.85, pad=0.02)
         cb.ax.tick_params(labelsize=7)
         ax.set_title(f"true weight of template {t}", fontsize=9)
-        ax.set_xlabel(f"latent PC 1 ({100 * frac[0]:.0f}%)")
+        ax.set_xlabel(f"PC 1 of standardised latents ({100 * frac[0]:.0f}%)", fontsize=8)
         if t == 0:
             ax.set_ylabel(f"latent PC 2 ({100 * frac[1]:.0f}%)" if len(frac) > 1 else "latent PC 2")
-    fig.suptitle("Latents (first two principal components) coloured by the mock's true mixture weights "
+    fig.suptitle("Latents (first two principal components of the standardised latents) coloured by the mock's "
+                 "true mixture weights "
                  "(fractions of 5300–5850 Å light)", fontsize=10, y=1.02)
     fig.tight_layout()
     return _save(fig, path)
