@@ -655,8 +655,11 @@ def _markdown(s: dict) -> str:
         "loss": "Training and validation loss against the number of spectra seen.",
         "chi2": "Distribution of the reduced χ² of the reconstructions, and against redshift.",
     }
+    titles = {"reconstructions": "Reconstructions", "redshift_invariance": "Redshift invariance",
+              "latents_z": "Latent space by redshift", "latents_truth": "Latent space by true mixture weights",
+              "loss": "Loss curves", "chi2": "Reconstruction χ²"}
     for key, fname in s["figures"].items():
-        lines += [f"## {key.replace('_', ' ')}", "", f"![{key}]({fname})", "", captions.get(key, ""), ""]
+        lines += [f"## {titles.get(key, key)}", "", f"![{key}]({fname})", "", captions.get(key, ""), ""]
     if "loss" not in s["figures"]:
         lines += ["(No history.json beside the model: no loss curves.)", ""]
     return "\n".join(line for line in lines if line is not None) + "\n"
