@@ -1,0 +1,189 @@
+"""Science-check code (fastspec.science, bench/science.py): the pieces against independent references
+(numpy interpolation, a planted low-rank model, analytic line fluxes and displacements), and one tiny end-to-end
+run of the experiments whose numbers mean nothing but whose outputs must all be there."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastspec.instruments import get_instrument
+from fastspec.science import (
+    ScienceConfig,
+    WeightedPCA,
+    crossfit_r2,
+    latent_displacement,
+    line_flux,
+    r2_score,
+    run,
+    signal_error,
+    to_restframe,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SDSS = get_instrument("sdss")
+
+
+def test_to_restframe_matches_numpy_interpolation_and_drops_masked_and_outside_pixels():
+    rng = np.random.default_rng(0)
+    wave_obs = SDSS.wave_obs
+    wave_rest = SDSS.wave_rest(0.5)
+    n = 5
+    z = np.array([0.0, 0.05, 0.2, 0.37, 0.5])
+    y = rng.normal(1, 0.2, (n, wave_obs.size)).astype(np.float32)
+    w = rng.uniform(50, 150, (n, wave_obs.size)).astype(np.float32)
+    w[1, 1000:1010] = 0
+    x, v = to_restframe(y, w, z, wave_obs, wave_rest)
+    for i in range(n):
+        lam = wave_rest * (1 + z[i])
+        inside = (lam >= wave_obs[0]) & (lam <= wave_obs[-1])
+        ref = np.interp(lam, wave_obs, y[i].astype(np.float64))
+        # every weighted pixel equals the float64 interpolation; every pixel outside has zero weight
+        good = v[i] > 0
+        np.testing.assert_allclose(x[i, good], ref[good], rtol=2e-6, atol=2e-6)
+        assert not good[~inside].any()
+        if i != 1:
+            assert good[inside].mean() > 0.999
+    # restframe pixels that take a share of a masked observed pixel are dropped
+    lam = wave_rest * 1.05
+    touches = (lam > wave_obs[999]) & (lam < wave_obs[1010])
+    assert touches.sum() > 5 and not (v[1, touches] > 0).any()
+    # inverse-variance propagation: between equal weights, w' = 1/((1−t)/w + t/w) = w
+    w_flat = np.full_like(w, 100.0)
+    _, v2 = to_restframe(y, w_flat, z, wave_obs, wave_rest)
+    np.testing.assert_allclose(v2[v2 > 0], 100.0, rtol=1e-5)
+
+
+def test_weighted_pca_recovers_a_planted_rank_3_model_from_windowed_data():
+    rng = np.random.default_rng(1)
+    N, R, S = 400, 300, 3
+    grid = np.linspace(0, 1, R)
+    comps = np.stack([np.sin(2 * np.pi * (k + 1) * grid) for k in range(S)])
+    mean = 1 + 0.3 * grid
+    coef = rng.normal(0, [1.0, 0.5, 0.25], (N, S))
+    truth = mean + coef @ comps
+    w = np.zeros((N, R))
+    for n in range(N):  # each spectrum sees a 70% window, as a redshift places it on the restframe grid
+        a = rng.integers(0, int(0.3 * R) + 1)
+        w[n, a:a + int(0.7 * R)] = 1e4
+    x = truth + rng.normal(0, 0.01, (N, R)) * (w > 0)
+    pca = WeightedPCA(S).fit(x.astype(np.float32), w.astype(np.float32), n_iter=30)
+    # judged where ≥ 10% of the spectra see a pixel (the grid ends are seen by a handful)
+    V = pca.components.double().numpy()
+    seen = (w > 0).mean(0) >= 0.1
+    assert seen.mean() > 0.8
+    # the fitted subspace is the planted one: projecting the planted components leaves nothing
+    Q = np.linalg.qr(V[:, seen].T)[0]
+    resid = comps[:, seen].T - Q @ (Q.T @ comps[:, seen].T)
+    assert np.linalg.norm(resid) / np.linalg.norm(comps[:, seen]) < 0.01
+    # and every spectrum, including its unobserved stretch, is reconstructed from its observed pixels
+    X = truth - pca.mean.double().numpy()
+    fit = np.array([np.linalg.lstsq((V * (w[n] > 0)).T, X[n] * (w[n] > 0), rcond=None)[0] for n in range(N)])
+    rec = pca.mean.double().numpy() + fit @ V
+    assert np.max(np.abs(rec - truth)[:, seen]) < 0.03
+    assert pca.history[-1] <= pca.history[0]
+
+
+def test_pca_fit_observed_recovers_coefficients_of_a_redshifted_model():
+    # A 2-component basis on the model's restframe grid, redshifted by plain numpy: fit_observed must find
+    # the coefficients and a zero χ² (it redshifts with fastspec.kernels.resample).
+    wave_obs, wave_rest = SDSS.wave_obs, SDSS.wave_rest(0.5)
+    pca = WeightedPCA(2)
+    import torch
+
+    pca.mean = torch.as_tensor(1 + 0.1 * np.tanh((wave_rest - 4000) / 200), dtype=torch.float32)
+    pca.components = torch.as_tensor(np.stack([
+        np.exp(-0.5 * ((wave_rest - 6564.6) / 3) ** 2), np.exp(-0.5 * ((wave_rest - 5008.2) / 3) ** 2)]),
+        dtype=torch.float32)
+    z = np.array([0.02, 0.1, 0.3])
+    coef = np.array([[1.0, 0.5], [2.0, -0.3], [0.0, 1.5]])
+    rest = pca.mean.double().numpy() + coef @ pca.components.double().numpy()
+    y = np.stack([np.interp(wave_obs / (1 + zi), wave_rest, r) for zi, r in zip(z, rest)]).astype(np.float32)
+    w = np.full_like(y, 100.0)
+    out = pca.fit_observed(y, w, z, wave_rest, wave_obs)
+    np.testing.assert_allclose(out["coeffs"], coef, atol=2e-3)
+    assert np.all(out["chi2"] < 1e-3)
+    assert out["valid"].all()  # z ≤ 0.5: every observed pixel lies on the restframe grid
+
+
+def test_line_flux_of_an_analytic_gaussian_on_a_sloped_continuum():
+    wave = np.linspace(3600, 3900, 2000)
+    flux = np.array([3.0, 0.0, 12.5])
+    sigma = np.array([2.0, 3.0, 5.0])
+    cont = 0.8 + 1e-3 * (wave - 3700)
+    spec = cont + flux[:, None] * np.exp(-0.5 * ((wave - 3728.5) / sigma[:, None]) ** 2) / (
+        np.sqrt(2 * np.pi) * sigma[:, None])
+    np.testing.assert_allclose(line_flux(wave, spec), flux, atol=2e-3 * flux.max())
+    with pytest.raises(ValueError, match="sideband 3680.0–3705.0 Å holds 0 pixels"):
+        line_flux(np.linspace(3706, 3900, 100), spec[:, :100])
+
+
+def test_latent_displacement_and_signal_error_on_constructed_cases():
+    rng = np.random.default_rng(2)
+    sample = rng.normal(0, [2.0, 1.0, 0.5], (5000, 3))
+    sigma = math.sqrt(4 + 1 + 0.25)
+    native = sample[:4]
+    step = np.array([0.3, 0.4, 0.0])  # length 0.5
+    moved = native[:, None, :] + np.arange(3)[None, :, None] * step  # displaced by 0, 0.5, 1.0
+    d = latent_displacement(moved, native, sample)
+    assert d["sigma_sample"] == pytest.approx(sigma, rel=0.03)
+    np.testing.assert_allclose(d["displacement"], np.tile([0, 0.5, 1.0], (4, 1)) / d["sigma_sample"], rtol=1e-12)
+    np.testing.assert_allclose(d["rms"], np.sqrt((0.25 + 1.0) / 3) / d["sigma_sample"], rtol=1e-12)
+    # signal error: residual of exactly 1σ on every valid weighted pixel → 1
+    w = np.full((2, 10), 4.0, np.float32)
+    w[1, :3] = 0
+    valid = np.ones((2, 10), bool)
+    valid[0, -2:] = False
+    truth = np.zeros((2, 10))
+    np.testing.assert_allclose(signal_error(truth, np.full((2, 10), 0.5), w, valid), [1.0, 1.0])
+
+
+def test_held_out_r2_of_the_regressors():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(600, 4))
+    signal = X[:, 0] + 0.5 * X[:, 1] ** 2
+    Y = np.stack([signal + 0.1 * rng.normal(size=600), rng.normal(size=600)], 1)
+    for method in ("knn", "ridge"):
+        r2 = crossfit_r2(X, Y, method)
+        assert r2[0] > 0.8, method  # a smooth function of the predictors is recovered
+        assert r2[1] < 0.05, method  # noise is not
+    # r2_score against its definition
+    yt, yp = np.array([[1.0], [2.0], [4.0]]), np.array([[1.5], [2.0], [3.0]])
+    assert r2_score(yt, yp)[0] == pytest.approx(1 - 1.25 / (14 / 3))
+
+
+def test_unknown_mode_and_missing_real_data_are_reported():
+    with pytest.raises(ValueError, match="mode must be one of smoke, quick, full"):
+        ScienceConfig.for_mode("fast")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "science.py"), "--smoke", "--real-dir", "/nonexistent"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "/nonexistent/MANIFEST.tsv not found" in proc.stderr
+
+
+def test_tiny_end_to_end_run_writes_every_experiment(tmp_path, real_data_dir):
+    cfg = ScienceConfig.for_mode("smoke", n_train=256, n_test=64, n_lowz=48, n_invariance=4, n_pca_fit=128,
+                                 pca_iter=2, pca_scan=(), steps=2, variants=("a", "c"), workdir=str(tmp_path / "work"),
+                                 out_dir=str(tmp_path / "out"), real_dir=str(real_data_dir), progress=False)
+    res = run(cfg)
+    saved = json.loads((tmp_path / "out" / "science-smoke.json").read_text())
+    assert saved["mode"] == "smoke"
+    for key in ("fidelity", "extended_restframe", "redshift_invariance", "latent_physics", "real_spectra"):
+        assert key in saved, key
+    assert set(saved["redshift_invariance"]["variants"]) == {"ae_a", "ae_c"}
+    assert saved["training"]["ae_c"]["consistency"] == cfg.consistency
+    # the noiseless truth fits the mock data to χ² ≈ 1: the noise model and the χ² definition agree
+    assert 0.9 < saved["fidelity"]["truth_model"]["chi2"]["median"] < 1.1
+    # every bundled SDSS-spectrograph file is ingested and scored
+    assert saved["real_spectra"]["n_ingested"] == saved["real_spectra"]["files"] >= 10
+    assert all(math.isfinite(r["chi2_pca"]) for r in saved["real_spectra"]["per_spectrum"])
+    for name in res["figures"].values():
+        assert (tmp_path / "out" / name).stat().st_size > 10_000, name
+    md = (tmp_path / "out" / "science-smoke.md").read_text()
+    assert "## 3. Redshift invariance" in md and "2 steps × 32 spectra" in md
+    # a rerun with the same settings reuses the trained models instead of training again
+    res2 = run(cfg)
+    assert res2["timings"]["training_s"] < 5
