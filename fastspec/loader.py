@@ -281,9 +281,13 @@ class _BufferPool:
         count = int(np.prod(shape)) if shape else 1
         size = max(count * np_dtype.itemsize, 1)
         size = -(-size // (1 << 21)) << 21 if size >= (1 << 20) else size  # whole huge pages
+        buf = None
         with self.lock:
-            stack = self.free.get(size)
-            buf = stack.pop() if stack else None
+            # best fit within 25%: chunk sizes vary a little with the row selection
+            fits = [k for k, v in self.free.items() if v and size <= k <= size + size // 4]
+            if fits:
+                buf = self.free[min(fits)].pop()
+                size = len(buf)
         if buf is None:
             buf = mmap.mmap(-1, size)
             if size >= (1 << 21) and hasattr(mmap, "MADV_HUGEPAGE"):

@@ -79,6 +79,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps; resume continues
     device: str = "auto"
     num_workers: int = 2
+    worker_type: str = "thread"  # loader readers: "thread" or "process" (see fastspec.loader)
     block_rows: int = 256
     shuffle_blocks: int = 8
     shards: int | None = None  # data shards; default world_size (see fastspec.loader)
@@ -273,8 +274,12 @@ class TrainStep(nn.Module):
         self.kind = loss
         self.sigma = consistency_sigma
 
-    def forward(self, y, w, z, y_aug=None, w_aug=None, z_aug=None, consistency: float = 0.0):
-        """Returns (per-spectrum loss (N,), augmented-copy loss (N,) or None, consistency penalty or None)."""
+    def forward(self, y, w, z, y_aug=None, w_aug=None, z_aug=None, consistency: float = 0.0,
+                aug_loss: bool = True):
+        """Returns (per-spectrum loss (N,), augmented-copy loss (N,) or None, consistency penalty (N,) or None).
+
+        The augmented copy is reconstructed only when its loss is wanted (`aug_loss`); consistency alone needs
+        just its latents."""
         need_latents = consistency > 0 and y_aug is not None
         if need_latents:
             s = self.model.encode(y, z)
@@ -286,11 +291,12 @@ class TrainStep(nn.Module):
         if y_aug is not None:
             if need_latents:
                 s_aug = self.model.encode(y_aug, z_aug)
-                loss_aug = self._loss_from_latents(y_aug, w_aug, z_aug, s_aug)
+                if aug_loss:
+                    loss_aug = self._loss_from_latents(y_aug, w_aug, z_aug, s_aug)
                 from .losses import consistency_loss
 
                 cons = consistency_loss(s.float(), s_aug.float(), self.sigma)
-            else:
+            elif aug_loss:
                 loss_aug = self.model.loss(y_aug, w_aug, z_aug, kind=self.kind)
         return loss, loss_aug, cons
 
@@ -451,8 +457,8 @@ class Trainer:
         self.cfg = cfg
         self.d = dist_info or _setup_distributed(cfg.device)
         self.device = _pick_device(cfg.device, self.d)
-        if cfg.precision == "fp16" and self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("fp16 training needs CUDA")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives (all_gather_object) use the current device
         self.paths = [os.fspath(p) for p in cfg.data]
         for p in self.paths:
             if not os.path.exists(p):
@@ -522,7 +528,7 @@ class Trainer:
             raise ValueError(f"batch size {cfg.batch_size} is not divisible by {self.shards} data shards")
         common = dict(block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, seed=cfg.seed,
                       rank=self.d.rank, world_size=self.d.world_size, shards=self.shards,
-                      num_workers=cfg.num_workers, device=self.device)
+                      num_workers=cfg.num_workers, worker_type=cfg.worker_type, device=self.device)
         self.train_loader = SpectraLoader(self.paths, cfg.batch_size, shuffle=True, drop_last=True,
                                           rows=train_rows, **common)
         self.val_loader = None
@@ -671,7 +677,8 @@ class Trainer:
                 aug = augment_batch(y, w, z, self.model.wave_obs, self.z_max, cfg.seed, self.step,
                                     self.train_loader.my_shards, cfg.augment_noise, cfg.augment_mask)
         with _autocast(self.device, cfg.precision):
-            loss_vec, loss_aug, cons = self.forward(y, w, z, *aug, consistency=cfg.consistency)
+            loss_vec, loss_aug, cons = self.forward(y, w, z, *aug, consistency=cfg.consistency,
+                                                    aug_loss=cfg.augment)
             loss = loss_vec.float().mean()
             total = loss
             if cfg.augment and loss_aug is not None:
@@ -732,7 +739,7 @@ class Trainer:
         n = max(self.acc["n"], 1)
         entry = {"step": self.step, "epoch": self.epoch, "spectra": self.spectra_seen,
                  "loss": self.acc["loss"] / n, "lr": self.scheduler.get_last_lr()[0]}
-        if self.cfg.augment or self.cfg.consistency:
+        if self.cfg.augment:
             entry["loss_aug"] = self.acc["aug"] / n
         if self.cfg.consistency:
             entry["consistency"] = self.acc["cons"] / n

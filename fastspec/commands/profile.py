@@ -26,7 +26,7 @@ def register(sub):
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--n-latent", type=int, default=10)
     p.add_argument("--z-max", type=float, default=0.5)
-    p.add_argument("--workers", type=int, default=2, help="background reader processes (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="background reader threads (default 2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=run)

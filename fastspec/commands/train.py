@@ -54,7 +54,9 @@ def register(sub):
     g.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction by object_id hash")
     g.add_argument("--exclude-bad", action="store_true",
                    help="leave out rows that fail the checks (reported with a count) instead of stopping")
-    g.add_argument("--workers", type=int, default=2, help="background reader processes (default 2)")
+    g.add_argument("--workers", type=int, default=2, help="background readers (default 2)")
+    g.add_argument("--worker-type", choices=["thread", "process"], default="thread",
+                   help="readers as threads (default) or processes (for Python-heavy readers such as MMU files)")
     g.add_argument("--block-rows", type=int, default=256, help="rows per contiguous read (default 256)")
     g.add_argument("--shuffle-blocks", type=int, default=8, help="blocks shuffled together (default 8)")
     g.add_argument("--shards", type=int, default=None,
@@ -137,8 +139,8 @@ def run(args) -> int:
         consistency_sigma=args.consistency_sigma, val_fraction=args.val_fraction, val_every=args.val_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, backend=args.backend,
         exclude_bad=args.exclude_bad, resume=args.resume, stop_after=args.stop_after, device=args.device,
-        num_workers=args.workers, block_rows=args.block_rows, shuffle_blocks=args.shuffle_blocks,
-        shards=args.shards, progress=not args.quiet, compile=args.compile,
+        num_workers=args.workers, worker_type=args.worker_type, block_rows=args.block_rows,
+        shuffle_blocks=args.shuffle_blocks, shards=args.shards, progress=not args.quiet, compile=args.compile,
     )
     try:
         from ..model import ModelConfigError
