@@ -5,8 +5,8 @@ CUDA), the plain-torch index-arithmetic reference (backend 'torch') and spender'
 Cases: resample forward, resample forward+backward (gradients to spec_rest and z), the training loss
 Σ w·valid·(y−ŷ)² forward and forward+backward (fused `resample_loss` vs resample + torch arithmetic).
 
-Reported per case: the minimum time over the repeats (and the median; on a shared machine the minimum is
-the cost of the op, the rest is the neighbours), spectra/s, achieved GB/s over the minimal traffic of the op (every input read
+Reported per case: the minimum wall time over the repeats (and the median; on a shared machine the rest
+is the neighbours), the minimum process CPU time (preemption-proof for --threads 1), spectra/s, achieved GB/s over the minimal traffic of the op (every input read
 once, every output written once — the same byte count for every method, so GB/s compares equal work), that
 as a fraction of this machine's memory-bandwidth floor measured in the same run (bench/common.bandwidth_floor),
 speed-up over searchsorted, and the peak extra memory of the case next to the size of its outputs (CPU: RSS
@@ -45,20 +45,26 @@ def methods_for(device: str) -> list[str]:
     return ["numba", "torch-index", "searchsorted"]
 
 
-def times(fn, repeat: int, warmup: int, sync=None) -> list[float]:
-    """Sorted wall times of `repeat` calls of fn() in seconds (after `warmup` calls)."""
+def times(fn, repeat: int, warmup: int, sync=None) -> tuple[list[float], list[float]]:
+    """Sorted wall times and sorted process CPU times of `repeat` calls of fn() in seconds (after `warmup`).
+
+    CPU time (all threads of this process) is what a single-threaded run costs regardless of how often a
+    busy machine preempts it; with several threads it also counts any spinning at barriers.
+    """
     for _ in range(warmup):
         fn()
     if sync:
         sync()
-    out = []
+    wall, cpu = [], []
     for _ in range(repeat):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         if sync:
             sync()
-        out.append(time.perf_counter() - t0)
-    return sorted(out)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return sorted(wall), sorted(cpu)
 
 
 def make_inputs(N: int, device: str, seed: int = 0):
@@ -67,12 +73,12 @@ def make_inputs(N: int, device: str, seed: int = 0):
     wave_obs = torch.as_tensor(inst.wave_obs, device=device)
     R, L = wave_rest.numel(), wave_obs.numel()
     g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(N, R, generator=g, device=device) + 1.0
-    z = torch.rand(N, generator=g, device=device) * 0.5
-    y = torch.randn(N, L, generator=g, device=device) + 1.0
+    x = torch.randn(N, R, generator=g, device=device).add_(1.0)  # in place: no freed temporaries
+    z = torch.rand(N, generator=g, device=device).mul_(0.5)
+    y = torch.randn(N, L, generator=g, device=device).add_(1.0)
     w = torch.rand(N, L, generator=g, device=device)
     grad = torch.randn(N, L, generator=g, device=device)
-    z_new = torch.rand(N, generator=g, device=device) * 0.5
+    z_new = torch.rand(N, generator=g, device=device).mul_(0.5)
     return dict(x=x, z=z, y=y, w=w, grad=grad, z_new=z_new, wave_rest=wave_rest, wave_obs=wave_obs, R=R, L=L,
                 loglinear=inst.loglinear)
 
@@ -174,12 +180,26 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
+def _exact_rss_allocations() -> None:
+    """Make every large allocation a fresh mmap that is unmapped on free (glibc), so that RSS high-water
+    counts each allocation of a case instead of reusing memory freed earlier but still resident."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, which also stops its dynamic growth
+    libc.malloc_trim(0)
+
+
 def _memory_child(op: str, method: str, N: int, threads: int) -> dict:
+    _exact_rss_allocations()
     set_threads(threads)
     d = make_inputs(N, "cpu")
     small = make_inputs(8, "cpu")
     make_case(op, method, small)[0]()  # compile / warm up at a tiny size
     run, out_bytes = make_case(op, method, d)
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     base = _rss_kib("VmRSS")
@@ -216,7 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--repeat", type=int, default=7, help="repeats of the references (kernels: 3×)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads for torch and numba alike (default: torch's default)")
     p.add_argument("--memory-n", type=int, default=1024, help="N of the memory measurements (0: none)")
@@ -242,23 +262,25 @@ def main(argv=None) -> int:
             d = make_inputs(N, device)
             R, L = d["R"], d["L"]
             nbytes = traffic_bytes(op, N, R, L)
-            base_t = None
+            base_t = base_c = None
             for method in methods:
                 run, out_bytes = make_case(op, method, d)
                 # one warm-up for the slow references, two for the kernels (numba/Triton compile on the first)
-                warm = 1 if method in ("torch-index", "searchsorted") else 2
-                ts = times(run, repeat=a.repeat, warmup=warm, sync=sync)
+                slow = method in ("torch-index", "searchsorted")
+                warm, rep = (1, a.repeat) if slow else (2, 3 * a.repeat)  # the kernels are cheap to repeat
+                ts, cs = times(run, repeat=rep, warmup=warm, sync=sync)
                 t = ts[0]  # the minimum: on a shared machine the rest measures the neighbours
                 if method == "searchsorted":
-                    base_t = t
+                    base_t, base_c = t, cs[0]
                 rows.append(dict(op=op, N=N, method=method, device=device, time_ms=t * 1e3,
-                                 median_ms=statistics.median(ts) * 1e3, spectra_per_s=N / t, GBps=nbytes / t / 1e9,
-                                 frac_floor=nbytes / t / 1e9 / floor, out_MB=out_bytes / 1e6))
+                                 median_ms=statistics.median(ts) * 1e3, cpu_ms=cs[0] * 1e3, spectra_per_s=N / t,
+                                 GBps=nbytes / t / 1e9, frac_floor=nbytes / t / 1e9 / floor, out_MB=out_bytes / 1e6))
             for r in rows[-len(methods):]:
                 r["speedup_vs_searchsorted"] = base_t / (r["time_ms"] / 1e3) if base_t else float("nan")
+                r["cpu_speedup_vs_searchsorted"] = base_c / (r["cpu_ms"] / 1e3) if base_c else float("nan")
         print_table([r for r in rows if r["op"] == op],
-                    ["op", "N", "method", "time_ms", "median_ms", "spectra_per_s", "GBps", "frac_floor",
-                     "speedup_vs_searchsorted"], title=f"\n{op} (L={L}, R={R})")
+                    ["op", "N", "method", "time_ms", "median_ms", "cpu_ms", "spectra_per_s", "GBps", "frac_floor",
+                     "speedup_vs_searchsorted", "cpu_speedup_vs_searchsorted"], title=f"\n{op} (L={L}, R={R})")
 
     mem_rows = []
     if not a.no_memory and a.memory_n:
@@ -279,12 +301,15 @@ def main(argv=None) -> int:
     for r in rows:
         if r["op"] == "resample_fwd_bwd" and r["N"] == 256 and r["method"] in ("numba", "triton"):
             summary["resample_fwd_bwd_N256_speedup_vs_searchsorted"] = r["speedup_vs_searchsorted"]
+            if device == "cpu":
+                summary["resample_fwd_bwd_N256_cpu_time_speedup_vs_searchsorted"] = r["cpu_speedup_vs_searchsorted"]
     inst = get_instrument("sdss")
     payload = dict(benchmark="resample", machine=info, device=device, threads=a.threads,
                    load_average=os.getloadavg(), bandwidth_floor_GBps=floor,
                    grid=dict(instrument="sdss", L=inst.L, R=inst.n_rest(0.5), z_max=0.5),
                    traffic_model="each input read once, each output written once (fp32 values, 1-byte mask)",
-                   timing="time_ms = minimum over repeats (GB/s, spectra/s, speed-up from it); median_ms too",
+                   timing="time_ms = minimum wall time over repeats (GB/s, spectra/s, speed-up from it), median_ms; "
+                          "cpu_ms = minimum process CPU time (robust to preemption on a shared machine)",
                    summary=summary, rows=rows, memory=mem_rows)
     path = write_results(a.out, payload, rows + mem_rows)
     print(f"\nsummary: {summary}\nwrote {path}")

@@ -161,9 +161,14 @@ def _setup_fwd(ctx, inputs, output):
     x, c, a, b, impl, deterministic = inputs
     ctx.save_for_backward(x, c, a, b)
     ctx.impl, ctx.deterministic = impl, deterministic
+    # No zero-filled N×L gradient for the bool mask (nor for ŷ when only the mask was used).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward_fwd(ctx, grad, grad_valid):
+    if grad is None:
+        return None, None, None, None, None, None
     x, c, a, b = ctx.saved_tensors
     need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
     gx, gab = torch.ops.fastspec.resample_bwd(grad, x, c, a, b, bool(need_a or need_b), ctx.impl,
