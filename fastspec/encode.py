@@ -18,6 +18,11 @@ whose metadata never changes after creation and whose rows below ``rows_done`` a
 the partial file's fingerprint (model weights, input paths/sizes/mtimes, options that change the numbers)
 and continues from ``rows_done``; anything it cannot trust is discarded and redone.
 
+Speed: rows are read in contiguous blocks by the training loader in file order (background workers and a
+side-stream copy on CUDA), encoded in large batches in inference mode (optionally bf16 / fp16 autocast), and
+written by a background thread. On CPU the encoder runs as `FusedEncoder`, the same function with
+normalisation, PReLU and pooling fused into one pass per conv output (see the comment at its kernels).
+
 Sharding: ``shard=(i, n)`` (or torchrun's RANK / WORLD_SIZE) encodes the contiguous global row range
 ``[N·i/n, N·(i+1)/n)`` into ``<out>.shard-i-of-n``; `merge_shards` (rank 0 under torchrun, or
 ``fastspec encode --merge``) concatenates them in order into `<out>`.
@@ -226,36 +231,54 @@ def _norm_pool_fused(h, a, pool, pad, eps, out):
 
 
 class FusedEncoder:
-    """Inference-only CPU twin of `SpectrumEncoder`: the same function (see the comment above for why it is
+    """Inference-only twin of `SpectrumEncoder`: the same function (see the comment above for why it is
     exact), with normalisation, PReLU and pooling fused into one pass over each conv output.
 
-    precision 'fp32' convolves in float32; 'bf16' convolves in bfloat16 (oneDNN; native on AVX512-BF16 and
-    AMX CPUs), with statistics, pooling, attention and the MLP in float32. Build it with `FusedEncoder.build`,
-    which returns None (with the reason in `FusedEncoder.why_not(model)`) for encoders it does not cover.
+    impl 'numba' (CPU tensors): block 1 entirely in numba, later blocks conv (oneDNN) + one numba pass.
+    impl 'torch' (any device; used on CUDA): every conv by torch (cuDNN), then one reduction for μ and σ and
+    one max-pool over the raw conv output (plus a min-pool over the channels whose PReLU slope is negative) —
+    three reads of each conv output instead of the model's normalise/activate/pool passes in fp32.
+    precision 'fp32' convolves in float32; 'bf16' convolves in bfloat16 (native on AVX512-BF16 / AMX CPUs
+    and tensor-core GPUs); 'fp16' (CUDA) in float16; statistics, pooling, attention and the MLP stay float32.
+    Build it with `FusedEncoder.build`, which returns None for encoders it does not cover (the reason:
+    `FusedEncoder.why_not(model)`).
     """
 
-    def __init__(self, model, precision: str = "fp32"):
+    _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, model, precision: str = "fp32", impl: str = "numba"):
+        if impl not in ("numba", "torch"):
+            raise EncodeError(f"unknown fused-encoder implementation {impl!r}")
         enc = model.encoder
         self.encoder = enc
+        self.impl = impl
         self.conditioned = bool(enc.conditioned)
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.dtype = self._DTYPES[precision]
+        if impl == "numba" and self.dtype == torch.float16:
+            raise EncodeError("the numba fused encoder runs in fp32 or bf16")
+        device = enc.blocks[0].conv.weight.device
         b0 = enc.blocks[0]
         self.eps = [float(blk.norm.eps) for blk in enc.blocks]
         self.k1 = b0.conv.kernel_size[0]
-        self.w1 = b0.conv.weight.detach()[:, 0].float().contiguous().numpy()
-        self.b1 = b0.conv.bias.detach().float().numpy().copy()
-        self.a1 = self._slopes(b0)
-        self.convs = [(blk.conv.weight.detach().to(self.dtype), blk.conv.bias.detach().to(self.dtype),
-                       self._slopes(blk), blk.conv.kernel_size[0]) for blk in enc.blocks[1:]]
+        self.w1 = b0.conv.weight.detach()[:, 0].float().cpu().contiguous().numpy()
+        self.b1 = b0.conv.bias.detach().float().cpu().numpy().copy()
+        # per block: conv weight and bias in the conv dtype, PReLU slopes (numpy and tensor), their negatives
+        self.blocks = []
+        for blk in enc.blocks:
+            a = self._slopes(blk)
+            neg = np.flatnonzero(a < 0)
+            self.blocks.append((blk.conv.weight.detach().to(self.dtype), blk.conv.bias.detach().to(self.dtype),
+                                a, torch.from_numpy(a).to(device).view(1, -1, 1),
+                                torch.from_numpy(neg).to(device) if neg.size else None, blk.conv.kernel_size[0]))
         self.pools = [int(p.kernel_size if isinstance(p.kernel_size, int) else p.kernel_size[0])
                       for p in enc.pools]
         self.n_feature = enc.n_feature
 
     @staticmethod
     def _slopes(block) -> np.ndarray:
-        a = block.act.weight.detach().float().numpy().reshape(-1)
+        a = block.act.weight.detach().float().cpu().numpy().reshape(-1)
         C = block.conv.out_channels
-        return np.ascontiguousarray(np.broadcast_to(a, (C,)), dtype=np.float32)
+        return np.array(np.broadcast_to(a, (C,)), dtype=np.float32)  # a writable copy
 
     @staticmethod
     def why_not(model) -> str | None:
@@ -295,10 +318,11 @@ class FusedEncoder:
         return None
 
     @classmethod
-    def build(cls, model, precision: str = "fp32"):
-        if precision not in ("fp32", "bf16") or cls.why_not(model) is not None:
+    def build(cls, model, precision: str = "fp32", impl: str = "numba"):
+        supported = ("fp32", "bf16") if impl == "numba" else ("fp32", "bf16", "fp16")
+        if precision not in supported or cls.why_not(model) is not None:
             return None
-        return cls(model, precision)
+        return cls(model, precision, impl)
 
     @staticmethod
     def _pooled_len(T: int, p: int) -> int:
@@ -307,6 +331,13 @@ class FusedEncoder:
     def __call__(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         from . import kernels
 
+        x = self._features_numba(y) if self.impl == "numba" else self._features_torch(y)
+        e = kernels.attention_pool(x[:, :self.n_feature], x[:, self.n_feature:])
+        if self.conditioned:
+            e = torch.cat([e, z.to(e.dtype).reshape(-1, 1)], dim=1)
+        return self.encoder.mlp(e)
+
+    def _features_numba(self, y: torch.Tensor) -> torch.Tensor:
         y = y.detach().float().contiguous()
         N, L = y.shape
         P = self.k1 // 2
@@ -314,41 +345,57 @@ class FusedEncoder:
         yp[:, P:P + L] = y.numpy()
         p0 = self.pools[0]
         x = np.empty((N, self.w1.shape[0], self._pooled_len(L, p0)), np.float32)
-        _block1_fused(yp, self.w1, self.b1, self.a1, p0, p0 // 2, self.eps[0], x)
+        _block1_fused(yp, self.w1, self.b1, self.blocks[0][2], p0, p0 // 2, self.eps[0], x)
         x = torch.from_numpy(x)
-        for i, (w, b, a, k) in enumerate(self.convs):
+        for i, (w, b, a, _, _, k) in enumerate(self.blocks[1:], start=1):
             h = torch.nn.functional.conv1d(x.to(self.dtype), w, b, padding=k // 2).contiguous()
-            pool = self.pools[i + 1] if i + 1 < len(self.pools) else 0
+            pool = self.pools[i] if i < len(self.pools) else 0
             T = h.shape[-1]
             out = np.empty((N, h.shape[1], self._pooled_len(T, pool) if pool else T), np.float32)
             h = h.view(torch.int16) if self.dtype == torch.bfloat16 else h
-            _norm_pool_fused(h.numpy(), a, pool, pool // 2, self.eps[i + 1], out)
+            _norm_pool_fused(h.numpy(), a, pool, pool // 2, self.eps[i], out)
             x = torch.from_numpy(out)
-        e = kernels.attention_pool(x[:, :self.n_feature], x[:, self.n_feature:])
-        if self.conditioned:
-            e = torch.cat([e, z.to(e.dtype).reshape(-1, 1)], dim=1)
-        return self.encoder.mlp(e)
+        return x
+
+    def _features_torch(self, y: torch.Tensor) -> torch.Tensor:
+        F = torch.nn.functional
+        x = y.detach().unsqueeze(1)
+        for i, (w, b, _, a, neg, k) in enumerate(self.blocks):
+            h = F.conv1d(x.to(self.dtype), w, b, padding=k // 2)
+            var, mu = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
+            r = torch.rsqrt(var.float() + self.eps[i])
+            mu = mu.float()
+            pool = self.pools[i] if i < len(self.pools) else 0
+            if not pool:
+                v = (h.float() - mu) * r
+                x = torch.where(v >= 0, v, a * v)
+                continue
+            v = (F.max_pool1d(h, pool, padding=pool // 2).float() - mu) * r
+            x = torch.where(v >= 0, v, a * v)
+            if neg is not None:  # a < 0: PReLU is V-shaped, the window minimum may win
+                hn = h.index_select(1, neg)
+                vn = (-F.max_pool1d(-hn, pool, padding=pool // 2).float() - mu[:, neg]) * r[:, neg]
+                x[:, neg] = torch.maximum(x[:, neg], torch.where(vn >= 0, vn, a[:, neg] * vn))
+        return x
 
 
 ENGINES = ("auto", "fused", "model")
 
 
 def make_encoder(model, precision: str = "fp32", engine: str = "auto"):
-    """The function y, z → latents that encoding uses: the fused CPU encoder where it applies
-    (engine 'auto' on CPU, or 'fused'), else the model's own `encode` (under autocast for bf16/fp16)."""
+    """The function y, z → latents that encoding uses: the fused encoder (`FusedEncoder`: numba on CPU,
+    torch ops on CUDA) for engine 'auto' or 'fused' where it covers the model, else None — the model's own
+    `encode` (under autocast for bf16 / fp16)."""
     if engine not in ENGINES:
         raise EncodeError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "model":
+        return None
     device = next(model.parameters()).device
-    if engine != "model" and device.type == "cpu":
-        fused = FusedEncoder.build(model, precision)
-        if fused is not None:
-            return fused
-        if engine == "fused":
-            why = FusedEncoder.why_not(model) or f"precision {precision}"
-            raise EncodeError(f"the fused CPU encoder does not cover this model: {why}")
-    elif engine == "fused":
-        raise EncodeError(f"the fused encoder runs on CPU only; the model is on {device}")
-    return None
+    fused = FusedEncoder.build(model, precision, "numba" if device.type == "cpu" else "torch")
+    if fused is None and engine == "fused":
+        why = FusedEncoder.why_not(model) or f"precision {precision} on {device.type}"
+        raise EncodeError(f"the fused encoder does not cover this model: {why}")
+    return fused
 
 
 # ---- one batch -----------------------------------------------------------------------------------------
