@@ -2,12 +2,15 @@
 
 `profile_training` runs a few warm-up steps, then `steps` profiled steps of the real training loop
 (`fastspec.train.Trainer`), sums the self time of every recorded op into categories — convolutions, norms,
-activations, pooling, the MLPs, resample, attention, dtype casts, optimizer, loader wait, other — and writes a
-Chrome trace per backend (open it in chrome://tracing or https://ui.perfetto.dev).
+activations, pooling, fastspec's fused norm/activation/pool blocks, the MLPs, resample, attention, dtype casts,
+optimizer, loader wait, other — and writes a Chrome trace per backend (open it in chrome://tracing or
+https://ui.perfetto.dev).
 
 How an op is assigned: inside the `loader_wait` or `optimizer` scopes (record_function in the training loop)
 it belongs to those; otherwise the innermost op whose name matches a category decides (so aten::mul inside
-`PreluKernelBackward0` counts as activation, and the backward of a convolution as convolution).
+`PreluKernelBackward0` counts as activation). Backward work is charged to the forward op that recorded it
+(autograd's sequence numbers), and the public kernel ops get record_function scopes while profiling, so the
+'torch' reference backend's plain gathers still count as resample.
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import re
 import tempfile
 import time
 
-CATEGORIES = ("conv", "norm", "activation", "pool", "mlp", "resample", "attention", "cast", "optimizer",
-              "loader wait", "other")
+CATEGORIES = ("conv", "norm", "activation", "pool", "fused block", "mlp", "resample", "attention", "cast",
+              "optimizer", "loader wait", "other")
 
 _SCOPES = (
     (re.compile(r"^loader_wait$"), "loader wait"),
     (re.compile(r"^optimizer$|^optimizer\.|#adam\.|zero_grad"), "optimizer"),
 )
 _OPS = (
+    # fastspec's fused InstanceNorm → PReLU → MaxPool (and the first block with its conv in front)
+    (re.compile(r"instance_norm_prelu_pool|spectrum_block|spectrum_conv_block"), "fused block"),
     (re.compile(r"resample|redshift_observed"), "resample"),
     (re.compile(r"attention|softmax"), "attention"),
     (re.compile(r"conv"), "conv"),

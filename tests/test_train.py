@@ -188,7 +188,10 @@ def test_profile_prints_categories_and_writes_traces(data, tmp_path, capsys):
     for backend in ("numba", "torch"):
         cats = res[backend]["categories_ms"]
         assert set(cats) == set(CATEGORIES)
-        for c in ("conv", "norm", "activation", "pool", "resample", "attention", "optimizer", "loader wait"):
+        for c in ("conv", "resample", "attention", "optimizer", "loader wait"):
+            assert cats[c] > 0, (backend, c)
+        # numba runs the fused InstanceNorm → PReLU → MaxPool op; the torch reference the three torch ops
+        for c in (("fused block",) if backend == "numba" else ("norm", "activation", "pool")):
             assert cats[c] > 0, (backend, c)
         trace = json.loads((tmp_path / "prof" / f"trace-{backend}.json").read_text())
         names = {e.get("name", "") for e in trace["traceEvents"]}
