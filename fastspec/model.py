@@ -239,10 +239,12 @@ def _mlp(sizes, acts) -> nn.Sequential:
 class ConvBlock(nn.Module):
     """Conv1d → InstanceNorm1d → PReLU (→ Dropout) (→ the encoder's MaxPool1d); padding k//2 keeps the length.
 
-    fused: InstanceNorm, PReLU and the pooling run as one kernel op (`kernels.instance_norm_prelu_pool`);
-    with dropout active (training, p > 0) the op stops after the activation so that dropout still sits
-    between activation and pooling. The modules (norm, act, drop) are kept either way: the parameters, their
-    names and the unfused path are the same.
+    fused: InstanceNorm, PReLU and the pooling run as one kernel op (`kernels.instance_norm_prelu_pool`),
+    and a block on the spectrum itself (one input channel) includes its conv (`kernels.spectrum_conv_block`:
+    on CPU the largest activation of the encoder is then never stored); with dropout active (training,
+    p > 0) the op stops after the activation so that dropout still sits between activation and pooling. The
+    modules (norm, act, drop) are kept either way: the parameters, their names and the unfused path are the
+    same.
     """
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, dropout: float = 0.0, fused: bool = False):
@@ -264,10 +266,18 @@ class ConvBlock(nn.Module):
             return None
         return int(k), int(p)
 
+    def _plain_conv(self) -> bool:
+        c = self.conv
+        return (c.stride == (1,) and c.dilation == (1,) and c.groups == 1 and c.padding_mode == "zeros"
+                and c.padding == (c.kernel_size[0] // 2,))
+
     def forward(self, x, pool: nn.MaxPool1d | None = None):
-        x = self.conv(x)
         dropping = self.training and isinstance(self.drop, nn.Dropout) and self.drop.p > 0
         fusable = self._fusable_pool(pool) if self.fused else None
+        if fusable is not None and not dropping and self.conv.in_channels == 1 and self._plain_conv():
+            return kernels.spectrum_conv_block(x[:, 0], self.conv.weight, self.conv.bias, self.act.weight,
+                                               *fusable, eps=self.norm.eps)
+        x = self.conv(x)
         if fusable is not None and not dropping:
             return kernels.instance_norm_prelu_pool(x, self.act.weight, *fusable, eps=self.norm.eps)
         if fusable is not None:

@@ -7,6 +7,7 @@ Public API:
     redshift_observed(spec_obs, z, z_new, wave_obs) -> (spec_new, valid)     # augmentation
     attention_pool(h, k) -> (N, C)
     instance_norm_prelu_pool(x, weight, pool=1, padding=0, eps=1e-5) -> (N, C, L_out)
+    spectrum_conv_block(y, conv_weight, conv_bias, weight, pool=1, padding=0, eps=1e-5) -> (N, C, L_out)
     use_backend(name) / set_backend(name) / get_backend()
 """
 import sys
@@ -20,6 +21,7 @@ _LAZY = {
     "redshift_observed": "resample",
     "attention_pool": "attention",
     "instance_norm_prelu_pool": "conv_block",
+    "spectrum_conv_block": "conv_block",
 }
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", *_LAZY]

@@ -35,8 +35,8 @@ import torch
 
 from .backend import resolve
 
-__all__ = ["instance_norm_prelu_pool", "instance_norm_prelu_pool_reference", "pooled_length",
-           "triton_compile_specs"]
+__all__ = ["instance_norm_prelu_pool", "instance_norm_prelu_pool_reference", "spectrum_conv_block",
+           "pooled_length", "triton_compile_specs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _WHERE = "instance_norm_prelu_pool"
@@ -287,6 +287,142 @@ class _TritonInterpreted(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+# --------------------------------------------------- the first block: one-input-channel conv fused in front
+
+def _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, eps, where):
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{where}: y must be a torch.Tensor, got {type(y).__name__}")
+    if y.dim() != 2:
+        raise ValueError(f"{where}: y must have shape (N, L), got shape {tuple(y.shape)}")
+    if y.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where}: y must be float16, bfloat16, float32 or float64; got {y.dtype}")
+    for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{where}: {name} must be a float tensor, got {t.dtype}")
+        if t.device != y.device:
+            raise ValueError(f"{where}: {name} must be on y's device {y.device}, got {t.device}")
+    if conv_weight.dim() != 3 or conv_weight.shape[1] != 1:
+        raise ValueError(f"{where}: conv_weight must have shape (C, 1, K) (one input channel), got shape "
+                         f"{tuple(conv_weight.shape)}")
+    C, _, K = conv_weight.shape
+    if tuple(conv_bias.shape) != (C,):
+        raise ValueError(f"{where}: conv_bias must have shape ({C},), got shape {tuple(conv_bias.shape)}")
+    L = y.shape[1] + 2 * (K // 2) - K + 1
+    # the conv output is what the norm/pool part sees: check it as that op's x
+    _check_inputs(y.new_empty((0, C, max(L, 0))), weight, pool, padding, eps, where)
+
+
+@torch.library.custom_op("fastspec::spectrum_block_fwd", mutates_args=(), device_types="cpu")
+def spectrum_block_fwd(y: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, weight: torch.Tensor,
+                       pool: int, padding: int, eps: float,
+                       out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (N, C, L_out) in out_dtype, mean (N, C), rstd (N, C)) of the fused first block; CPU only."""
+    _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, eps, "fastspec::spectrum_block_fwd")
+    from .conv_block_numba import spectrum_block_fwd_numba
+
+    N, L_in = y.shape
+    C, _, K = conv_weight.shape
+    cpad = K // 2
+    L = L_in + 2 * cpad - K + 1
+    L_out = pooled_length(L, pool, padding)
+    acc = _acc_dtype(y.dtype)
+    out = torch.empty((N, C, L_out), dtype=out_dtype)
+    mean = torch.empty((N, C), dtype=acc)
+    rstd = torch.empty((N, C), dtype=acc)
+    if N * C == 0:
+        return out, mean, rstd
+    yo = y.detach().to(acc).contiguous()
+    out_k = out if out_dtype in (acc, torch.bfloat16) else torch.empty((N, C, L_out), dtype=acc)
+    spectrum_block_fwd_numba(yo.view(-1).numpy(), 0, L_in, L_in,
+                             conv_weight.detach().to(acc).reshape(C, K).contiguous().numpy(),
+                             conv_bias.detach().to(acc).contiguous().numpy(), cpad, C, L,
+                             weight.detach().to(acc).contiguous().numpy(), 1 if weight.shape[0] > 1 else 0,
+                             pool, padding, L_out, float(eps), _numba_buffer(out_k), mean.view(-1).numpy(),
+                             rstd.view(-1).numpy(), _rows_per_chunk(N * C))
+    if out_k is not out:
+        out.copy_(out_k)
+    return out, mean, rstd
+
+
+@spectrum_block_fwd.register_fake
+def _spectrum_fwd_fake(y, conv_weight, conv_bias, weight, pool, padding, eps, out_dtype):
+    _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, eps, "fastspec::spectrum_block_fwd")
+    N, L_in = y.shape
+    C, _, K = conv_weight.shape
+    L_out = pooled_length(L_in + 2 * (K // 2) - K + 1, pool, padding)
+    acc = _acc_dtype(y.dtype)
+    return (y.new_empty((N, C, L_out), dtype=out_dtype), y.new_empty((N, C), dtype=acc),
+            y.new_empty((N, C), dtype=acc))
+
+
+@torch.library.custom_op("fastspec::spectrum_block_bwd", mutates_args=(), device_types="cpu")
+def spectrum_block_bwd(g: torch.Tensor, y: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                       weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pool: int,
+                       padding: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d conv_weight, d conv_bias, d weight), each in its parameter's dtype, for the upstream gradient g."""
+    where = "fastspec::spectrum_block_bwd"
+    _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, 1.0, where)
+    from .conv_block_numba import spectrum_block_bwd_numba
+
+    N, L_in = y.shape
+    C, _, K = conv_weight.shape
+    cpad = K // 2
+    L = L_in + 2 * cpad - K + 1
+    L_out = pooled_length(L, pool, padding)
+    if tuple(g.shape) != (N, C, L_out):
+        raise ValueError(f"{where}: g must have shape (N, C, L_out) = {(N, C, L_out)}, got {tuple(g.shape)}")
+    acc = _acc_dtype(y.dtype)
+    dcw = torch.zeros((N, C, K), dtype=acc)
+    dcb = torch.zeros((N, C), dtype=acc)
+    dw = torch.zeros((N, C), dtype=acc)
+    if N * C:
+        yo = y.detach().to(acc).contiguous()
+        go = _numba_operand(g)
+        if go.dtype not in (acc, torch.bfloat16):
+            go = go.to(acc)
+        spectrum_block_bwd_numba(_numba_buffer(go), 0, go.stride(0), go.stride(1), go.stride(2),
+                                 yo.view(-1).numpy(), 0, L_in, L_in,
+                                 conv_weight.detach().to(acc).reshape(C, K).contiguous().numpy(),
+                                 conv_bias.detach().to(acc).contiguous().numpy(), cpad, C, L,
+                                 weight.detach().to(acc).contiguous().numpy(), 1 if weight.shape[0] > 1 else 0,
+                                 pool, padding, L_out, mean.detach().to(acc).contiguous().view(-1).numpy(),
+                                 rstd.detach().to(acc).contiguous().view(-1).numpy(), dcw.view(N * C, K).numpy(),
+                                 dcb.view(-1).numpy(), dw.view(-1).numpy(), _rows_per_chunk(N * C))
+    dw = dw.sum(0) if weight.shape[0] > 1 else dw.sum().reshape(1)
+    return (dcw.sum(0).reshape(conv_weight.shape).to(conv_weight.dtype), dcb.sum(0).to(conv_bias.dtype),
+            dw.to(weight.dtype))
+
+
+@spectrum_block_bwd.register_fake
+def _spectrum_bwd_fake(g, y, conv_weight, conv_bias, weight, mean, rstd, pool, padding):
+    return conv_weight.new_empty(conv_weight.shape), conv_bias.new_empty(conv_bias.shape), weight.new_empty(weight.shape)
+
+
+def _spectrum_setup_context(ctx, inputs, output):
+    # The spectrum and two numbers per row: the conv output is recomputed in the backward.
+    y, conv_weight, conv_bias, weight, pool, padding, _eps, _out_dtype = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(y, conv_weight, conv_bias, weight, mean, rstd)
+    ctx.pool = pool
+    ctx.padding = padding
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _spectrum_backward(ctx, g, _g_mean, _g_rstd):
+    y, conv_weight, conv_bias, weight, mean, rstd = ctx.saved_tensors
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError("fastspec::spectrum_block_fwd has no gradient for the spectrum y; "
+                           "spectrum_conv_block routes inputs that require one through the unfused path")
+    dcw, dcb, dw = torch.ops.fastspec.spectrum_block_bwd(g, y, conv_weight, conv_bias, weight, mean, rstd,
+                                                         ctx.pool, ctx.padding)
+    return None, dcw, dcb, dw, None, None, None, None
+
+
+spectrum_block_fwd.register_autograd(_spectrum_backward, setup_context=_spectrum_setup_context)
+
+
 # ------------------------------------------------------------------------------------------- public API
 
 @torch._dynamo.assume_constant_result
@@ -321,6 +457,41 @@ def instance_norm_prelu_pool(x: torch.Tensor, weight: torch.Tensor, pool: int = 
     if backend == "triton" and not x.is_cuda:
         return _TritonInterpreted.apply(x, weight, pool, padding, float(eps))
     return torch.ops.fastspec.instance_norm_prelu_pool_fwd(x, weight, pool, padding, float(eps))[0]
+
+
+def spectrum_conv_block(y: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                        weight: torch.Tensor, pool: int = 1, padding: int = 0, eps: float = 1e-5) -> torch.Tensor:
+    """The encoder's first block on the spectra themselves: Conv1d(1, C, K, padding=K // 2) followed by
+    `instance_norm_prelu_pool`.
+
+    On CPU (numba backend) the conv is fused in too: its (N, C, L) output — the largest activation of the
+    encoder — is neither written nor kept for the backward, which recomputes it from y and returns gradients
+    for conv_weight, conv_bias and weight only. Spectra that require a gradient themselves, and the other
+    backends, take the unfused path: F.conv1d, then `instance_norm_prelu_pool`.
+
+    Parameters
+    ----------
+    y : (N, L) spectra. conv_weight : (C, 1, K). conv_bias : (C,) or None. weight : PReLU slopes (C,) or (1,).
+    pool, padding, eps : as `instance_norm_prelu_pool`.
+
+    Returns
+    -------
+    (N, C, L_out) tensor: in y's dtype, or under autocast in the autocast dtype (what the conv would return).
+    """
+    if conv_bias is None and isinstance(conv_weight, torch.Tensor):
+        conv_bias = conv_weight.new_zeros(conv_weight.shape[0])
+    _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, eps, "spectrum_conv_block")
+    dev = y.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else y.dtype
+    if torch.compiler.is_compiling():
+        backend = _resolve_at_trace_time(y.device)
+    else:
+        backend = resolve(y.device)
+    if backend != "numba" or y.requires_grad:
+        x = torch.nn.functional.conv1d(y.unsqueeze(1), conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
+        return instance_norm_prelu_pool(x, weight, pool, padding, eps)
+    return torch.ops.fastspec.spectrum_block_fwd(y, conv_weight, conv_bias, weight, pool, padding, float(eps),
+                                                 out_dtype)[0]
 
 
 def triton_compile_specs(dtype: str):

@@ -114,6 +114,55 @@ def _activate(xr, mu, rs, wc, zero, act):
 # window would cost two atomic reference-count updates each).
 
 
+@njit(fastmath=_FASTMATH, inline="always")
+def _pool_row(padded, pool, pad, outr, nan_value):
+    """outr[j] = max of window j of the padded activations (NaN if the window holds one, as torch)."""
+    for j in range(outr.shape[0]):
+        k = j * pool
+        m = padded[k + pad if j == 0 else k]  # the first window starts with `pad` -inf slots
+        nan = m != m
+        for q in range(k, k + pool):
+            a = padded[q]
+            m = a if a > m else m  # selects, not branches: random data mispredicts every other one
+            nan |= a != a
+        _st(outr, j, m if not nan else nan_value)
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _bwd_row(xr, mu, rs, wc, gr, g_st, L_out, pool, pad, inv_L, zero, padded, dv_row, dxr):
+    """dx of one row into dxr (may alias xr: each element is read before it is written); returns the row's
+    PReLU-slope gradient. `padded` must hold the row's activations (see `_activate`)."""
+    s_dv = zero
+    s_dvx = zero
+    dw = zero
+    for j in range(L_out):
+        k = j * pool
+        # start at the window's first real position: the argmax is a real pixel even in NaN rows
+        u = k + pad if j == 0 else k
+        m = padded[u]
+        for q in range(u + 1, k + pool):
+            a = padded[q]
+            better = a > m  # strict: the first maximum wins, as torch
+            m = a if better else m  # selects, not branches (see _pool_row)
+            u = q if better else u
+        t = u - pad
+        v = (_ld(xr, t) - mu) * rs
+        g = _ld(gr, j * g_st)
+        pos = v > zero
+        dv = g if pos else g * wc
+        dw += zero if pos else g * v
+        dv_row[t] += dv
+        s_dv += dv
+        s_dvx += dv * v
+    s_dv *= inv_L
+    s_dvx *= inv_L
+    for t in range(xr.shape[0]):
+        v = (_ld(xr, t) - mu) * rs
+        _st(dxr, t, rs * (dv_row[t] - s_dv - v * s_dvx))
+        dv_row[t] = zero
+    return dw
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def conv_block_fwd_numba(xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out, eps, out, mean, rstd,
                          rows_per_chunk):
@@ -143,17 +192,9 @@ def conv_block_fwd_numba(xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out
                 for t in range(L):
                     v = (_ld(xr, t) - mu) * rs
                     _st(outr, t, v if v > zero else wc * v)
-                continue
-            _activate(xr, mu, rs, wc, zero, act)
-            for j in range(L_out):
-                k = j * pool
-                m = padded[k + pad if j == 0 else k]  # the first window starts with `pad` -inf slots
-                nan = m != m
-                for q in range(k, k + pool):
-                    a = padded[q]
-                    m = a if a > m else m  # selects, not branches: random data mispredicts every other one
-                    nan |= a != a
-                _st(outr, j, m if not nan else nan_value)  # NaN propagates, as in torch's max_pool
+            else:
+                _activate(xr, mu, rs, wc, zero, act)
+                _pool_row(padded, pool, pad, outr, nan_value)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -180,33 +221,112 @@ def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, xb, x_off, x_sn, x_sc, C, 
             rs = rstd[r]
             wc = wb[c * w_sc]
             _activate(xr, mu, rs, wc, zero, act)
-            s_dv = zero
-            s_dvx = zero
-            dw = zero
-            for j in range(L_out):
-                k = j * pool
-                # start at the window's first real position: the argmax is a real pixel even in NaN rows
-                u = k + pad if j == 0 else k
-                m = padded[u]
-                for q in range(u + 1, k + pool):
-                    a = padded[q]
-                    better = a > m  # strict: the first maximum wins, as torch
-                    m = a if better else m  # selects, not branches (see the forward)
-                    u = q if better else u
-                t = u - pad
-                v = (_ld(xr, t) - mu) * rs
-                g = _ld(gr, j * g_st)
-                pos = v > zero
-                dv = g if pos else g * wc
-                dw += zero if pos else g * v
-                dv_row[t] += dv
-                s_dv += dv
-                s_dvx += dv * v
-            s_dv *= inv_L
-            s_dvx *= inv_L
-            dxr = dx[r * L:(r + 1) * L]
+            dw_rows[r] = _bwd_row(xr, mu, rs, wc, gr, g_st, L_out, pool, pad, inv_L, zero, padded, dv_row,
+                                  dx[r * L:(r + 1) * L])
+
+
+# --- the first block on the spectrum itself: Conv1d with one input channel, fused in front of the above ---
+# Its output (N, C, L), the largest activation of the encoder (128 × 3921 values per SDSS spectrum), is never
+# stored: each row is convolved into an L1-resident scratch row (K shifted multiply-adds over the spectrum)
+# and recomputed in the backward, which reduces the conv weight and bias gradients row by row.
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _conv_row(yp, cw, cb, buf):
+    """buf[t] = cb + Σ_j cw[j]·yp[t + j]: one output channel of a one-input-channel conv over the zero-padded
+    spectrum yp, tap by tap so that the t loops vectorise."""
+    for t in range(buf.shape[0]):
+        buf[t] = cb
+    for j in range(cw.shape[0]):
+        wj = cw[j]
+        ys = yp[j:j + buf.shape[0]]
+        for t in range(buf.shape[0]):
+            buf[t] += wj * ys[t]
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _pad_spectrum(yb, y_off, y_sn, n, L_in, cpad, yp, zero):
+    """yp = the spectrum of row n with `cpad` zeros in front (the tail of yp stays zero)."""
+    base = y_off + n * y_sn
+    yr = yb[base:base + L_in]
+    ys = yp[cpad:cpad + L_in]
+    for t in range(L_in):
+        ys[t] = _ld(yr, t)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def spectrum_block_fwd_numba(yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc, pool, pad, L_out, eps, out,
+                             mean, rstd, rows_per_chunk):
+    """out (R·L_out,) = maxpool(prelu(instance_norm(conv1d(y)))) for a conv with one input channel:
+    cw (C, K) taps, cb (C,) bias, cpad zeros of padding, conv output length L."""
+    zero = mean.dtype.type(0.0)
+    one = mean.dtype.type(1.0)
+    nan_value = mean.dtype.type(np.nan)
+    inv_L = one / mean.dtype.type(L)
+    eps_ = mean.dtype.type(eps)
+    R = mean.shape[0]
+    K = cw.shape[1]
+    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    for ch in prange(n_chunks):
+        yp = np.zeros(L + K - 1, dtype=mean.dtype)
+        buf = np.empty(L, dtype=mean.dtype)
+        padded = np.full(L + 2 * pad, -np.inf, dtype=mean.dtype)
+        act = padded[pad:pad + L]
+        n_prev = -1
+        for r in range(ch * rows_per_chunk, min(R, (ch + 1) * rows_per_chunk)):
+            n = r // C
+            c = r - n * C
+            if n != n_prev:  # consecutive rows share the spectrum
+                _pad_spectrum(yb, y_off, y_sn, n, L_in, cpad, yp, zero)
+                n_prev = n
+            _conv_row(yp, cw[c], cb[c], buf)
+            outr = out[r * L_out:(r + 1) * L_out]
+            mean[r], rstd[r] = _row_stats(buf, inv_L, eps_, zero, one)
+            mu = mean[r]
+            rs = rstd[r]
+            _activate(buf, mu, rs, wb[c * w_sc], zero, act)
+            _pool_row(padded, pool, pad, outr, nan_value)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def spectrum_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc,
+                             pool, pad, L_out, mean, rstd, dcw_rows, dcb_rows, dw_rows, rows_per_chunk):
+    """Per-row gradients of the conv taps dcw_rows (R, K), conv bias dcb_rows (R,) and PReLU slope
+    dw_rows (R,); the caller sums them over the batch."""
+    zero = mean.dtype.type(0.0)
+    inv_L = mean.dtype.type(1.0) / mean.dtype.type(L)
+    R = mean.shape[0]
+    K = cw.shape[1]
+    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    for ch in prange(n_chunks):
+        yp = np.zeros(L + K - 1, dtype=mean.dtype)
+        buf = np.empty(L, dtype=mean.dtype)
+        padded = np.full(L + 2 * pad, -np.inf, dtype=mean.dtype)
+        act = padded[pad:pad + L]
+        dv_row = np.zeros(L, dtype=mean.dtype)
+        n_prev = -1
+        for r in range(ch * rows_per_chunk, min(R, (ch + 1) * rows_per_chunk)):
+            n = r // C
+            c = r - n * C
+            if n != n_prev:
+                _pad_spectrum(yb, y_off, y_sn, n, L_in, cpad, yp, zero)
+                n_prev = n
+            _conv_row(yp, cw[c], cb[c], buf)
+            gbase = g_off + n * g_sn + c * g_sc
+            gr = gb[gbase:gbase + (L_out - 1) * g_st + 1]
+            mu = mean[r]
+            rs = rstd[r]
+            wc = wb[c * w_sc]
+            _activate(buf, mu, rs, wc, zero, act)
+            # the conv output's gradient replaces the conv output in buf
+            dw_rows[r] = _bwd_row(buf, mu, rs, wc, gr, g_st, L_out, pool, pad, inv_L, zero, padded, dv_row, buf)
+            s = zero
             for t in range(L):
-                v = (_ld(xr, t) - mu) * rs
-                _st(dxr, t, rs * (dv_row[t] - s_dv - v * s_dvx))
-                dv_row[t] = zero
-            dw_rows[r] = dw
+                s += buf[t]
+            dcb_rows[r] = s
+            for j in range(K):
+                ys = yp[j:j + L]
+                s = zero
+                for t in range(L):
+                    s += buf[t] * ys[t]
+                dcw_rows[r, j] = s
