@@ -433,6 +433,29 @@ def _config_dict(cfg) -> dict:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
 
 
+# What a resumed run takes from its checkpoint: everything that decides the result. Run-control settings
+# (workers, device, backend, progress, checkpoint/log/validation cadence, stop_after) may change.
+RESUME_FIXED = ("epochs", "steps", "batch_size", "lr", "one_cycle", "pct_start", "weight_decay", "precision",
+                "clip", "seed", "loss", "augment", "augment_noise", "augment_mask", "consistency",
+                "consistency_sigma", "val_fraction", "exclude_bad", "block_rows", "shuffle_blocks")
+
+
+def _merge_resumed(cfg: TrainConfig, old: dict, where: str) -> None:
+    """Take the checkpointed run's settings where `cfg` leaves the default; refuse real changes."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key in RESUME_FIXED:
+        if key not in old:
+            continue
+        now = getattr(cfg, key)
+        if now == old[key]:
+            continue
+        if now == defaults[key]:
+            setattr(cfg, key, old[key])
+        else:
+            raise ValueError(f"{where}: --{key.replace('_', '-')} was {old[key]} in the checkpointed run, "
+                             f"{now} now; a resumed run keeps its settings (exact resume)")
+
+
 def _data_instrument(paths):
     with open_spectra(paths[0]) as f:
         return f.instrument
@@ -446,6 +469,15 @@ class Trainer:
         cfg = config
         if not cfg.data:
             raise TrainDataError("no training data given")
+        self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+        ckpt = None
+        if cfg.resume:
+            if not os.path.exists(self.ckpt_path):
+                raise FileNotFoundError(f"{self.ckpt_path}: nothing to resume (no checkpoint in {cfg.out})")
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{self.ckpt_path}: not a fastspec training checkpoint")
+            _merge_resumed(cfg, ckpt["train_config"], self.ckpt_path)
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         if cfg.epochs is not None and cfg.steps is not None:
@@ -467,14 +499,7 @@ class Trainer:
 
         set_backend(cfg.backend)
         ModelConfig, SpectrumAutoencoder = _model_api()
-        self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-        ckpt = None
-        if cfg.resume:
-            if not os.path.exists(self.ckpt_path):
-                raise FileNotFoundError(f"{self.ckpt_path}: nothing to resume (no checkpoint in {cfg.out})")
-            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-            if ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{self.ckpt_path}: not a fastspec training checkpoint")
+        if ckpt is not None:
             model_cfg = ModelConfig.from_dict(ckpt["model_config"])
         else:
             kw = dict(cfg.model)
@@ -604,10 +629,6 @@ class Trainer:
                 print(f"note: checkpoint from {len(rngs)} rank(s), resuming on {self.d.world_size}; "
                       "dropout draws will differ", file=sys.stderr)
         old = ckpt["train_config"]
-        for key in ("batch_size", "seed", "block_rows", "shuffle_blocks", "val_fraction"):
-            if old.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"{self.ckpt_path}: --{key.replace('_', '-')} was {old.get(key)} in the "
-                                 f"checkpointed run, {getattr(self.cfg, key)} now; exact resume needs the same")
         if int(old.get("shards") or 1) != self.shards and self.d.main:
             print(f"note: data shards changed ({old.get('shards')} → {self.shards}): the batch order changes",
                   file=sys.stderr)

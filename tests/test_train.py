@@ -178,6 +178,12 @@ def test_resume_needs_a_checkpoint_and_the_same_data(data, tmp_path):
         train(config(data[:1], tmp_path / "run", steps=4, resume=True))
     with pytest.raises(ValueError, match="--batch-size was 16 in the checkpointed run, 8 now"):
         train(config(data, tmp_path / "run", steps=4, resume=True, batch_size=8))
+    # `fastspec train DATA -o RUN --resume` alone continues with the checkpointed settings and model
+    rc = main(["train", *data, "-o", str(tmp_path / "run"), "--resume", "--workers", "0", "-q"])
+    assert rc == 0
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert hist["train"][-1]["step"] == 4 and hist["train"][-1]["spectra"] == 4 * 16
+    assert SpectrumAutoencoder.load(tmp_path / "run" / "final.pt").config.n_latent == SMALL["n_latent"]
 
 
 def test_profile_prints_categories_and_writes_traces(data, tmp_path, capsys):
