@@ -39,12 +39,25 @@ def main(argv=None) -> int:
     p.add_argument("--consistency", type=float, default=None, help="consistency weight of variant (c)")
     p.add_argument("--variants", default=None, help="subset of a,b,c (default all three)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--markdown-only", action="store_true",
+                   help="rewrite science-<mode>.md from science-<mode>.json (no training, no experiments)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
 
     import torch
 
-    from fastspec.science import ScienceConfig, run
+    from fastspec.science import ScienceConfig, markdown, run
+
+    if args.markdown_only:
+        import json
+
+        src = Path(args.out, f"science-{args.mode}.json")
+        if not src.is_file():
+            print(f"bench/science.py: error: {src} not found: run the experiments first", file=sys.stderr)
+            return 2
+        Path(args.out, f"science-{args.mode}.md").write_text(markdown(json.loads(src.read_text())))
+        print(Path(args.out, f"science-{args.mode}.md").read_text())
+        return 0
 
     over = {}
     if args.steps is not None:
