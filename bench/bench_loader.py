@@ -8,6 +8,9 @@ from the page cache (the disk's cold rate is a property of the disk, not of the 
 alternate, and the best of `--repeat` is reported for each.
 
     .venv/bin/python bench/bench_loader.py [-n 8192] [--batch 256] [--workers 0 1 2]
+
+CPU seconds (all threads of the process; worker processes are not counted) are reported beside wall time: on a
+shared machine the wall rates move with the load, the CPU cost per spectrum much less.
 """
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--block-rows", type=int, default=256)
     ap.add_argument("--shuffle-blocks", type=int, default=8)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="thread workers to try")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where the test file goes (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -98,6 +101,7 @@ def main(argv=None) -> int:
         cases = {"raw h5py (contiguous)": None}
         for nw in args.workers:
             cases[f"loader shuffled, {nw} workers"] = dict(num_workers=nw, shuffle=True)
+        cases["loader shuffled, 2 process workers"] = dict(num_workers=2, shuffle=True, worker_type="process")
         cases["loader in file order, 0 workers"] = dict(num_workers=0, shuffle=False)
         loaders = {}
         for name, kw in cases.items():

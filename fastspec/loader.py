@@ -195,38 +195,34 @@ class _ChunkReader(torch.utils.data.Dataset):
             return
         lo = start + int(np.argmax(keep))  # read only the span holding wanted rows (resume skips)
         hi = start + len(keep) - int(np.argmax(keep[::-1]))
-        fast = isinstance(f, SpectraFile)
-        chunk_rows = _slab_rows(f) if fast else hi - lo
-        a = lo
-        while a < hi:
-            # slabs follow the HDF5 chunk grid: each read decodes whole chunks once, and the fused pass finds
-            # the slab still in cache
-            b = min((a // chunk_rows + 1) * chunk_rows, hi)
-            d = dest[a - start : b - start]
-            if not (d >= 0).any():
+        d = dest[lo - start : hi - start]
+        if isinstance(f, SpectraFile):
+            m = hi - lo
+            flux, ivar, mask, zz = (buf[:m] for buf in self._buffers(f, m))
+            chunk_rows = _slab_rows(f)
+            a = lo
+            while a < hi:
+                # reads follow the HDF5 chunk grid (each chunk decoded once, straight into the buffer);
+                # h5py's low-level read: read_direct builds its selections in Python, 40% slower here
+                b = min((a // chunk_rows + 1) * chunk_rows, hi)
+                if (d[a - lo : b - lo] >= 0).any():
+                    for (dsid, fspace), buf in zip(self._datasets(fi, f), (flux, ivar, mask, zz)):
+                        part = buf[a - lo : b - lo]
+                        fspace.select_hyperslab((a,) + (0,) * (buf.ndim - 1), part.shape)
+                        dsid.read(h5py.h5s.create_simple(part.shape), fspace, part)
                 a = b
-                continue
-            if fast:
-                m = b - a
-                flux, ivar, mask, zz = (buf[:m] for buf in self._buffers(f, chunk_rows))
-                for (dsid, fspace), buf in zip(self._datasets(fi, f), (flux, ivar, mask, zz)):
-                    # h5py's low-level read: read_direct builds selections in Python, 40% slower here
-                    fspace.select_hyperslab((a,) + (0,) * (buf.ndim - 1), buf.shape)
-                    dsid.read(h5py.h5s.create_simple(buf.shape), fspace, buf)
-            else:
-                batch = f.read(a, b)
-                flux, ivar, mask, zz = batch.flux, batch.ivar, batch.mask, batch.z
-            bad_row, bad_col, bad_field = _fill(flux, ivar, mask, d, y, w)
-            if bad_row >= 0:
-                field = "spectrum_flux" if bad_field == 0 else "spectrum_ivar"
-                raise SpectraFormatError(
-                    f"{info.path}: row {a + bad_row}, field {field}: non-finite value at pixel {bad_col} with "
-                    "nonzero weight (run `fastspec validate`, or train with --exclude-bad)"
-                )
-            ok = d >= 0
-            z[d[ok]] = zz[ok]
-            index[d[ok]] = np.arange(a, b)[ok] + info.offset
-            a = b
+        else:
+            batch = f.read(lo, hi)
+            flux, ivar, mask, zz = batch.flux, batch.ivar, batch.mask, batch.z
+        # one fused pass per block: h5py holds the GIL while it reads, so a reader thread hands the GIL over
+        # once per block and the (GIL-free) pass of one thread overlaps the reads of another
+        bad_row, bad_col, bad_field = _fill(flux, ivar, mask, zz, d, lo + info.offset, y, w, z, index)
+        if bad_row >= 0:
+            field = "spectrum_flux" if bad_field == 0 else "spectrum_ivar"
+            raise SpectraFormatError(
+                f"{info.path}: row {lo + bad_row}, field {field}: non-finite value at pixel {bad_col} with "
+                "nonzero weight (run `fastspec validate`, or train with --exclude-bad)"
+            )
 
     def _datasets(self, fi: int, f):
         cache = self.__dict__.setdefault("_ds", {})
@@ -314,23 +310,24 @@ _FILL = None
 _FILL_LOCK = threading.Lock()
 
 
-def _fill(flux, ivar, mask, dest, y, w):
+def _fill(flux, ivar, mask, zz, dest, row0, y, w, z, index):
     """One pass: w = ivar where unmasked and ivar > 0 (else 0), y = flux where w > 0 (else 0, so masked NaN
-    never reaches the loss), written to rows `dest` of y and w; returns the first (row, pixel, field) where
-    a weighted pixel is not finite, or (−1, −1, −1)."""
+    never reaches the loss), written with z and the global row id (row0 + i) to rows `dest` of the outputs
+    (dest < 0: row not wanted); returns the first (row, pixel, field) where a weighted pixel is not finite,
+    or (−1, −1, −1)."""
     global _FILL
     if _FILL is None:
         with _FILL_LOCK:
             if _FILL is None:
                 _FILL = _compile_fill()
-    return _FILL(flux, ivar, mask, dest, y, w)
+    return _FILL(flux, ivar, mask, np.ascontiguousarray(zz, dtype=np.float64), dest, row0, y, w, z, index)
 
 
 def _compile_fill():
     import numba
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def fill(flux, ivar, mask, dest, y, w):
+    def fill(flux, ivar, mask, zz, dest, row0, y, w, z, index):
         n, L = flux.shape
         fbits = flux.view(np.uint32)
         ibits = ivar.view(np.uint32)
@@ -338,6 +335,8 @@ def _compile_fill():
             d = dest[i]
             if d < 0:
                 continue
+            z[d] = zz[i]
+            index[d] = row0 + i
             bad = 0
             # branch-free so LLVM vectorises it; non-finite = all exponent bits set
             for l in range(L):
