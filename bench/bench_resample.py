@@ -8,7 +8,8 @@ Cases: resample forward, resample forward+backward (gradients to spec_rest and z
 Reported per case: the minimum wall time over the repeats (and the median; on a shared machine the rest
 is the neighbours), the minimum process CPU time (preemption-proof for --threads 1), spectra/s, achieved GB/s over the minimal traffic of the op (every input read
 once, every output written once — the same byte count for every method, so GB/s compares equal work), that
-as a fraction of this machine's memory-bandwidth floor measured in the same run (bench/common.bandwidth_floor),
+as a fraction of this machine's memory-bandwidth floor measured in the same run (bench/common.bandwidth_floor;
+above 1 where the working set of a small N stays in cache),
 speed-up over searchsorted, and the peak extra memory of the case next to the size of its outputs (CPU: RSS
 high-water in a fresh subprocess per case, after resetting VmHWM; CUDA: torch.cuda.max_memory_allocated).
 
@@ -176,8 +177,11 @@ def _rss_kib(field: str) -> int:
 def set_threads(n: int) -> None:
     import numba
 
-    torch.set_num_threads(n)
+    # numba first: starting its OpenMP threading layer resets the libgomp thread count torch uses
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(n)
+    if torch.get_num_threads() != n:
+        raise RuntimeError(f"could not set {n} torch threads (have {torch.get_num_threads()})")
 
 
 def _exact_rss_allocations() -> None:
@@ -236,7 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeat", type=int, default=7, help="repeats of the references (kernels: 3×)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="repeats of the references (half that from N = 1024; kernels: 3×)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads for torch and numba alike (default: torch's default)")
     p.add_argument("--memory-n", type=int, default=1024, help="N of the memory measurements (0: none)")
@@ -267,7 +272,8 @@ def main(argv=None) -> int:
                 run, out_bytes = make_case(op, method, d)
                 # one warm-up for the slow references, two for the kernels (numba/Triton compile on the first)
                 slow = method in ("torch-index", "searchsorted")
-                warm, rep = (1, a.repeat) if slow else (2, 3 * a.repeat)  # the kernels are cheap to repeat
+                # the kernels are cheap to repeat; the references at large N are not
+                warm, rep = (1, a.repeat if N < 1024 else max(2, a.repeat // 2)) if slow else (2, 3 * a.repeat)
                 ts, cs = times(run, repeat=rep, warmup=warm, sync=sync)
                 t = ts[0]  # the minimum: on a shared machine the rest measures the neighbours
                 if method == "searchsorted":
