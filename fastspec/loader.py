@@ -199,7 +199,7 @@ class _ChunkReader(torch.utils.data.Dataset):
         if isinstance(f, SpectraFile):
             m = hi - lo
             flux, ivar, mask, zz = (buf[:m] for buf in self._buffers(f, m))
-            chunk_rows = _slab_rows(f)
+            chunk_rows = info.chunk_rows or m
             a = lo
             while a < hi:
                 # reads follow the HDF5 chunk grid (each chunk decoded once, straight into the buffer);
@@ -214,6 +214,9 @@ class _ChunkReader(torch.utils.data.Dataset):
         else:
             batch = f.read(lo, hi)
             flux, ivar, mask, zz = batch.flux, batch.ivar, batch.mask, batch.z
+            for row, msg in sorted(getattr(batch, "problems", {}).items()):
+                if d[row - lo] >= 0:  # e.g. an MMU row off the instrument grid (training excludes these)
+                    raise SpectraFormatError(f"{info.path}: row {row}: {msg}")
         # one fused pass per block: h5py holds the GIL while it reads, so a reader thread hands the GIL over
         # once per block and the (GIL-free) pass of one thread overlaps the reads of another
         bad_row, bad_col, bad_field = _fill(flux, ivar, mask, zz, d, lo + info.offset, y, w, z, index)
@@ -238,12 +241,6 @@ class _ChunkReader(torch.utils.data.Dataset):
             buf = self._buf = (np.empty((rows, L), np.float32), np.empty((rows, L), np.float32),
                                np.empty((rows, L), np.bool_), np.empty(rows, np.float64))
         return buf
-
-
-def _slab_rows(f) -> int:
-    # Read whole HDF5 chunks at a time: fewer calls, and the fused pass finds the slab still in cache.
-    chunks = f.h5["spectrum_flux"].chunks
-    return int(chunks[0]) if chunks else 64
 
 
 def _shared_empty(shape, dtype) -> torch.Tensor:
