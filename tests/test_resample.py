@@ -392,22 +392,23 @@ def test_triton_launchers_stay_in_bounds():
 # ---- torch.library / torch.compile -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["numba", "triton"])
-def test_opcheck(impl):
-    wave_rest, wave_obs = grids()
+@pytest.mark.parametrize("impl,device", [("numba", "cpu"), ("triton", "cuda" if has_cuda else "cpu")])
+def test_opcheck(impl, device):
+    wave_rest, wave_obs = grids(device=device)
     wave_rest, wave_obs = wave_rest[::4].contiguous(), wave_obs[::5].contiguous()
     N, R, L = 3, wave_rest.numel(), wave_obs.numel()
-    x = smooth_spectra(N, R).requires_grad_()
-    z = torch.tensor([0.1, 0.4, -0.02], dtype=torch.float64)
+    x = smooth_spectra(N, R, device=device).requires_grad_()
+    z = torch.tensor([0.1, 0.4, -0.02], dtype=torch.float64, device=device)
     c, a, b = resample_mod._rest_coeffs(x, z, wave_rest, wave_obs, "test")
     a.requires_grad_()
-    y, w = smooth_spectra(N, L, seed=2), torch.rand(N, L)
+    y, w = smooth_spectra(N, L, seed=2, device=device), torch.rand(N, L, device=device)
     ops = torch.ops.fastspec
     torch.library.opcheck(ops.resample_fwd.default, (x, c, a, b, impl, False))
     torch.library.opcheck(ops.resample_loss_fwd.default, (x, c, a, b, y, w, impl, False))
-    xd, ad = x.detach(), a.detach()
-    torch.library.opcheck(ops.resample_bwd.default, (torch.randn(N, L), xd, c, ad, b, True, impl, True))
-    torch.library.opcheck(ops.resample_loss_bwd.default, (torch.ones(N), xd, c, ad, b, y, w, True, impl, False))
+    xd, ad, g = x.detach(), a.detach(), torch.randn(N, L, device=device)
+    torch.library.opcheck(ops.resample_bwd.default, (g, xd, c, ad, b, True, impl, True))
+    torch.library.opcheck(ops.resample_loss_bwd.default, (torch.ones(N, device=device), xd, c, ad, b, y, w, True,
+                                                           impl, False))
 
 
 def test_torch_compile_cpu():
