@@ -147,7 +147,8 @@ def _loss_bwd(gl, x, c, a, b, y, w, gx, gab, need_ab, nchunk):
         tb = np.empty(BLOCK, x.dtype)
         n0, n1 = _chunk(k, nchunk, N)
         for n in range(n0, n1):
-            g2 = -2.0 * gl[n]
+            g2 = gl[n] + gl[n]  # stays in the compute dtype (a float64 literal would promote the loop)
+            g2 = -g2
             sa = 0.0
             sb = 0.0
             xr = x[n]
@@ -233,7 +234,7 @@ def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool):
     gx = torch.zeros((N, R), dtype=cd)
     gab = torch.zeros((N, 2), dtype=torch.float64)
     if N and c.shape[0]:
-        _loss_bwd(_np(gl, torch.float64), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64),
+        _loss_bwd(_np(gl, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64),
                   _np(b, torch.float64), _np(y, cd), _np(w, cd), gx.numpy(), gab.numpy(), bool(need_ab),
                   _nchunk(N))
     return gx.to(x.dtype), gab
