@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from fastspec.kernels.triton_utils import TARGETS, PtxReport, compile_modules_subprocess  # noqa: E402
 
 # Kernel modules exposing triton_compile_specs(dtype) -> [(name, kernel, signature, constexprs)].
-MODULES = ["fastspec.kernels.resample", "fastspec.kernels.attention"]
+MODULES = ["fastspec.kernels.resample", "fastspec.kernels.attention", "fastspec.kernels.conv_block"]
 CASES = [(mod, cc, dtype) for mod in MODULES for cc, dtypes in TARGETS.items() for dtype in dtypes]
 WIDTH = {"fp32": "b32", "fp16": "b16", "bf16": "b16"}
 
