@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fastspec-bench"),
                    help="where the mock file is kept between runs")
+    p.add_argument("--repeat", type=int, default=2, help="runs of each, interleaved; the fastest is kept")
     p.add_argument("--no-spender", action="store_true")
     p.add_argument("--out", default=None, help="results name in bench/results (default encode / encode-cuda)")
     args = p.parse_args(argv)
@@ -198,8 +199,23 @@ def main(argv=None) -> int:
         E.encode_batch(ours, *(torch.zeros(2, 3921, device=device),) * 2, torch.zeros(2, device=device),
                        precision, encoder=E.make_encoder(ours, precision))
         out = str(out_dir / f"fastspec-{precision}.h5")
-        stats = E.encode_files(ours, [path], out, batch_size=batch_size, precision=precision, workers=workers,
-                               progress=False, resume=False)
+        sout = str(out_dir / f"spender-{precision}.h5")
+        if sp is not None:
+            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else _null()):
+                sp.encode(torch.zeros(2, 3921, device=device))
+        best_ours, best_sp = None, None
+        for _ in range(args.repeat):  # interleaved; the fastest of each (other jobs share this machine)
+            if os.path.exists(out):
+                os.remove(out)  # else encode_files finds the job done
+            stats = E.encode_files(ours, [path], out, batch_size=batch_size, precision=precision,
+                                   workers=workers, progress=False, resume=False)
+            if best_ours is None or stats.seconds < best_ours.seconds:
+                best_ours = stats
+            if sp is not None:
+                t = spender_encode_file(sp, path, sout, batch_size, device, dtype)
+                if best_sp is None or t["total"] < best_sp["total"]:
+                    best_sp = t
+        stats = best_ours
         rows.append({"impl": "fastspec", "precision": precision, "spectra_per_s": stats.n / stats.seconds,
                      "total_s": stats.seconds, "read_s": stats.wait_s, "copy_s": float("nan"),
                      "compute_s": stats.compute_s, "write_s": stats.write_s})
@@ -209,10 +225,7 @@ def main(argv=None) -> int:
                      "spectra_per_s": n / max(t_read, t_comp), "total_s": float("nan"),
                      "read_s": t_read, "copy_s": float("nan"), "compute_s": t_comp, "write_s": float("nan")})
         if sp is not None:
-            sout = str(out_dir / f"spender-{precision}.h5")
-            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else _null()):
-                sp.encode(torch.zeros(2, 3921, device=device))
-            t = spender_encode_file(sp, path, sout, batch_size, device, dtype)
+            t = best_sp
             rows.append({"impl": "spender 0.3", "precision": precision, "spectra_per_s": n / t["total"],
                          "total_s": t["total"], "read_s": t["read"], "copy_s": t["copy"],
                          "compute_s": t["compute"], "write_s": t["write"]})

@@ -764,6 +764,7 @@ class _Writer(threading.Thread):
         self.flush_rows = flush_rows
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
+        self.cancelled = False
         self.busy = 0.0
         self._pending: list[tuple[int, dict]] = []
         self._files: dict = {}
@@ -784,10 +785,22 @@ class _Writer(threading.Thread):
         if self.error is not None:
             raise self.error
 
+    def cancel(self, timeout: float = 60.0):
+        """Stop without writing what is pending (the run failed); returns when the thread no longer
+        touches the file, so the caller may close it."""
+        self.cancelled = True
+        try:
+            self.q.put_nowait((-1, {}))
+        except queue.Full:
+            pass
+        self.join(timeout)
+
     def run(self):
         try:
             while True:
                 first, arrays = self.q.get()
+                if self.cancelled:
+                    return
                 t0 = time.perf_counter()
                 if first < 0:
                     self._flush()
@@ -844,6 +857,14 @@ class _Writer(threading.Thread):
         self.f.flush()
 
 
+def _locate(inputs: list[InputFile], index: int) -> tuple[str, int]:
+    """(path, row) of global row `index`."""
+    for info in inputs:
+        if info.offset <= index < info.offset + info.n:
+            return info.path, index - info.offset
+    raise IndexError(index)
+
+
 def _selection(inputs: list[InputFile], a: int, b: int) -> list[np.ndarray | None]:
     """Per-file row indices of global rows [a, b) (for SpectraLoader's `rows`)."""
     rows = []
@@ -867,7 +888,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
     n contiguous row ranges into ``<out>.shard-i-of-n``. flush_rows: rows per flushed block (the resume
     granularity; rounded up to a multiple of `batch_size`, default ≈ 32 batches). workers: loader
     processes (default 0 on CPU, where reading is a small fraction of the time; 4 on CUDA). engine: 'auto'
-    (the fused CPU encoder on CPU, the model's encode on CUDA), 'fused' or 'model' (see `make_encoder`).
+    or 'fused' (`FusedEncoder`: numba on CPU, torch ops on CUDA) or 'model' (see `make_encoder`).
     Returns the timing split (EncodeStats).
     """
     from .loader import SpectraLoader
@@ -952,6 +973,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                 rows=_selection(inputs, row_start + done, row_stop),
             )
             expect = row_start + done
+            n_outside = 0
             batches = iter(loader)
             while True:
                 t0 = time.perf_counter()
@@ -960,6 +982,11 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                 except StopIteration:
                     break
                 t1 = time.perf_counter()
+                if not bool(torch.isfinite(batch.z).all()):
+                    i = int(batch.index[~torch.isfinite(batch.z).cpu()][0])
+                    path, row = _locate(inputs, i)
+                    raise EncodeError(f"{path}: row {row}, field Z: not a finite redshift")
+                n_outside += int(((batch.z < 0) | (batch.z > z_max)).sum())
                 res = encode_batch(model, batch.y, batch.w, batch.z, precision, chi2=chi2, restframe=restframe,
                                    encoder=encoder)
                 host = {k: v.cpu().numpy() for k, v in res.items()}
@@ -975,6 +1002,9 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                 if bar is not None:
                     bar.update(len(batch.z))
             loader.close()
+            if n_outside:
+                _say(progress, f"note: {n_outside} spectra have z outside the model's range [0, {z_max:g}]; "
+                               "their latents extrapolate beyond the training redshifts")
             if expect != row_stop:
                 raise EncodeError(f"internal error: encoded rows up to {expect}, expected {row_stop}")
         writer.finish()
@@ -983,7 +1013,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
     except BaseException:
         # Leave the partial file as it is: the next run resumes from its rows_done.
         with contextlib.suppress(Exception):
-            writer.error = writer.error or EncodeError("aborted")
+            writer.cancel()
             f.close()
         raise
     finally:

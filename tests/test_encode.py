@@ -319,6 +319,11 @@ def test_input_errors_name_file_row_and_field(data, tmp_path):
     bad = write_spectra(tmp_path / "bad.h5", 12, seed=3, id0=0, nan_row=7)
     with use_backend("torch"), pytest.raises(SpectraFormatError, match=r"bad\.h5: row 7, field spectrum_flux"):
         E.encode_files(model, [files[1], bad], tmp_path / "o.h5", batch_size=4, progress=False)
+    nan_z = write_spectra(tmp_path / "nan_z.h5", 6, seed=4, id0=0)
+    with h5py.File(nan_z, "r+") as h:
+        h["Z"][3] = np.nan
+    with use_backend("torch"), pytest.raises(E.EncodeError, match=r"nan_z\.h5: row 3, field Z: not a finite"):
+        E.encode_files(model, [files[1], nan_z], tmp_path / "o.h5", batch_size=4, progress=False)
     desi = tmp_path / "desi.h5"
     with SpectraWriter(desi, "desi") as w:
         L = get_instrument("desi").L
