@@ -77,7 +77,7 @@ def _fwd(x, c, a, b, out, valid, nchunk):
 
 @_jit
 def _bwd(g, x, c, a, b, gx, gab, need_ab, nchunk):
-    """gx (zeroed) += scatter of g; gab[n] = (Σ g·Δx·c, Σ g·Δx), the gradients to a[n] and b[n]."""
+    """gx = scatter of g (gx need not be zeroed); gab[n] = (Σ g·Δx·c, Σ g·Δx), the gradients to a[n], b[n]."""
     N, R = x.shape
     L = c.shape[0]
     for k in numba.prange(nchunk):
@@ -88,6 +88,7 @@ def _bwd(g, x, c, a, b, gx, gab, need_ab, nchunk):
             gr = g[n]
             xr = x[n]
             gxr = gx[n]
+            gxr[:] = 0.0  # zeroed here, while the row is about to be in cache anyway
             sa = 0.0
             sb = 0.0
             for l0 in range(0, L, BLOCK):
@@ -155,6 +156,7 @@ def _loss_bwd(gl, x, c, a, b, y, w, gx, gab, need_ab, nchunk):
             yr = y[n]
             wr = w[n]
             gxr = gx[n]
+            gxr[:] = 0.0
             for l0 in range(0, L if g2 != 0.0 else 0, BLOCK):
                 l1 = min(l0 + BLOCK, L)
                 _coords(c, l0, l1, a[n], b[n], R, ib, tb)
@@ -210,7 +212,7 @@ def resample_fwd(x, c, a, b):
 def resample_bwd(g, x, c, a, b, need_ab: bool):
     N, R = x.shape
     cd = _cd(x.dtype)
-    gx = torch.zeros((N, R), dtype=cd)
+    gx = torch.empty((N, R), dtype=cd) if c.shape[0] else torch.zeros((N, R), dtype=cd)  # kernel zeroes rows
     gab = torch.zeros((N, 2), dtype=torch.float64)
     if N and c.shape[0]:
         _bwd(_np(g, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
@@ -231,7 +233,7 @@ def resample_loss_fwd(x, c, a, b, y, w):
 def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool):
     N, R = x.shape
     cd = _cd(x.dtype)
-    gx = torch.zeros((N, R), dtype=cd)
+    gx = torch.empty((N, R), dtype=cd) if c.shape[0] else torch.zeros((N, R), dtype=cd)  # kernel zeroes rows
     gab = torch.zeros((N, 2), dtype=torch.float64)
     if N and c.shape[0]:
         _loss_bwd(_np(gl, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64),
