@@ -160,7 +160,7 @@ def _numba_bwd(g, x, weight, mean, rstd, pool, padding):
     if N * C == 0:
         return dx, torch.zeros_like(weight)
     xo = _numba_operand(x)
-    go = g.detach()
+    go = _numba_operand(g)  # unit stride along L_out (an expanded gradient is copied)
     if go.dtype != xo.dtype:
         go = go.to(xo.dtype)  # the kernel reads g with x's decoder (bf16 bits or floats)
     w = weight.detach().to(acc).contiguous()
@@ -169,7 +169,7 @@ def _numba_bwd(g, x, weight, mean, rstd, pool, padding):
     xb = _numba_buffer(xo)
     gb = _numba_buffer(go)
     dxb = _numba_buffer(dx_k)
-    conv_block_bwd_numba(gb, 0, go.stride(0), go.stride(1), go.stride(2), xb, 0, xo.stride(0), xo.stride(1), C,
+    conv_block_bwd_numba(gb, 0, go.stride(0), go.stride(1), xb, 0, xo.stride(0), xo.stride(1), C,
                          L, w.numpy(), 1 if w.shape[0] > 1 else 0, pool, padding, L_out,
                          mean.detach().to(acc).contiguous().view(-1).numpy(),
                          rstd.detach().to(acc).contiguous().view(-1).numpy(), dxb, dw_rows.view(-1).numpy(),
@@ -382,7 +382,7 @@ def spectrum_block_bwd(g: torch.Tensor, y: torch.Tensor, conv_weight: torch.Tens
         go = _numba_operand(g)
         if go.dtype not in (acc, torch.bfloat16):
             go = go.to(acc)
-        spectrum_block_bwd_numba(_numba_buffer(go), 0, go.stride(0), go.stride(1), go.stride(2),
+        spectrum_block_bwd_numba(_numba_buffer(go), 0, go.stride(0), go.stride(1),
                                  yo.view(-1).numpy(), 0, L_in, L_in,
                                  conv_weight.detach().to(acc).reshape(C, K).contiguous().numpy(),
                                  conv_bias.detach().to(acc).contiguous().numpy(), cpad, C, L,

@@ -11,7 +11,8 @@ x and the saved mean / rstd instead of keeping indices or activations: per row i
 gradient to the argmaxes, takes the PReLU slope there, and applies the InstanceNorm backward
 dx = rstd·(dv − mean(dv) − x̂·mean(dv·x̂)), whose two row means only see the ≤ L_out argmax positions.
 
-Buffers are flat 1-D arrays with element offsets and (n, c) strides and unit stride along the row. float32
+Buffers are flat 1-D arrays with element offsets and (n, c) strides and unit stride along the row (the pooled
+gradient too: with a run-time stride its loop did not vectorise). float32
 and float64 buffers are used as they are; bfloat16 tensors come in as their raw uint16 bits (numba has no
 bfloat16) and are decoded / rounded to nearest even here, so autocast activations need no fp32 copy.
 Accumulation is in float32 (float64 for float64 inputs).
@@ -102,58 +103,123 @@ def _row_stats(xr, inv_L, eps, zero, one):
 
 @njit(fastmath=_FASTMATH, inline="always")
 def _activate(xr, mu, rs, wc, zero, act):
-    """act[t] = prelu((x[t] − mean)·rstd); row slices indexed from 0 so that the loop vectorises (an offset
-    index would keep numba's negative-index wraparound in the loop)."""
+    """act[t] = prelu((x[t] − mean)·rstd); returns Σ act, which is NaN iff the row holds a NaN (the values
+    are finite otherwise: rstd ≤ 1/sqrt(eps)). Row slices are indexed from 0 so that the loop vectorises (an
+    offset index would keep numba's negative-index wraparound in the loop)."""
+    s = zero
     for t in range(xr.shape[0]):
         v = (_ld(xr, t) - mu) * rs
-        act[t] = v if v > zero else wc * v
+        a = v if v > zero else wc * v
+        act[t] = a
+        s += a
+    return s
 
 
 # Rows are addressed through slices (xb[base:base + L]) for the same reason; windows are read from a padded
-# scratch row `padded` of the activations, -inf in the `pad` slots on either side, by plain index (a slice per
-# window would cost two atomic reference-count updates each).
+# scratch row `padded` of the activations (-inf in the `pad` slots in front and after the row) by plain index:
+# a slice per window would cost two atomic reference-count updates each. Window maxima use selects, not
+# branches (random data mispredicts every other branch), and pool = 5, the encoder's first and largest pooling,
+# has its own loop with the window written out: LLVM then vectorises it with interleaved loads (≈ 10× the
+# generic loop on the development machine).
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _pool_row(padded, pool, pad, outr, nan_value):
-    """outr[j] = max of window j of the padded activations (NaN if the window holds one, as torch)."""
-    for j in range(outr.shape[0]):
-        k = j * pool
-        m = padded[k + pad if j == 0 else k]  # the first window starts with `pad` -inf slots
-        nan = m != m
-        for q in range(k, k + pool):
-            a = padded[q]
-            m = a if a > m else m  # selects, not branches: random data mispredicts every other one
-            nan |= a != a
-        _st(outr, j, m if not nan else nan_value)
+def _max2(a, b):
+    return b if b > a else a
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _bwd_row(xr, mu, rs, wc, gr, g_st, L_out, pool, pad, inv_L, zero, padded, dv_row, dxr):
+def _argmax2(m, i, a, q):
+    better = a > m  # strict: the first maximum wins, as torch
+    return (a if better else m), (q if better else i)
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _pool_row(padded, pool, pad, outr, nan_row, nan_value):
+    """outr[j] = max of window j of the padded activations; in a row holding a NaN, windows with one give NaN
+    (as torch's max_pool)."""
+    L_out = outr.shape[0]
+    if nan_row:
+        for j in range(L_out):
+            k = j * pool
+            m = padded[k + pad if j == 0 else k]  # the first window starts with `pad` -inf slots
+            nan = m != m
+            for q in range(k, k + pool):
+                a = padded[q]
+                m = a if a > m else m
+                nan |= a != a
+            _st(outr, j, m if not nan else nan_value)
+    elif pool == 5:
+        for j in range(L_out):
+            k = j * 5
+            _st(outr, j, _max2(_max2(_max2(padded[k], padded[k + 1]), _max2(padded[k + 2], padded[k + 3])),
+                               padded[k + 4]))
+    else:
+        for j in range(L_out):
+            k = j * pool
+            m = padded[k + pad if j == 0 else k]
+            for q in range(k, k + pool):
+                m = _max2(m, padded[q])
+            _st(outr, j, m)
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _window_argmax(padded, pool, pad, args):
+    """args[j] = position (in padded coordinates) of the first maximum of window j. Every window but the first
+    starts on a real pixel; the first is scanned from its first real pixel, so the argmax is a real pixel
+    even in rows of NaN (where no comparison succeeds)."""
+    L_out = args.shape[0]
+    if pool == 1:
+        for j in range(L_out):
+            args[j] = j
+        return
+    u = pad
+    m = padded[u]
+    for q in range(pad + 1, pool):
+        m, u = _argmax2(m, u, padded[q], q)
+    args[0] = u
+    if pool == 5:
+        for j in range(1, L_out):
+            k = j * 5
+            m, i = padded[k], 0
+            m, i = _argmax2(m, i, padded[k + 1], 1)
+            m, i = _argmax2(m, i, padded[k + 2], 2)
+            m, i = _argmax2(m, i, padded[k + 3], 3)
+            m, i = _argmax2(m, i, padded[k + 4], 4)
+            args[j] = k + i
+    else:
+        for j in range(1, L_out):
+            k = j * pool
+            m, u = padded[k], k
+            for q in range(k + 1, k + pool):
+                m, u = _argmax2(m, u, padded[q], q)
+            args[j] = u
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _bwd_row(xr, mu, rs, wc, gr, pool, pad, inv_L, zero, padded, args, vw, dv_row, dxr):
     """dx of one row into dxr (may alias xr: each element is read before it is written); returns the row's
-    PReLU-slope gradient. `padded` must hold the row's activations (see `_activate`)."""
+    PReLU-slope gradient. `padded` must hold the row's activations (see `_activate`); args, vw (L_out,) and
+    dv_row (L, zero on entry and exit) are scratch. Per-window work is split into a gather, a vectorisable
+    pass with the three row sums, and a scatter: one loop doing all three ran at ~3 ns per window."""
+    _window_argmax(padded, pool, pad, args)
+    L_out = args.shape[0]
+    for j in range(L_out):
+        vw[j] = (_ld(xr, args[j] - pad) - mu) * rs
     s_dv = zero
     s_dvx = zero
     dw = zero
     for j in range(L_out):
-        k = j * pool
-        # start at the window's first real position: the argmax is a real pixel even in NaN rows
-        u = k + pad if j == 0 else k
-        m = padded[u]
-        for q in range(u + 1, k + pool):
-            a = padded[q]
-            better = a > m  # strict: the first maximum wins, as torch
-            m = a if better else m  # selects, not branches (see _pool_row)
-            u = q if better else u
-        t = u - pad
-        v = (_ld(xr, t) - mu) * rs
-        g = _ld(gr, j * g_st)
+        v = vw[j]
+        g = _ld(gr, j)
         pos = v > zero
         dv = g if pos else g * wc
         dw += zero if pos else g * v
-        dv_row[t] += dv
         s_dv += dv
         s_dvx += dv * v
+        vw[j] = dv
+    for j in range(L_out):
+        dv_row[args[j] - pad] = vw[j]  # windows do not overlap: at most one dv per position
     s_dv *= inv_L
     s_dvx *= inv_L
     for t in range(xr.shape[0]):
@@ -193,12 +259,12 @@ def conv_block_fwd_numba(xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out
                     v = (_ld(xr, t) - mu) * rs
                     _st(outr, t, v if v > zero else wc * v)
             else:
-                _activate(xr, mu, rs, wc, zero, act)
-                _pool_row(padded, pool, pad, outr, nan_value)
+                total = _activate(xr, mu, rs, wc, zero, act)
+                _pool_row(padded, pool, pad, outr, total != total, nan_value)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out,
+def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out,
                          mean, rstd, dx, dw_rows, rows_per_chunk):
     """dx (R·L,) contiguous and the per-row PReLU-slope gradient dw_rows (R,) for the pooled gradient g."""
     zero = mean.dtype.type(0.0)
@@ -208,6 +274,8 @@ def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, xb, x_off, x_sn, x_sc, C, 
     for ch in prange(n_chunks):
         padded = np.full(L + 2 * pad, -np.inf, dtype=mean.dtype)
         act = padded[pad:pad + L]
+        args = np.empty(L_out, dtype=np.int64)
+        vw = np.empty(L_out, dtype=mean.dtype)
         # dv at the argmax positions, zero elsewhere; reset while dx is written, ready for the next row
         dv_row = np.zeros(L, dtype=mean.dtype)
         for r in range(ch * rows_per_chunk, min(R, (ch + 1) * rows_per_chunk)):
@@ -216,12 +284,12 @@ def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, xb, x_off, x_sn, x_sc, C, 
             base = x_off + n * x_sn + c * x_sc
             xr = xb[base:base + L]
             gbase = g_off + n * g_sn + c * g_sc
-            gr = gb[gbase:gbase + (L_out - 1) * g_st + 1]
+            gr = gb[gbase:gbase + L_out]
             mu = mean[r]
             rs = rstd[r]
             wc = wb[c * w_sc]
             _activate(xr, mu, rs, wc, zero, act)
-            dw_rows[r] = _bwd_row(xr, mu, rs, wc, gr, g_st, L_out, pool, pad, inv_L, zero, padded, dv_row,
+            dw_rows[r] = _bwd_row(xr, mu, rs, wc, gr, pool, pad, inv_L, zero, padded, args, vw, dv_row,
                                   dx[r * L:(r + 1) * L])
 
 
@@ -232,16 +300,30 @@ def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, xb, x_off, x_sn, x_sc, C, 
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _conv_row(yp, cw, cb, buf):
+def _conv_row(yp, cw, cb, zero, buf):
     """buf[t] = cb + Σ_j cw[j]·yp[t + j]: one output channel of a one-input-channel conv over the zero-padded
-    spectrum yp, tap by tap so that the t loops vectorise."""
-    for t in range(buf.shape[0]):
-        buf[t] = cb
-    for j in range(cw.shape[0]):
-        wj = cw[j]
-        ys = yp[j:j + buf.shape[0]]
-        for t in range(buf.shape[0]):
-            buf[t] += wj * ys[t]
+    spectrum yp (4 spare zeros at its end). Taps go in groups of five written out, each group one pass over
+    t that vectorises; tap by tap (buf[t] += w·y[t + j]) LLVM cannot rule out that buf and yp overlap and the
+    loop ran ~6× slower."""
+    n = buf.shape[0]
+    K = cw.shape[0]
+    for j0 in range(0, K, 5):
+        w0 = cw[j0]
+        w1 = cw[j0 + 1] if j0 + 1 < K else zero
+        w2 = cw[j0 + 2] if j0 + 2 < K else zero
+        w3 = cw[j0 + 3] if j0 + 3 < K else zero
+        w4 = cw[j0 + 4] if j0 + 4 < K else zero
+        y0 = yp[j0:j0 + n]
+        y1 = yp[j0 + 1:j0 + 1 + n]
+        y2 = yp[j0 + 2:j0 + 2 + n]
+        y3 = yp[j0 + 3:j0 + 3 + n]
+        y4 = yp[j0 + 4:j0 + 4 + n]
+        if j0 == 0:
+            for t in range(n):
+                buf[t] = cb + w0 * y0[t] + w1 * y1[t] + w2 * y2[t] + w3 * y3[t] + w4 * y4[t]
+        else:
+            for t in range(n):
+                buf[t] += w0 * y0[t] + w1 * y1[t] + w2 * y2[t] + w3 * y3[t] + w4 * y4[t]
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -268,7 +350,7 @@ def spectrum_block_fwd_numba(yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc
     K = cw.shape[1]
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     for ch in prange(n_chunks):
-        yp = np.zeros(L + K - 1, dtype=mean.dtype)
+        yp = np.zeros(L + K - 1 + 4, dtype=mean.dtype)
         buf = np.empty(L, dtype=mean.dtype)
         padded = np.full(L + 2 * pad, -np.inf, dtype=mean.dtype)
         act = padded[pad:pad + L]
@@ -279,17 +361,17 @@ def spectrum_block_fwd_numba(yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc
             if n != n_prev:  # consecutive rows share the spectrum
                 _pad_spectrum(yb, y_off, y_sn, n, L_in, cpad, yp, zero)
                 n_prev = n
-            _conv_row(yp, cw[c], cb[c], buf)
+            _conv_row(yp, cw[c], cb[c], zero, buf)
             outr = out[r * L_out:(r + 1) * L_out]
             mean[r], rstd[r] = _row_stats(buf, inv_L, eps_, zero, one)
             mu = mean[r]
             rs = rstd[r]
-            _activate(buf, mu, rs, wb[c * w_sc], zero, act)
-            _pool_row(padded, pool, pad, outr, nan_value)
+            total = _activate(buf, mu, rs, wb[c * w_sc], zero, act)
+            _pool_row(padded, pool, pad, outr, total != total, nan_value)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def spectrum_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc,
+def spectrum_block_bwd_numba(gb, g_off, g_sn, g_sc, yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc,
                              pool, pad, L_out, mean, rstd, dcw_rows, dcb_rows, dw_rows, rows_per_chunk):
     """Per-row gradients of the conv taps dcw_rows (R, K), conv bias dcb_rows (R,) and PReLU slope
     dw_rows (R,); the caller sums them over the batch."""
@@ -299,10 +381,12 @@ def spectrum_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, yb, y_off, y_sn, L_in,
     K = cw.shape[1]
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     for ch in prange(n_chunks):
-        yp = np.zeros(L + K - 1, dtype=mean.dtype)
+        yp = np.zeros(L + K - 1 + 4, dtype=mean.dtype)
         buf = np.empty(L, dtype=mean.dtype)
         padded = np.full(L + 2 * pad, -np.inf, dtype=mean.dtype)
         act = padded[pad:pad + L]
+        args = np.empty(L_out, dtype=np.int64)
+        vw = np.empty(L_out, dtype=mean.dtype)
         dv_row = np.zeros(L, dtype=mean.dtype)
         n_prev = -1
         for r in range(ch * rows_per_chunk, min(R, (ch + 1) * rows_per_chunk)):
@@ -311,15 +395,15 @@ def spectrum_block_bwd_numba(gb, g_off, g_sn, g_sc, g_st, yb, y_off, y_sn, L_in,
             if n != n_prev:
                 _pad_spectrum(yb, y_off, y_sn, n, L_in, cpad, yp, zero)
                 n_prev = n
-            _conv_row(yp, cw[c], cb[c], buf)
+            _conv_row(yp, cw[c], cb[c], zero, buf)
             gbase = g_off + n * g_sn + c * g_sc
-            gr = gb[gbase:gbase + (L_out - 1) * g_st + 1]
+            gr = gb[gbase:gbase + L_out]
             mu = mean[r]
             rs = rstd[r]
             wc = wb[c * w_sc]
             _activate(buf, mu, rs, wc, zero, act)
             # the conv output's gradient replaces the conv output in buf
-            dw_rows[r] = _bwd_row(buf, mu, rs, wc, gr, g_st, L_out, pool, pad, inv_L, zero, padded, dv_row, buf)
+            dw_rows[r] = _bwd_row(buf, mu, rs, wc, gr, pool, pad, inv_L, zero, padded, args, vw, dv_row, buf)
             s = zero
             for t in range(L):
                 s += buf[t]
