@@ -24,9 +24,11 @@ def register(sub):
         "encode the spectra and write the report. Every step prints its progress.",
     )
     p.add_argument("-o", "--out", default="demo-output", help="output directory (default: demo-output)")
-    p.add_argument("-n", "--n-mock", type=int, default=6000, help="number of mock spectra (default: 6000)")
-    p.add_argument("--steps", type=int, default=400, help="training steps (default: 400, a few minutes on 2 cores)")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
+    p.add_argument("-n", "--n-mock", type=int, default=4000, help="number of mock spectra (default: 4000)")
+    p.add_argument("--steps", type=int, default=200, help="training steps (default: 200, a few minutes on 2 cores)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
+                   help="training/encoding precision on CPU (default: bf16 autocast; fp32 for exact arithmetic)")
     p.add_argument("--real-dir", default=None, help="folder of real FITS files (default: ../shared/data/real)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -58,7 +60,7 @@ def run(args) -> int:
     _step("validate the mock file", ["validate", str(mock)])
     run_dir = out / "run"
     train = ["train", str(mock), "-o", str(run_dir), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-             "--seed", str(args.seed), "--augment"]
+             "--seed", str(args.seed), "--augment", "--precision", args.precision]
     if (run_dir / "checkpoint.pt").exists():
         train.append("--resume")  # a demo interrupted during training picks up where it stopped
     _step("train a small model (paper architecture, S=10, redshift augmentation)", train)
@@ -66,9 +68,10 @@ def run(args) -> int:
     sets = [("mock", mock)] + [("real", p) for p in (out / "real-sdss.h5",) if p.exists()]
     for tag, path in sets:
         latents = out / f"latents-{tag}.h5"
-        _step(f"encode the {tag} spectra", ["encode", str(model), str(path), "-o", str(latents), "--chi2"])
+        _step(f"encode the {tag} spectra", ["encode", str(model), str(path), "-o", str(latents), "--chi2",
+                                            "--precision", args.precision])
         _step(f"report on the {tag} spectra", ["report", str(model), str(path), "-o", str(out / f"report-{tag}"),
-                                               "--latents", str(latents)])
+                                               "--latents", str(latents), "--precision", args.precision])
     print(f"\ndemo finished: outputs in {out.resolve()}")
     for tag, _ in sets:
         print(f"  {tag:4s} spectra: figures and summary in {(out / f'report-{tag}').resolve()}/report.md, "
