@@ -97,8 +97,9 @@ def test_pca_fit_observed_recovers_coefficients_of_a_redshifted_model():
 
     pca.mean = torch.as_tensor(1 + 0.1 * np.tanh((wave_rest - 4000) / 200), dtype=torch.float32)
     pca.components = torch.as_tensor(np.stack([
-        np.exp(-0.5 * ((wave_rest - 6564.6) / 3) ** 2), np.exp(-0.5 * ((wave_rest - 5008.2) / 3) ** 2)]),
+        np.exp(-0.5 * ((wave_rest - 6564.6) / 3) ** 2), np.tanh((wave_rest - 6000) / 1500)]),
         dtype=torch.float32)
+    pca.coverage = torch.ones(wave_rest.size)
     z = np.array([0.02, 0.1, 0.3])
     coef = np.array([[1.0, 0.5], [2.0, -0.3], [0.0, 1.5]])
     rest = pca.mean.double().numpy() + coef @ pca.components.double().numpy()
@@ -108,6 +109,14 @@ def test_pca_fit_observed_recovers_coefficients_of_a_redshifted_model():
     np.testing.assert_allclose(out["coeffs"], coef, atol=2e-3)
     assert np.all(out["chi2"] < 1e-3)
     assert out["valid"].all()  # z ≤ 0.5: every observed pixel lies on the restframe grid
+    # restframe pixels few training spectra covered are left out of the fit (but not out of the χ²)
+    pca.coverage = torch.as_tensor(np.where(wave_rest > 8000, 0.01, 0.9), dtype=torch.float32)
+    y_bad = y + np.where(wave_obs / (1 + z[:, None]) > 8000, 0.5, 0.0).astype(np.float32)
+    cut = pca.fit_observed(y_bad, w, z, wave_rest, wave_obs)
+    np.testing.assert_allclose(cut["coeffs"], coef, atol=2e-3)
+    assert np.all(cut["chi2"][:2] > 1) and cut["chi2"][2] < 1e-3  # z = 0.3 never reaches 8000 Å restframe
+    every = pca.fit_observed(y_bad, w, z, wave_rest, wave_obs, min_coverage=0.0)
+    assert np.all(np.abs(every["coeffs"][:2] - coef[:2]).max(1) > 0.03)
 
 
 def test_line_flux_of_an_analytic_gaussian_on_a_sloped_continuum():
