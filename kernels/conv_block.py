@@ -466,8 +466,9 @@ def spectrum_conv_block(y: torch.Tensor, conv_weight: torch.Tensor, conv_bias: t
 
     On CPU (numba backend) the conv is fused in too: its (N, C, L) output — the largest activation of the
     encoder — is neither written nor kept for the backward, which recomputes it from y and returns gradients
-    for conv_weight, conv_bias and weight only. Spectra that require a gradient themselves, and the other
-    backends, take the unfused path: F.conv1d, then `instance_norm_prelu_pool`.
+    for conv_weight, conv_bias and weight only. Spectra that require a gradient themselves, float64 spectra
+    (checks, not training; one numba variant less to compile) and the other backends take the unfused path:
+    F.conv1d, then `instance_norm_prelu_pool`.
 
     Parameters
     ----------
@@ -487,7 +488,7 @@ def spectrum_conv_block(y: torch.Tensor, conv_weight: torch.Tensor, conv_bias: t
         backend = _resolve_at_trace_time(y.device)
     else:
         backend = resolve(y.device)
-    if backend != "numba" or y.requires_grad:
+    if backend != "numba" or y.requires_grad or y.dtype == torch.float64:
         x = torch.nn.functional.conv1d(y.unsqueeze(1), conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
         return instance_norm_prelu_pool(x, weight, pool, padding, eps)
     return torch.ops.fastspec.spectrum_block_fwd(y, conv_weight, conv_bias, weight, pool, padding, float(eps),

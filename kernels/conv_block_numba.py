@@ -85,7 +85,7 @@ def _st_impl(buf, i, v):
     return impl_float
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=_FASTMATH)
 def _row_stats(xr, inv_L, eps, zero, one):
     """(mean, 1/sqrt(var + eps)) of one row, the variance from centred values (no E[x²] − mean² loss).
 
@@ -101,7 +101,7 @@ def _row_stats(xr, inv_L, eps, zero, one):
     return mu, one / math.sqrt(q * inv_L + eps)
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=_FASTMATH)
 def _activate(xr, mu, rs, wc, zero, act):
     """act[t] = prelu((x[t] − mean)·rstd); returns Σ act, which is NaN iff the row holds a NaN (the values
     are finite otherwise: rstd ≤ 1/sqrt(eps)). Row slices are indexed from 0 so that the loop vectorises (an
@@ -134,7 +134,7 @@ def _argmax2(m, i, a, q):
     return (a if better else m), (q if better else i)
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=_FASTMATH)
 def _pool_row(padded, pool, pad, outr, nan_row, nan_value):
     """outr[j] = max of window j of the padded activations; in a row holding a NaN, windows with one give NaN
     (as torch's max_pool)."""
@@ -299,7 +299,7 @@ def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, xb, x_off, x_sn, x_sc, C, L, wb,
 # and recomputed in the backward, which reduces the conv weight and bias gradients row by row.
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=_FASTMATH)
 def _conv_row(yp, cw, cb, zero, buf):
     """buf[t] = cb + Σ_j cw[j]·yp[t + j]: one output channel of a one-input-channel conv over the zero-padded
     spectrum yp (4 spare zeros at its end). Taps go in groups of five written out, each group one pass over
@@ -326,7 +326,7 @@ def _conv_row(yp, cw, cb, zero, buf):
                 buf[t] += w0 * y0[t] + w1 * y1[t] + w2 * y2[t] + w3 * y3[t] + w4 * y4[t]
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=_FASTMATH)
 def _pad_spectrum(yb, y_off, y_sn, n, L_in, cpad, yp, zero):
     """yp = the spectrum of row n with `cpad` zeros in front (the tail of yp stays zero)."""
     base = y_off + n * y_sn
