@@ -471,10 +471,24 @@ def _quantiles(x, qs=(16, 50, 84)) -> dict:
     return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(x, qs))}
 
 
+def bootstrap_ci(stat, *arrays, n_boot: int = 300, seed: int = 0) -> list:
+    """16th–84th percentile of `stat` over bootstrap resamples of the rows of `arrays` (the sampling
+    uncertainty of a number measured on a finite test set; not the training-to-training scatter)."""
+    arrays = [np.asarray(a) for a in arrays]
+    n = len(arrays[0])
+    if n < 3:
+        return [None, None]
+    rng = np.random.default_rng(seed)
+    vals = np.array([stat(*(a[idx] for a in arrays)) for idx in rng.integers(0, n, (n_boot, n))], np.float64)
+    vals = vals[np.isfinite(vals)]
+    return [float(v) for v in np.percentile(vals, [16, 84])] if vals.size else [None, None]
+
+
 def chi2_summary(chi2) -> dict:
     c = np.asarray(chi2, np.float64)
     ok = np.isfinite(c)
-    return {"median": float(np.median(c[ok])) if ok.any() else None, **_quantiles(c, (16, 84)),
+    return {"median": float(np.median(c[ok])) if ok.any() else None,
+            "median_ci68": bootstrap_ci(np.median, c[ok]) if ok.any() else [None, None], **_quantiles(c, (16, 84)),
             "fraction_below_1": float(np.mean(c[ok] < 1)) if ok.any() else None,
             "fraction_below_2": float(np.mean(c[ok] < 2)) if ok.any() else None, "n": int(ok.sum())}
 
@@ -578,6 +592,7 @@ def _agreement(pred, ref) -> dict:
     n = len(d)
     return {
         "pearson_r": pearson(pred, ref),
+        "pearson_r_ci68": bootstrap_ci(pearson, pred, ref),
         "spearman_r": pearson(np.argsort(np.argsort(pred)), np.argsort(np.argsort(ref))) if n > 2 else None,
         "r2": float(r2_score(ref[:, None], pred[:, None])[0]) if n > 2 else None,
         "bias_median": float(np.median(d)) if n else None,
@@ -638,6 +653,7 @@ def exp_invariance(latents_native: dict, latents_moved: dict, latents_sample: di
         disp = d["displacement"]
         out["variants"][name] = {
             "median_rms_displacement": float(np.median(d["rms"])),
+            "median_rms_displacement_ci68": bootstrap_ci(np.median, d["rms"]),
             "rms_displacement_p16_p84": [float(v) for v in np.percentile(d["rms"], [16, 84])],
             "median_displacement_at_z": [float(v) for v in np.median(disp, 0)],
             "median_spread_ratio": float(np.median(d["spread_ratio"])),
@@ -1168,6 +1184,13 @@ def _f(v, spec=".3g"):
     return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
+def _ci(ci, spec=".3g") -> str:
+    """' [lo, hi]' for a 68% interval, '' when there is none."""
+    if not ci or ci[0] is None:
+        return ""
+    return f"[{_f(ci[0], spec)}, {_f(ci[1], spec)}]"
+
+
 def findings(r: dict) -> list[str]:
     """One sentence per experiment: what the paper reports and what these numbers say (computed, not typed)."""
     out = []
@@ -1217,8 +1240,10 @@ def findings(r: dict) -> list[str]:
 CAVEATS = {
     "quick": "Quick mode trains each variant for minutes on a CPU with an encoder of 16/32/64 channels (the paper: "
              "128/256/512 on a GPU for many epochs of ~500k spectra): its models are far from converged, and every "
-             "number here is a statement about that budget, not about the architecture's limit. The full mode "
-             "(`bench/science.py --full`, a GPU) uses the paper's encoder, 100k mocks and 40k steps of 256.",
+             "number here is a statement about that budget, not about the architecture's limit. Each variant is one "
+             "training run (one seed): the brackets give the test-set sampling error only, so small differences "
+             "between variants may be training noise. The full mode (`bench/science.py --full`, a GPU) uses the "
+             "paper's encoder, 100k mocks and 40k steps of 256.",
     "full": "Full mode: the paper's encoder, 100k mocks, 40k steps of 256 spectra per variant.",
     "smoke": "Smoke mode checks that the code runs; its numbers mean nothing.",
 }
@@ -1255,12 +1280,14 @@ def markdown(r: dict) -> str:
           f"Reduced χ²: {r['chi2_definition']}. Signal error: Σ w·valid·(ŷ − y_true)² / N_valid against the noiseless "
           "truth, in units of the noise variance — below 1 means the residuals to the truth are below the noise. "
           f"Median S/N of the test spectra: {_f(f['test_snr_median'])}.", "",
+          "Brackets: bootstrap 68% interval of the number over the test set (not the scatter between trainings).", "",
           "| model | median χ² | χ² 16–84% | frac χ² < 2 | median signal error | frac spectra better than PCA |",
           "|---|---|---|---|---|---|"]
     for k in ["truth_model", *variants, "pca"]:
         c = f[k]["chi2"]
         se = f[k].get("signal_error", {})
-        L.append(f"| {_label(k)} | {_f(c['median'])} | {_f(c['p16'])}–{_f(c['p84'])} | {_f(c['fraction_below_2'], '.1%')} "
+        L.append(f"| {_label(k)} | {_f(c['median'])} {_ci(c.get('median_ci68'))} | {_f(c['p16'])}–{_f(c['p84'])} "
+                 f"| {_f(c['fraction_below_2'], '.1%')} "
                  f"| {_f(se.get('median'))} | {_f(f[k].get('fraction_chi2_below_pca'), '.1%')} |")
     scan = f.get("pca_rank_scan", {})
     if scan:
@@ -1279,7 +1306,8 @@ def markdown(r: dict) -> str:
           "|---|---|---|---|---|---|---|---|"]
     for k, groups in e["models"].items():
         for g, s in groups.items():
-            L.append(f"| {_label(k)} | {g} | {_f(s['pearson_r'], '.3f')} | {_f(s['spearman_r'], '.3f')} | {_f(s['r2'], '.3f')} "
+            L.append(f"| {_label(k)} | {g} | {_f(s['pearson_r'], '.3f')} {_ci(s.get('pearson_r_ci68'), '.2f')} "
+                     f"| {_f(s['spearman_r'], '.3f')} | {_f(s['r2'], '.3f')} "
                      f"| {_f(s['bias_median'])} | {_f(s['scatter_nmad'])} | {_f(s['pearson_r_vs_catalogue'], '.3f')} |")
     inv = r["redshift_invariance"]
     L += ["", "## 3. Redshift invariance", "",
@@ -1291,7 +1319,8 @@ def markdown(r: dict) -> str:
     picks = [int(np.argmin(np.abs(np.asarray(zs) - q))) for q in (0.0, 0.25, 0.5)]
     for k, s in inv["variants"].items():
         at = " / ".join(_f(s["median_displacement_at_z"][i], ".2f") for i in picks)
-        L.append(f"| {_label(k)} | {_f(s['median_rms_displacement'], '.3f')} | {_f(s['rms_displacement_p16_p84'][0], '.2f')}–"
+        L.append(f"| {_label(k)} | {_f(s['median_rms_displacement'], '.3f')} {_ci(s.get('median_rms_displacement_ci68'))} "
+                 f"| {_f(s['rms_displacement_p16_p84'][0], '.2f')}–"
                  f"{_f(s['rms_displacement_p16_p84'][1], '.2f')} | {at} | {_f(s['median_spread_ratio'], '.3f')} "
                  f"| {_f(s['chi2_native_median'])} | {_f(s['chi2_moved_median'])} |")
     p = r["latent_physics"]
