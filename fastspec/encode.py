@@ -19,9 +19,9 @@ the partial file's fingerprint (model weights, input paths/sizes/mtimes, options
 and continues from ``rows_done``; anything it cannot trust is discarded and redone.
 
 Speed: rows are read in contiguous blocks by the training loader in file order (background workers and a
-side-stream copy on CUDA), encoded in large batches in inference mode (optionally bf16 / fp16 autocast), and
-written by a background thread. On CPU the encoder runs as `FusedEncoder`, the same function with
-normalisation, PReLU and pooling fused into one pass per conv output (see the comment at its kernels).
+side-stream copy on CUDA), encoded in large batches in inference mode (optionally bf16 / fp16 autocast) by
+the model's own encoder (whose conv blocks run as fused kernel ops, `ModelConfig.fused_blocks`), and written
+by a background thread.
 
 Sharding: ``shard=(i, n)`` (or torchrun's RANK / WORLD_SIZE) encodes the contiguous global row range
 ``[N·i/n, N·(i+1)/n)`` into ``<out>.shard-i-of-n``; `merge_shards` (rank 0 under torchrun, or
@@ -46,9 +46,6 @@ from typing import Sequence
 import h5py
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic, overload
 
 from . import __version__
 from .h5format import as_object_id, open_spectra
@@ -98,306 +95,6 @@ def _model_meta(model) -> tuple[int, float, str]:
     return int(cfg.n_latent), float(cfg.z_max), inst
 
 
-# ---- the fused CPU encoder -------------------------------------------------------------------------------
-#
-# On CPU the convolutions are fast (oneDNN, native bf16 on AVX512-BF16 cores) and the time goes to the passes
-# over the big activations around them: InstanceNorm, PReLU and MaxPool each read and write the whole conv
-# output (block 1: 128 × 3921 values per spectrum). The fused encoder computes the same function in one pass
-# per conv output: per-channel sum and sum of squares (float64) and the raw max and min of every pooling
-# window; normalisation and PReLU then act on the pooled values only. That is exact because
-# (x − μ)/σ is increasing and PReLU(v) = v ≥ 0 ? v : a·v is increasing for a ≥ 0 and convex for a < 0, so
-# max over a window of PReLU(norm(x)) = max(PReLU(norm(max x)), PReLU(norm(min x))).
-# Block 1 (one input channel, K = 5) is computed entirely in numba; later blocks convolve with torch
-# (oneDNN, in bf16 under precision='bf16') and hand the output to the same fused statistics/pooling pass.
-
-_FASTMATH = {"contract", "arcp", "nsz"}  # no nnan/ninf: -inf starts every window maximum
-_FASTMATH_REDUCE = _FASTMATH | {"reassoc"}  # lets LLVM vectorise the sums (their order changes)
-
-
-def _to_f32(v):  # pragma: no cover - replaced by the overload below inside numba code
-    return np.float32(v)
-
-
-@intrinsic
-def _bf16_bits_to_f32(typingctx, bits):
-    # bfloat16 is the high half of a float32: shift its 16 bits up and reinterpret
-    sig = types.float32(types.int16)
-
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
-
-    return sig, codegen
-
-
-@overload(_to_f32)
-def _to_f32_impl(v):
-    """float32 values as they are; int16 values are bfloat16 bit patterns (torch bf16 viewed as int16)."""
-    if v == types.int16:
-        return lambda v: _bf16_bits_to_f32(v)
-    return lambda v: np.float32(v)
-
-
-@njit(inline="always", fastmath=_FASTMATH)
-def _norm_prelu(mx, mn, s, ss, T, a, eps, neg):
-    # PReLU(norm(.)) of a window given its raw max and min (see above); biased variance as InstanceNorm
-    mu = s / T
-    r = 1.0 / np.sqrt(max(ss / T - mu * mu, 0.0) + eps)
-    vx = (mx - mu) * r
-    fx = vx if vx >= 0 else a * vx
-    if neg:
-        vn = (mn - mu) * r
-        fn = vn if vn >= 0 else a * vn
-        return max(fx, fn)
-    return fx
-
-
-@njit(parallel=True, fastmath=_FASTMATH_REDUCE, cache=True)
-def _block1_fused(yp, w, b, a, pool, pad, eps, out):
-    """Block 1 whole: conv (one input channel), InstanceNorm, PReLU, MaxPool.
-
-    yp: (N, L + K − 1) zero-padded spectra; w: (C, K); b, a: (C,); out: (N, C, T_out).
-    """
-    N = yp.shape[0]
-    C, K = w.shape
-    L = yp.shape[1] - K + 1
-    T_out = out.shape[2]
-    for idx in prange(N * C):
-        n = idx // C
-        c = idx % C
-        # the conv row in a buffer that stays in L1, built tap by tap so the t loops vectorise
-        buf = np.full(L, b[c], np.float32)
-        for k in range(K):
-            wk = w[c, k]
-            for t in range(L):
-                buf[t] += wk * yp[n, t + k]
-        s = 0.0
-        ss = 0.0
-        for t in range(L):
-            v = np.float64(buf[t])
-            s += v
-            ss += v * v
-        neg = a[c] < 0
-        for o in range(T_out):
-            mx = -np.inf
-            mn = np.inf
-            for t in range(max(o * pool - pad, 0), min(o * pool - pad + pool, L)):
-                mx = max(mx, buf[t])
-                mn = min(mn, buf[t])
-            out[n, c, o] = _norm_prelu(mx, mn, s, ss, L, a[c], eps, neg)
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _norm_pool_fused(h, a, pool, pad, eps, out):
-    """InstanceNorm, PReLU and MaxPool (pool = 0: none) of a conv output in one pass over it.
-
-    h: (N, C, T) float32, or int16 holding bfloat16 bits; a: (C,); out: (N, C, T_out) float32.
-    """
-    N, C, T = h.shape
-    T_out = out.shape[2]
-    for idx in prange(N * C):
-        n = idx // C
-        c = idx % C
-        s = 0.0
-        ss = 0.0
-        if pool == 0:
-            for t in range(T):
-                v = _to_f32(h[n, c, t])
-                s += v
-                ss += v * v
-            for t in range(T):
-                v = _to_f32(h[n, c, t])
-                out[n, c, t] = _norm_prelu(v, v, s, ss, T, a[c], eps, False)
-            continue
-        neg = a[c] < 0
-        mn_buf = np.empty(T_out, np.float32)
-        for o in range(T_out):
-            mx = -np.inf
-            mn = np.inf
-            for t in range(max(o * pool - pad, 0), min(o * pool - pad + pool, T)):
-                v = _to_f32(h[n, c, t])
-                s += v
-                ss += v * v
-                mx = max(mx, v)
-                mn = min(mn, v)
-            out[n, c, o] = mx
-            mn_buf[o] = mn
-        for t in range(max(T_out * pool - pad, 0), T):  # positions no window reaches still count for μ, σ
-            v = _to_f32(h[n, c, t])
-            s += v
-            ss += v * v
-        for o in range(T_out):
-            out[n, c, o] = _norm_prelu(out[n, c, o], mn_buf[o], s, ss, T, a[c], eps, neg)
-
-
-class FusedEncoder:
-    """Inference-only twin of `SpectrumEncoder`: the same function (see the comment above for why it is
-    exact), with normalisation, PReLU and pooling fused into one pass over each conv output.
-
-    impl 'numba' (CPU tensors): block 1 entirely in numba, later blocks conv (oneDNN) + one numba pass.
-    impl 'torch' (any device; used on CUDA): every conv by torch (cuDNN), then one reduction for μ and σ and
-    one max-pool over the raw conv output (plus a min-pool over the channels whose PReLU slope is negative) —
-    three reads of each conv output instead of the model's normalise/activate/pool passes in fp32.
-    precision 'fp32' convolves in float32; 'bf16' convolves in bfloat16 (native on AVX512-BF16 / AMX CPUs
-    and tensor-core GPUs); 'fp16' (CUDA) in float16; statistics, pooling, attention and the MLP stay float32.
-    Build it with `FusedEncoder.build`, which returns None for encoders it does not cover (the reason:
-    `FusedEncoder.why_not(model)`).
-    """
-
-    _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-    def __init__(self, model, precision: str = "fp32", impl: str = "numba"):
-        if impl not in ("numba", "torch"):
-            raise EncodeError(f"unknown fused-encoder implementation {impl!r}")
-        enc = model.encoder
-        self.encoder = enc
-        self.impl = impl
-        self.conditioned = bool(enc.conditioned)
-        self.dtype = self._DTYPES[precision]
-        if impl == "numba" and self.dtype == torch.float16:
-            raise EncodeError("the numba fused encoder runs in fp32 or bf16")
-        device = enc.blocks[0].conv.weight.device
-        b0 = enc.blocks[0]
-        self.eps = [float(blk.norm.eps) for blk in enc.blocks]
-        self.k1 = b0.conv.kernel_size[0]
-        self.w1 = b0.conv.weight.detach()[:, 0].float().cpu().contiguous().numpy()
-        self.b1 = b0.conv.bias.detach().float().cpu().numpy().copy()
-        # per block: conv weight and bias in the conv dtype, PReLU slopes (numpy and tensor), their negatives
-        self.blocks = []
-        for blk in enc.blocks:
-            a = self._slopes(blk)
-            neg = np.flatnonzero(a < 0)
-            self.blocks.append((blk.conv.weight.detach().to(self.dtype), blk.conv.bias.detach().to(self.dtype),
-                                a, torch.from_numpy(a).to(device).view(1, -1, 1),
-                                torch.from_numpy(neg).to(device) if neg.size else None, blk.conv.kernel_size[0]))
-        self.pools = [int(p.kernel_size if isinstance(p.kernel_size, int) else p.kernel_size[0])
-                      for p in enc.pools]
-        self.n_feature = enc.n_feature
-
-    @staticmethod
-    def _slopes(block) -> np.ndarray:
-        a = block.act.weight.detach().float().cpu().numpy().reshape(-1)
-        C = block.conv.out_channels
-        return np.array(np.broadcast_to(a, (C,)), dtype=np.float32)  # a writable copy
-
-    @staticmethod
-    def why_not(model) -> str | None:
-        """None if the fused encoder computes exactly this model's encoder; else the reason it does not."""
-        from torch import nn
-
-        enc = getattr(model, "encoder", None)
-        blocks = getattr(enc, "blocks", None)
-        if blocks is None or not len(blocks):
-            return "no conv blocks"
-        if enc.training:
-            return "encoder in training mode"
-        if len(enc.pools) != len(blocks) - 1:
-            return "pooling after the last block"
-        for i, blk in enumerate(blocks):
-            conv, norm, act = getattr(blk, "conv", None), getattr(blk, "norm", None), getattr(blk, "act", None)
-            if not isinstance(conv, nn.Conv1d) or not isinstance(norm, nn.InstanceNorm1d) \
-                    or not isinstance(act, nn.PReLU):
-                return f"block {i} is not Conv1d → InstanceNorm1d → PReLU"
-            k = conv.kernel_size[0]
-            if (conv.stride, conv.dilation, conv.groups, conv.padding_mode) != ((1,), (1,), 1, "zeros") \
-                    or conv.padding != (k // 2,) or k % 2 == 0 or conv.bias is None:
-                return f"block {i}: conv is not stride 1, odd kernel, 'same' zero padding, with bias"
-            if norm.affine or norm.track_running_stats:
-                return f"block {i}: InstanceNorm with affine or running statistics"
-            if not isinstance(getattr(blk, "drop", nn.Identity()), (nn.Identity, nn.Dropout)):
-                return f"block {i}: unknown module after PReLU"
-            if i == 0 and conv.in_channels != 1:
-                return "first block has more than one input channel"
-        for p in enc.pools:
-            ks = p.kernel_size if isinstance(p.kernel_size, int) else p.kernel_size[0]
-            st = p.stride if isinstance(p.stride, int) else p.stride[0]
-            pad = p.padding if isinstance(p.padding, int) else p.padding[0]
-            dil = p.dilation if isinstance(p.dilation, int) else p.dilation[0]
-            if st != ks or pad != ks // 2 or dil != 1 or p.ceil_mode:
-                return "MaxPool1d other than kernel = stride, padding kernel//2"
-        return None
-
-    @classmethod
-    def build(cls, model, precision: str = "fp32", impl: str = "numba"):
-        supported = ("fp32", "bf16") if impl == "numba" else ("fp32", "bf16", "fp16")
-        if precision not in supported or cls.why_not(model) is not None:
-            return None
-        return cls(model, precision, impl)
-
-    @staticmethod
-    def _pooled_len(T: int, p: int) -> int:
-        return (T + 2 * (p // 2) - p) // p + 1
-
-    def __call__(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        from . import kernels
-
-        x = self._features_numba(y) if self.impl == "numba" else self._features_torch(y)
-        e = kernels.attention_pool(x[:, :self.n_feature], x[:, self.n_feature:])
-        if self.conditioned:
-            e = torch.cat([e, z.to(e.dtype).reshape(-1, 1)], dim=1)
-        return self.encoder.mlp(e)
-
-    def _features_numba(self, y: torch.Tensor) -> torch.Tensor:
-        y = y.detach().float().contiguous()
-        N, L = y.shape
-        P = self.k1 // 2
-        yp = np.zeros((N, L + 2 * P), np.float32)
-        yp[:, P:P + L] = y.numpy()
-        p0 = self.pools[0]
-        x = np.empty((N, self.w1.shape[0], self._pooled_len(L, p0)), np.float32)
-        _block1_fused(yp, self.w1, self.b1, self.blocks[0][2], p0, p0 // 2, self.eps[0], x)
-        x = torch.from_numpy(x)
-        for i, (w, b, a, _, _, k) in enumerate(self.blocks[1:], start=1):
-            h = torch.nn.functional.conv1d(x.to(self.dtype), w, b, padding=k // 2).contiguous()
-            pool = self.pools[i] if i < len(self.pools) else 0
-            T = h.shape[-1]
-            out = np.empty((N, h.shape[1], self._pooled_len(T, pool) if pool else T), np.float32)
-            h = h.view(torch.int16) if self.dtype == torch.bfloat16 else h
-            _norm_pool_fused(h.numpy(), a, pool, pool // 2, self.eps[i], out)
-            x = torch.from_numpy(out)
-        return x
-
-    def _features_torch(self, y: torch.Tensor) -> torch.Tensor:
-        F = torch.nn.functional
-        x = y.detach().unsqueeze(1)
-        for i, (w, b, _, a, neg, k) in enumerate(self.blocks):
-            h = F.conv1d(x.to(self.dtype), w, b, padding=k // 2)
-            var, mu = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
-            r = torch.rsqrt(var.float() + self.eps[i])
-            mu = mu.float()
-            pool = self.pools[i] if i < len(self.pools) else 0
-            if not pool:
-                v = (h.float() - mu) * r
-                x = torch.where(v >= 0, v, a * v)
-                continue
-            v = (F.max_pool1d(h, pool, padding=pool // 2).float() - mu) * r
-            x = torch.where(v >= 0, v, a * v)
-            if neg is not None:  # a < 0: PReLU is V-shaped, the window minimum may win
-                hn = h.index_select(1, neg)
-                vn = (-F.max_pool1d(-hn, pool, padding=pool // 2).float() - mu[:, neg]) * r[:, neg]
-                x[:, neg] = torch.maximum(x[:, neg], torch.where(vn >= 0, vn, a[:, neg] * vn))
-        return x
-
-
-ENGINES = ("auto", "fused", "model")
-
-
-def make_encoder(model, precision: str = "fp32", engine: str = "auto"):
-    """The function y, z → latents that encoding uses: the fused encoder (`FusedEncoder`: numba on CPU,
-    torch ops on CUDA) for engine 'auto' or 'fused' where it covers the model, else None — the model's own
-    `encode` (under autocast for bf16 / fp16)."""
-    if engine not in ENGINES:
-        raise EncodeError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "model":
-        return None
-    device = next(model.parameters()).device
-    fused = FusedEncoder.build(model, precision, "numba" if device.type == "cpu" else "torch")
-    if fused is None and engine == "fused":
-        why = FusedEncoder.why_not(model) or f"precision {precision} on {device.type}"
-        raise EncodeError(f"the fused encoder does not cover this model: {why}")
-    return fused
-
-
 # ---- one batch -----------------------------------------------------------------------------------------
 
 
@@ -424,11 +121,10 @@ def reduced_chi2(y, w, y_model, valid, n_latent: int) -> torch.Tensor:
 
 
 def encode_batch(model, y, w, z, precision: str = "fp32", chi2: bool = False, restframe: bool = False,
-                 observed: bool = False, encoder=None) -> dict:
+                 observed: bool = False) -> dict:
     """Encode one batch on the model's device. y, w: (n, L); z: (n,). Masked pixels (w = 0) of `y` must
     already be zeroed, as the loader feeds them in training.
 
-    encoder: from `make_encoder` (the fused CPU encoder), or None for the model's own `encode`.
     Returns float32 tensors on the batch's device: "latents" (n, S), and on request "chi2" (n,),
     "spec_rest" (n, R), "spec_obs" and "valid" (n, L) (the model in the observed frame).
     """
@@ -437,13 +133,8 @@ def encode_batch(model, y, w, z, precision: str = "fp32", chi2: bool = False, re
     device = y.device
     out = {}
     with torch.inference_mode(), autocast_context(device, precision):
-        if encoder is not None:
-            with torch.autocast(device.type, enabled=False):  # it manages its own precision
-                s = encoder(y, model._as_z(z, len(y), device))
-        else:
-            s = model.encode(y, z)
+        s = model.encode(y, z)
         out["latents"] = s.float()
-        s = s.float()
         if chi2 or restframe or observed:
             x_rest = model.decode(s)
             if restframe:
@@ -469,11 +160,10 @@ def prepare(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def encode_arrays(model, y, w, z, batch_size: int = 256, precision: str = "fp32", chi2: bool = False,
-                  restframe: bool = False, observed: bool = False, engine: str = "auto") -> dict:
+                  restframe: bool = False, observed: bool = False) -> dict:
     """`encode_batch` over in-memory numpy arrays in batches; returns numpy arrays (for reports, notebooks)."""
     device = next(model.parameters()).device
     autocast_context(device, precision)
-    encoder = make_encoder(model, precision, engine)
     parts: dict[str, list] = {}
     for a in range(0, len(z), batch_size):
         b = a + batch_size
@@ -482,7 +172,7 @@ def encode_arrays(model, y, w, z, batch_size: int = 256, precision: str = "fp32"
             torch.as_tensor(y[a:b], device=device),
             torch.as_tensor(w[a:b], device=device),
             torch.as_tensor(np.asarray(z[a:b], dtype=np.float32), device=device),
-            precision=precision, chi2=chi2, restframe=restframe, observed=observed, encoder=encoder,
+            precision=precision, chi2=chi2, restframe=restframe, observed=observed,
         )
         for k, v in res.items():
             parts.setdefault(k, []).append(v.cpu().numpy())
@@ -881,21 +571,19 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                  batch_size: int = 512, flush_rows: int | None = None, precision: str = "fp32",
                  chi2: bool = False, restframe: bool = False, workers: int | None = None,
                  progress: bool = True, model_path: str | None = None, resume: bool = True,
-                 model_sha: str | None = None, engine: str = "auto") -> EncodeStats:
+                 model_sha: str | None = None) -> EncodeStats:
     """Encode every spectrum of `paths` (in order) into the latents file `out` (or its shard file).
 
     model: a SpectrumAutoencoder on its device (see `load_model`). shard: (i, n) to encode only the i-th of
     n contiguous row ranges into ``<out>.shard-i-of-n``. flush_rows: rows per flushed block (the resume
     granularity; rounded up to a multiple of `batch_size`, default ≈ 32 batches). workers: loader
-    processes (default 0 on CPU, where reading is a small fraction of the time; 4 on CUDA). engine: 'auto'
-    or 'fused' (`FusedEncoder`: numba on CPU, torch ops on CUDA) or 'model' (see `make_encoder`).
+    processes (default 0 on CPU, where reading is a small fraction of the time; 4 on CUDA).
     Returns the timing split (EncodeStats).
     """
     from .loader import SpectraLoader
 
     device = next(model.parameters()).device
     autocast_context(device, precision)  # validates precision for this device before any work
-    encoder = make_encoder(model, precision, engine)
     if batch_size < 1:
         raise EncodeError(f"batch size must be positive, got {batch_size}")
     n_latent, z_max, instrument = _model_meta(model)
@@ -939,7 +627,6 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
             "n_latent": S,
             "z_max": z_max,
             "precision": precision,
-            "engine": "fused" if encoder is not None else "model",
             "device": str(device),
             "batch_size": batch_size,
             "row_start": np.int64(row_start),
@@ -987,8 +674,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                     path, row = _locate(inputs, i)
                     raise EncodeError(f"{path}: row {row}, field Z: not a finite redshift")
                 n_outside += int(((batch.z < 0) | (batch.z > z_max)).sum())
-                res = encode_batch(model, batch.y, batch.w, batch.z, precision, chi2=chi2, restframe=restframe,
-                                   encoder=encoder)
+                res = encode_batch(model, batch.y, batch.w, batch.z, precision, chi2=chi2, restframe=restframe)
                 host = {k: v.cpu().numpy() for k, v in res.items()}
                 t2 = time.perf_counter()
                 first = int(batch.index[0])

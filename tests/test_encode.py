@@ -117,43 +117,6 @@ def test_latents_and_chi2_match_references(data):
     assert "reduced chi2" in attrs["chi2_definition"]
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(TINY, conditioned=True),
-    dict(TINY, conditioned=False, encoder_kernels=(3, 7, 9), encoder_pools=(4, 3), n_latent=3),
-], ids=["paper-like", "other-sizes"])
-def test_fused_cpu_encoder_equals_the_model_in_float64(cfg):
-    """The fused encoder (one pass per conv output) computes the model's encoder: against the model in
-    float64, with PReLU slopes of both signs so both branches of the pooling rule are used."""
-    torch.manual_seed(3)
-    model = SpectrumAutoencoder(ModelConfig(**cfg)).eval()
-    with torch.no_grad():
-        for blk in model.encoder.blocks:
-            blk.act.weight.uniform_(-0.5, 0.5)
-    m64 = SpectrumAutoencoder(ModelConfig(**cfg)).double().eval()
-    m64.load_state_dict(model.state_dict())
-    rng = np.random.default_rng(0)
-    y = torch.from_numpy((1 + rng.standard_normal((6, SDSS.L)) * 0.3).astype(np.float32))
-    y[2, :700] = 0.0  # masked (zeroed) stretches as the loader feeds them
-    z = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
-    with torch.no_grad(), use_backend("torch"):
-        ref = m64.encode(y.double(), z.double()).numpy()
-    fused = E.make_encoder(model, "fp32")
-    assert isinstance(fused, E.FusedEncoder) and fused.impl == "numba"
-    scale = np.abs(ref).max()
-    with torch.no_grad():
-        for impl in ("numba", "torch"):  # 'torch' is what CUDA runs; the same ops run here on CPU
-            got = E.FusedEncoder(model, "fp32", impl)(y, z).numpy()
-            np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * scale, err_msg=impl)
-            got_bf16 = E.FusedEncoder(model, "bf16", impl)(y, z).numpy()
-            np.testing.assert_allclose(got_bf16, ref, rtol=0, atol=3e-2 * scale, err_msg=impl)
-
-    model.encoder.pools[0].stride = (2,)  # an encoder the fused path does not cover falls back to the model
-    assert "MaxPool1d" in E.FusedEncoder.why_not(model)
-    assert E.make_encoder(model, "fp32") is None
-    with pytest.raises(E.EncodeError, match="fused encoder does not cover this model: MaxPool1d"):
-        E.make_encoder(model, "fp32", engine="fused")
-
-
 def test_bf16_close_to_fp32_and_fp16_needs_cuda(data):
     d, model_path, files = data
     model = E.load_model(model_path)
@@ -277,8 +240,7 @@ def test_two_processes_torchrun_env_then_rank0_merges(data, tmp_path):
 
     model = E.load_model(model_path)
     with use_backend("torch"):
-        E.encode_files(model, files, tmp_path / "single.h5", batch_size=8, restframe=True, progress=False,
-                       engine="model")
+        E.encode_files(model, files, tmp_path / "single.h5", batch_size=8, restframe=True, progress=False)
     ref, ref_attrs, _ = read_latents(tmp_path / "single.h5")
     assert attrs["fingerprint"] == ref_attrs["fingerprint"]
     for k in ("Z", "object_id", "source_file", "source_row", "wave_rest"):
