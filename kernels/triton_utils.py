@@ -142,21 +142,33 @@ def compile_modules(modules, targets=None) -> list[dict]:
     return out
 
 
-def compile_modules_subprocess(modules, targets=None, timeout: float = 600) -> list[dict]:
-    """`compile_modules` in a fresh interpreter with TRITON_INTERPRET unset (for test processes, where the
-    Triton interpreter is on for the CPU runs of the kernels)."""
+def compile_modules_subprocess(modules, targets=None, timeout: float = 600, jobs: int = 2) -> list[dict]:
+    """`compile_modules` in fresh interpreters with TRITON_INTERPRET unset (for test processes, where the
+    Triton interpreter is on for the CPU runs of the kernels); the (cc, dtype) pairs are split over `jobs`
+    concurrent subprocesses (CI has 2 cores)."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    arg = json.dumps({"modules": list(modules), "targets": {str(k): list(v) for k, v in (targets or TARGETS).items()}})
-    proc = subprocess.run([sys.executable, "-m", __name__, "--json", arg], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"compile subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    pairs = [(cc, dt) for cc, dts in (targets or TARGETS).items() for dt in dts]
+    groups = [pairs[k::jobs] for k in range(max(1, min(jobs, len(pairs))))]
+    procs = []
+    for group in groups:
+        tg: dict[str, list[str]] = {}
+        for cc, dt in group:
+            tg.setdefault(str(cc), []).append(dt)
+        arg = json.dumps({"modules": list(modules), "targets": tg})
+        procs.append(subprocess.Popen([sys.executable, "-m", __name__, "--json", arg], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compile subprocess failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+        out += json.loads(stdout.strip().splitlines()[-1])
+    return out
 
 
 def _main(argv=None):
