@@ -178,8 +178,9 @@ def _rows_done(path):
 
 
 def test_kill9_then_rerun_equals_uninterrupted(data, tmp_path):
-    d, model_path, files = data
-    n_total = 98
+    d, model_path, _ = data
+    n_total = 300  # 150 flushed blocks: a wide window to kill in, even on a fast machine
+    files = [write_spectra(tmp_path / "kill.h5", n_total, seed=5, id0=7)]
     out = tmp_path / "latents.h5"
     args = [model_path, *files, "-o", out, "--batch-size", 2, "--flush-rows", 2, "--backend", "torch",
             "--threads", 1, "--chi2", "-q"]
@@ -206,7 +207,7 @@ def test_kill9_then_rerun_equals_uninterrupted(data, tmp_path):
     cmd, env = _cli(*args[:-1])  # with messages this time
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    resumed = re.search(r"resuming after (\d+) of 98 spectra", res.stderr)
+    resumed = re.search(rf"resuming after (\d+) of {n_total} spectra", res.stderr)
     assert resumed and int(resumed.group(1)) >= killed_at, res.stderr
     assert not os.path.exists(partial)
 
