@@ -24,8 +24,8 @@ def register(sub):
         "encode the spectra and write the report. Every step prints its progress.",
     )
     p.add_argument("-o", "--out", default="demo-output", help="output directory (default: demo-output)")
-    p.add_argument("-n", "--n-mock", type=int, default=4000, help="number of mock spectra (default: 4000)")
-    p.add_argument("--steps", type=int, default=200, help="training steps (default: 200, a few minutes on 2 cores)")
+    p.add_argument("-n", "--n-mock", type=int, default=3000, help="number of mock spectra (default: 3000)")
+    p.add_argument("--steps", type=int, default=120, help="training steps (default: 120, about 4 minutes on 2 idle cores)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                    help="training/encoding precision on CPU (default: bf16 autocast; fp32 for exact arithmetic)")
