@@ -382,24 +382,44 @@ def r2_score(y_true, y_pred) -> np.ndarray:
     return 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, np.nan)
 
 
-def latent_displacement(moved, native, sample) -> dict:
+def latent_displacement(moved, native, sample, native_index=None, k: int = 5) -> dict:
     """How far latents move when a spectrum is moved in redshift, against the spread of the sample.
 
     moved (n, K, S): latents of n spectra moved to K redshifts; native (n, S): of the unmoved spectra; sample
     (m, S): the held-out sample's latents. Returns
-      displacement (n, K) = ‖s(z') − s(native)‖ / σ_sample, σ²_sample = mean ‖s − s̄‖² (rotation invariant);
+      displacement (n, K) = ‖s(z') − s(native)‖ / σ_sample, σ²_sample = mean ‖s − s̄‖² (rotation invariant, but
+        dominated by the sample's widest direction when the latent cloud is anisotropic);
       rms (n,) the RMS of displacement over the K redshifts;
-      spread_ratio (n,) = mean over latent dims of std over z' / sample std of that dim (`fastspec report`'s
-      number).
+      spread_ratio (n,) = mean over latent dims of std over z' / sample std of that dim (`fastspec report`'s);
+      effective_dimensions: participation ratio (Σλ)²/Σλ² of the sample covariance's eigenvalues λ;
+    and, with native_index (rows of `sample` that hold the native spectra), two scale-free numbers:
+      local (n, K) = ‖s(z') − s(native)‖ / (distance from s(native) to its k-th nearest sample neighbour);
+      self_rank (n, K) = how many sample spectra lie closer to s(z') than the galaxy's own s(native)
+        (0: the moved copy is still recognised as itself).
     """
     moved = np.asarray(moved, np.float64)
     native = np.asarray(native, np.float64)
     sample = np.asarray(sample, np.float64)
     sigma = math.sqrt(float(((sample - sample.mean(0)) ** 2).sum(1).mean()))
-    disp = np.linalg.norm(moved - native[:, None, :], axis=2) / sigma
+    delta = np.linalg.norm(moved - native[:, None, :], axis=2)
+    disp = delta / sigma
     sd = sample.std(0)
     ratio = (moved.std(1) / np.where(sd > 0, sd, 1)).mean(1)
-    return {"displacement": disp, "rms": np.sqrt((disp**2).mean(1)), "spread_ratio": ratio, "sigma_sample": sigma}
+    ev = np.clip(np.linalg.eigvalsh(np.cov(sample.T)), 0, None)
+    out = {"displacement": disp, "rms": np.sqrt((disp**2).mean(1)), "spread_ratio": ratio, "sigma_sample": sigma,
+           "effective_dimensions": float(ev.sum() ** 2 / max((ev**2).sum(), 1e-300))}
+    if native_index is not None:
+        import torch
+
+        samp = torch.as_tensor(sample)
+        d_nat = torch.cdist(torch.as_tensor(native), samp).numpy()  # (n, m); 0 at the galaxy itself
+        d_k = np.sort(d_nat, axis=1)[:, min(k, sample.shape[0] - 1)]
+        out["local"] = delta / np.where(d_k > 0, d_k, np.nan)[:, None]
+        d_mov = torch.cdist(torch.as_tensor(moved.reshape(-1, moved.shape[2])), samp).numpy()
+        d_mov = d_mov.reshape(moved.shape[0], moved.shape[1], -1)
+        own = np.take_along_axis(d_mov, np.asarray(native_index)[:, None, None].repeat(moved.shape[1], 1), 2)
+        out["self_rank"] = (d_mov < own).sum(2)
+    return out
 
 
 def _standardise(train, test):
@@ -643,24 +663,64 @@ def moved_copies(data: dict, idx, z_new) -> dict:
     return {"y": y2.numpy(), "w": w2.numpy(), "z": z2.numpy().astype(np.float64)}
 
 
+def cross_chi2(model, data: dict, idx, latents_moved, batch_size: int = 256) -> np.ndarray:
+    """χ² of each galaxy's own (unmoved) spectrum under the latents inferred from its moved copies: decode
+    s(z'), redshift to the galaxy's z, compare with its data. (n, K); invariance in units of the noise."""
+    from .encode import reduced_chi2 as chi2_fn
+
+    n, K, S = latents_moved.shape
+    device = next(model.parameters()).device
+    s_all = torch.as_tensor(latents_moved.reshape(n * K, S), dtype=torch.float32)
+    y = np.repeat(data["y"][idx], K, 0)
+    w = np.repeat(data["w"][idx], K, 0)
+    z = np.repeat(np.asarray(data["z"][idx], np.float32), K)
+    out = []
+    with torch.inference_mode():
+        for a in range(0, n * K, batch_size):
+            spec, valid = model.generate(s_all[a:a + batch_size].to(device), torch.as_tensor(z[a:a + batch_size]).to(device))
+            out.append(chi2_fn(torch.as_tensor(y[a:a + batch_size]), torch.as_tensor(w[a:a + batch_size]), spec.float().cpu(),
+                               valid.cpu(), S).numpy())
+    return np.concatenate(out).reshape(n, K)
+
+
 def exp_invariance(latents_native: dict, latents_moved: dict, latents_sample: dict, z_new, chi2_native: dict,
-                   chi2_moved: dict) -> dict:
+                   chi2_moved: dict, native_index=None, chi2_cross: dict | None = None) -> dict:
     out = {"z_moved_to": [float(v) for v in z_new], "variants": {}}
     per = {}
     for name in latents_moved:
-        d = latent_displacement(latents_moved[name], latents_native[name], latents_sample[name])
+        d = latent_displacement(latents_moved[name], latents_native[name], latents_sample[name], native_index)
         per[name] = d
         disp = d["displacement"]
-        out["variants"][name] = {
+        v = {
             "median_rms_displacement": float(np.median(d["rms"])),
             "median_rms_displacement_ci68": bootstrap_ci(np.median, d["rms"]),
-            "rms_displacement_p16_p84": [float(v) for v in np.percentile(d["rms"], [16, 84])],
-            "median_displacement_at_z": [float(v) for v in np.median(disp, 0)],
+            "rms_displacement_p16_p84": [float(x) for x in np.percentile(d["rms"], [16, 84])],
+            "median_displacement_at_z": [float(x) for x in np.median(disp, 0)],
             "median_spread_ratio": float(np.median(d["spread_ratio"])),
             "sigma_sample": d["sigma_sample"],
+            "latent_effective_dimensions": d["effective_dimensions"],
             "chi2_native_median": float(np.nanmedian(chi2_native[name])),
             "chi2_moved_median": float(np.nanmedian(chi2_moved[name])),
         }
+        if "local" in d:
+            local_rms = np.sqrt(np.nanmean(d["local"] ** 2, 1))
+            v["median_rms_local_displacement"] = float(np.nanmedian(local_rms))
+            v["median_rms_local_displacement_ci68"] = bootstrap_ci(np.nanmedian, local_rms)
+            v["median_local_displacement_at_z"] = [float(x) for x in np.nanmedian(d["local"], 0)]
+            v["self_retrieval_top1"] = float(np.mean(d["self_rank"] == 0))
+            v["self_retrieval_top1_at_z"] = [float(x) for x in np.mean(d["self_rank"] == 0, 0)]
+            v["median_self_rank"] = float(np.median(d["self_rank"]))
+            v["sample_size"] = int(len(latents_sample[name]))
+        if chi2_cross is not None:
+            cc = chi2_cross[name]
+            per[name]["chi2_cross"] = cc
+            mean_cc = np.nanmean(cc, 1)
+            v["median_chi2_own_spectrum_from_moved_latents"] = float(np.nanmedian(mean_cc))
+            v["median_chi2_own_spectrum_from_moved_latents_ci68"] = bootstrap_ci(np.nanmedian, mean_cc)
+            v["median_chi2_own_spectrum_from_moved_latents_at_z"] = [float(x) for x in np.nanmedian(cc, 0)]
+            v["median_chi2_own_spectrum_native_latents"] = float(np.nanmedian(
+                np.asarray(chi2_native[name])[native_index])) if native_index is not None else None
+        out["variants"][name] = v
     return out, per
 
 
@@ -804,35 +864,32 @@ def fig_oii(path, ext, lowz, wave_rest, rest_models, wave_obs_min, budget) -> st
 
 def fig_invariance(path, inv, per, budget) -> str:
     plt = _plt()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), width_ratios=[1.4, 1])
+    panels = [("displacement", "‖s(z') − s(z_obs)‖ / σ_sample", "against the whole sample's latent spread"),
+              ("local", "‖s(z') − s(z_obs)‖ / d_5NN", "against the distance to the 5th nearest neighbour"),
+              ("chi2_cross", "χ² of the unmoved spectrum decoded from s(z')", "in noise units: own spectrum from moved latents")]
+    panels = [p for p in panels if all(p[0] in d for d in per.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.3), squeeze=False)
     zs = np.asarray(inv["z_moved_to"])
-    for name, d in per.items():
-        disp = d["displacement"]
-        lo, med, hi = np.percentile(disp, [16, 50, 84], axis=0)
-        ax.fill_between(zs, lo, hi, color=COLORS[name], alpha=0.15, lw=0)
-        ax.plot(zs, med, "o-", ms=3, color=COLORS[name],
-                label=f"{_label(name)}: median RMS {np.median(d['rms']):.2f}")
-    ax.set_xlabel("redshift the held-out spectrum was moved to")
-    ax.set_ylabel("‖s(z') − s(z_obs)‖ / σ_sample")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.set_title("latent displacement (median, 16–84% band) against the sample's latent spread", fontsize=9)
-    names = list(per)
-    x = np.arange(len(names))
-    v = inv["variants"]
-    ax2.bar(x - 0.2, [v[n]["median_rms_displacement"] for n in names], 0.4, color=[COLORS[n] for n in names],
-            label="median RMS displacement")
-    ax3 = ax2.twinx()
-    ax3.plot(x, [v[n]["chi2_native_median"] for n in names], "kD", label="median χ² (unmoved)")
-    ax3.plot(x, [v[n]["chi2_moved_median"] for n in names], "ks", mfc="none", label="median χ² (moved copies)")
-    ax3.set_ylabel("median reduced χ²")
-    ax2.set_xticks(x, [_label(n).replace("AE ", "") for n in names], fontsize=7, rotation=10)
-    ax2.set_ylabel("median RMS displacement / σ_sample")
-    h1, l1 = ax2.get_legend_handles_labels()
-    h2, l2 = ax3.get_legend_handles_labels()
-    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
-    ax2.set_title("stability and its reconstruction cost", fontsize=9)
-    fig.suptitle(f"Experiment 3 — redshift invariance ({budget})", fontsize=10)
+    for ax, (key, ylabel, title) in zip(axes[0], panels):
+        for name, d in per.items():
+            vals = d[key]
+            lo, med, hi = np.nanpercentile(vals, [16, 50, 84], axis=0)
+            ax.fill_between(zs, lo, hi, color=COLORS[name], alpha=0.15, lw=0)
+            ax.plot(zs, med, "o-", ms=3, color=COLORS[name], label=_label(name))
+            if key == "chi2_cross":
+                ax.axhline(inv["variants"][name]["median_chi2_own_spectrum_native_latents"], color=COLORS[name],
+                           ls=":", lw=1)
+        if key == "chi2_cross":
+            ax.set_yscale("log")
+            ax.plot([], [], "k:", lw=1, label="its own latents (unmoved)")
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set_xlabel("redshift the held-out spectrum was moved to")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Experiment 3 — redshift invariance: median and 16–84% band over {len(next(iter(per.values()))['rms'])} "
+                 f"held-out spectra ({budget})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -1068,9 +1125,10 @@ def run(cfg: ScienceConfig, machine: dict | None = None) -> dict:
     lat_moved = {k: v["latents"].reshape(n_inv, K, -1) for k, v in enc_moved.items()}
     lat_native = {k: v["latents"][inv_idx] for k, v in enc_test.items()}
     lat_sample = {k: v["latents"] for k, v in enc_test.items()}
+    cross = {f"ae_{v}": cross_chi2(model, test, inv_idx, lat_moved[f"ae_{v}"]) for v, model in models.items()}
     inv, inv_per = exp_invariance(lat_native, lat_moved, lat_sample, cfg.invariance_z,
                                   {k: v["chi2"] for k, v in enc_test.items()},
-                                  {k: v["chi2"] for k, v in enc_moved.items()})
+                                  {k: v["chi2"] for k, v in enc_moved.items()}, inv_idx, cross)
     inv["n_spectra"] = n_inv
     inv["native_z_range"] = [float(test["z"][inv_idx].min()), float(test["z"][inv_idx].max())]
     inv["method"] = ("held-out spectra with z ≤ %.2f moved on the observed grid to each z' by "
@@ -1212,15 +1270,22 @@ def findings(r: dict) -> list[str]:
                + ". The paper shows (Fig. 2) plausible [O II] predicted beyond the observed range.")
     inv = r["redshift_invariance"]["variants"]
     d = {k: inv[k]["median_rms_displacement"] for k in inv}
+    loc = {k: inv[k].get("median_rms_local_displacement") for k in inv}
     c = {k: inv[k]["chi2_native_median"] for k in inv}
-    txt = ", ".join(f"{_label(k)} {_f(v, '.3f')}" for k, v in d.items())
-    s = f"**Redshift invariance:** median RMS latent displacement over z' = 0…0.5, in units of the sample's latent spread: {txt}."
+    s = ("**Redshift invariance:** median RMS latent displacement over z' = 0…0.5 in units of the sample's latent "
+         "spread: " + ", ".join(f"{_label(k)} {_f(v, '.3f')}" for k, v in d.items()) + "; in units of the distance to "
+         "the 5th nearest neighbour: " + ", ".join(f"{_f(loc[k], '.2f')}" for k in inv) + "; moved copies still "
+         "recognised as themselves: " + ", ".join(f"{_f(inv[k].get('self_retrieval_top1'), '.0%')}" for k in inv)
+         + "; own spectrum decoded from the moved latents, median χ² " + ", ".join(
+             f"{_f(inv[k].get('median_chi2_own_spectrum_from_moved_latents'))}" for k in inv)
+         + f" (from its own latents {_f(inv[variants[0]].get('median_chi2_own_spectrum_native_latents'))}).")
     base = variants[0] if variants[0] in d else None
     if base:
         for k in variants[1:]:
-            if k in d:
-                s += (f" {_label(k)} moves {_f(d[base] / d[k], '.2f')}× less than {_label(base)} at a median-χ² cost of "
-                      f"{_f(c[k] / c[base], '.2f')}×.")
+            if k in d and d[k] > 0:
+                s += (f" {_label(k)} moves {_f(d[base] / d[k], '.2f')}× less than {_label(base)} (×"
+                      f"{_f(loc[base] / loc[k], '.2f') if loc.get(k) else '—'} in neighbour units) at a median-χ² cost "
+                      f"of ×{_f(c[k] / c[base], '.2f')}.")
     s += (" The paper finds (a) unstable and (b), (c) stable, at the cost of using only features seen at all "
           "redshifts.")
     out.append(s)
@@ -1313,16 +1378,25 @@ def markdown(r: dict) -> str:
     L += ["", "## 3. Redshift invariance", "",
           f"{inv['n_spectra']} held-out spectra (z = {_f(inv['native_z_range'][0])}–{_f(inv['native_z_range'][1])}) moved "
           f"to z' = {', '.join(_f(z, 'g') for z in inv['z_moved_to'])}. {inv['method']}.", "",
-          "| variant | median RMS displacement | 16–84% | median displacement at z'=0 / 0.25 / 0.5 | spread ratio "
-          "| median χ² unmoved | median χ² moved |", "|---|---|---|---|---|---|---|"]
+          "Columns: RMS over z' of the displacement in units of the sample's latent spread σ_sample (and at three z'); "
+          "the same in units of the distance to the 5th nearest neighbour in the held-out sample (scale- and "
+          "anisotropy-free: the latent clouds are far from round, see 'effective dims'); self-retrieval: fraction of "
+          "moved copies whose nearest unmoved latent is the galaxy's own; χ² of the galaxy's own spectrum decoded from "
+          "the moved copies' latents (mean over z'), against χ² from its own latents.", "",
+          "| variant | RMS displ. / σ_sample | at z'=0 / 0.25 / 0.5 | RMS displ. / d_5NN | self-retrieval | "
+          "own-spectrum χ² from moved latents | from own latents | effective dims | χ² moved copies |",
+          "|---|---|---|---|---|---|---|---|---|"]
     zs = inv["z_moved_to"]
     picks = [int(np.argmin(np.abs(np.asarray(zs) - q))) for q in (0.0, 0.25, 0.5)]
     for k, s in inv["variants"].items():
         at = " / ".join(_f(s["median_displacement_at_z"][i], ".2f") for i in picks)
-        L.append(f"| {_label(k)} | {_f(s['median_rms_displacement'], '.3f')} {_ci(s.get('median_rms_displacement_ci68'))} "
-                 f"| {_f(s['rms_displacement_p16_p84'][0], '.2f')}–"
-                 f"{_f(s['rms_displacement_p16_p84'][1], '.2f')} | {at} | {_f(s['median_spread_ratio'], '.3f')} "
-                 f"| {_f(s['chi2_native_median'])} | {_f(s['chi2_moved_median'])} |")
+        L.append(f"| {_label(k)} | {_f(s['median_rms_displacement'], '.3f')} {_ci(s.get('median_rms_displacement_ci68'), '.3f')} "
+                 f"| {at} | {_f(s.get('median_rms_local_displacement'), '.2f')} "
+                 f"{_ci(s.get('median_rms_local_displacement_ci68'), '.2f')} | {_f(s.get('self_retrieval_top1'), '.0%')} "
+                 f"| {_f(s.get('median_chi2_own_spectrum_from_moved_latents'))} "
+                 f"{_ci(s.get('median_chi2_own_spectrum_from_moved_latents_ci68'))} "
+                 f"| {_f(s.get('median_chi2_own_spectrum_native_latents'))} | {_f(s.get('latent_effective_dimensions'), '.2f')} "
+                 f"| {_f(s['chi2_moved_median'])} |")
     p = r["latent_physics"]
     L += ["", "## 4. Latents carry the physics (held-out R²)", "",
           f"{p['protocol']}; regressors: kNN — {p['regressors']['knn']}; ridge2 — {p['regressors']['ridge2']}. "

@@ -142,6 +142,15 @@ def test_latent_displacement_and_signal_error_on_constructed_cases():
     assert d["sigma_sample"] == pytest.approx(sigma, rel=0.03)
     np.testing.assert_allclose(d["displacement"], np.tile([0, 0.5, 1.0], (4, 1)) / d["sigma_sample"], rtol=1e-12)
     np.testing.assert_allclose(d["rms"], np.sqrt((0.25 + 1.0) / 3) / d["sigma_sample"], rtol=1e-12)
+    # scale-free versions: against the 5th-nearest-neighbour distance, and the rank of the galaxy itself
+    d = latent_displacement(moved, native, sample, native_index=np.arange(4))
+    d5 = np.array([np.sort(np.linalg.norm(sample - native[i], axis=1))[5] for i in range(4)])
+    np.testing.assert_allclose(d["local"], np.arange(3)[None, :] * 0.5 / d5[:, None], rtol=1e-9)
+    assert (d["self_rank"][:, 0] == 0).all()
+    brute = [[int((np.linalg.norm(sample - moved[i, k], axis=1) < np.linalg.norm(native[i] - moved[i, k])).sum())
+              for k in range(3)] for i in range(4)]
+    np.testing.assert_array_equal(d["self_rank"], brute)
+    assert 1.0 < d["effective_dimensions"] < 3.0  # variances 4 : 1 : 0.25 → (5.25)² / 17.06 ≈ 1.6
     # signal error: residual of exactly 1σ on every valid weighted pixel → 1
     w = np.full((2, 10), 4.0, np.float32)
     w[1, :3] = 0
