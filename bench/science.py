@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite science-<mode>.md from science-<mode>.json (no training, no experiments)")
+    p.add_argument("--note", default=None, help="free text stored in the JSON and shown in the Markdown "
+                   "(e.g. the load the training ran under)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -55,7 +57,13 @@ def main(argv=None) -> int:
         if not src.is_file():
             print(f"bench/science.py: error: {src} not found: run the experiments first", file=sys.stderr)
             return 2
-        Path(args.out, f"science-{args.mode}.md").write_text(markdown(json.loads(src.read_text())))
+        res = json.loads(src.read_text())
+        if args.note is not None:
+            res["note"] = args.note
+            tmp = src.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            os.replace(tmp, src)
+        Path(args.out, f"science-{args.mode}.md").write_text(markdown(res))
         print(Path(args.out, f"science-{args.mode}.md").read_text())
         return 0
 
@@ -78,7 +86,7 @@ def main(argv=None) -> int:
         return 2
     cfg = ScienceConfig.for_mode(args.mode, device=device, workdir=args.workdir or f"/tmp/fastspec-science-{args.mode}",
                                  out_dir=args.out, real_dir=real, progress=not args.quiet, **over)
-    res = run(cfg, machine=machine_info())
+    res = run(cfg, machine=machine_info(), note=args.note)
     print(Path(args.out, f"science-{args.mode}.md").read_text())
     return 0 if res else 1
 

@@ -819,7 +819,12 @@ def fig_fidelity(path, per_spec, snr, S, budget) -> str:
 def fig_oii(path, ext, lowz, wave_rest, rest_models, wave_obs_min, budget) -> str:
     plt = _plt()
     names = list(ext["preds"])
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 4.4))
+    ncol = 3
+    nrow = -(-(len(names) + 1) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 4.3 * nrow), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(names) + 1:]:
+        ax.set_visible(False)
     true = ext["ref"]
     lim = (min(-1.0, np.percentile(true, 0.5)), np.percentile(true, 99.5) * 1.3)
     for ax, name in zip(axes, names):
@@ -839,7 +844,7 @@ def fig_oii(path, ext, lowz, wave_rest, rest_models, wave_obs_min, budget) -> st
         ax.set_title(_label(name), fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     # one unobserved example: truth, models, observed edge
-    ax = axes[-1]
+    ax = axes[len(names)]
     m = np.flatnonzero(ext["groups"]["unobserved"])
     if m.size:
         i = int(m[np.argsort(true[m])[int(0.8 * m.size)]])  # a strong line, to see the prediction
@@ -932,6 +937,11 @@ def fig_real(path, real, real_chi2, mock_snr, mock_chi2, budget) -> str:
     axes[0].axhline(1, color="k", ls=":", lw=0.8)
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    axes[0].set_xticks([2, 3, 5, 10, 20, 30, 50])
+    axes[0].xaxis.set_major_formatter(ScalarFormatter())
+    axes[0].xaxis.set_minor_formatter(NullFormatter())
     axes[0].set_xlabel("median S/N per pixel")
     axes[0].set_ylabel("reduced χ²")
     axes[0].legend(fontsize=7)
@@ -1006,7 +1016,7 @@ def _mock_file(cfg, path, n, seed, id_offset) -> str:
     return path
 
 
-def run(cfg: ScienceConfig, machine: dict | None = None) -> dict:
+def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None) -> dict:
     """All five experiments; writes figures to <out_dir>/science-<mode>/, numbers to science-<mode>.json and a
     Markdown table to science-<mode>.md. Returns the results dict."""
     from .report import plot_reconstructions, plot_redshift_invariance
@@ -1086,6 +1096,7 @@ def run(cfg: ScienceConfig, machine: dict | None = None) -> dict:
     results = {
         "experiment": "fastspec science: the findings of Melchior, Hahn & Liang 2022 against mock ground truth",
         "mode": cfg.mode, "config": cfg.to_dict(), "machine": machine or {}, "load_average_start": load_start,
+        "note": note,
         "training_budget": budget, "model_parameters": n_params, "chi2_definition": CHI2_DEFINITION,
         "variants": {f"ae_{v}": VARIANTS[v]["label"] for v in cfg.variants},
         "training": {f"ae_{v}": training[v] for v in cfg.variants},
@@ -1135,7 +1146,9 @@ def run(cfg: ScienceConfig, machine: dict | None = None) -> dict:
     inv["method"] = ("held-out spectra with z ≤ %.2f moved on the observed grid to each z' by "
                      "fastspec.augment.redshift_augment (pixels from outside the observed range removed); "
                      "displacement = ‖s(z') − s(z_obs)‖ / σ_sample with σ²_sample = mean ‖s − s̄‖² over the "
-                     "held-out set; spread_ratio = `fastspec report`'s mean_d std_z'(s_d)/σ_d" % cfg.invariance_z_native_max)
+                     "held-out set (JSON: also the 5th-NN-distance version, self-retrieval, own-spectrum χ² from the "
+                     "moved latents, and `fastspec report`'s spread_ratio = mean_d std_z'(s_d)/σ_d)"
+                     % cfg.invariance_z_native_max)
     results["redshift_invariance"] = inv
     figures["invariance"] = fig_invariance(os.path.join(fig_dir, "invariance.png"), inv, inv_per, budget)
     # one example spectrum through report's Figure-3 panel, per variant
@@ -1336,7 +1349,7 @@ def markdown(r: dict) -> str:
          f"(uniform z in {cfg['lowz_range'][0]}–{cfg['lowz_range'][1]}).", ""]
     m = r.get("machine", {})
     L += [f"Machine: {m.get('cpu', '?')} × {m.get('cpu_count', '?')} cores, torch {m.get('torch', '?')}"
-          f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}; load average at start "
+          f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}; load average (1, 5, 15 min) at the start of the analysis "
           f"{', '.join(_f(x, '.1f') for x in (r.get('load_average_start') or []))}; total "
           f"{_f(r['timings'].get('end_to_end_s', r['timings']['total_s']), '.0f')} s wall (training "
           f"{_f(sum(float(t.get('wall_s') or 0) for t in r['training'].values()), '.0f')} s"
@@ -1345,6 +1358,8 @@ def markdown(r: dict) -> str:
           f"{_f(r['timings'].get('end_to_end_cpu_s', r['timings'].get('total_cpu_s')), '.0f')} CPU s — on an idle machine between "
           f"{_f((r['timings'].get('idle_wall_estimate_s') or [None])[0], '.0f')} and "
           f"{_f((r['timings'].get('idle_wall_estimate_s') or [None, None])[1], '.0f')} s.", ""]
+    if r.get("note"):
+        L += [f"*Note:* {r['note']}", ""]
     L += ["## Findings", ""] + [f"- {line}" for line in findings(r)]
     L += ["", f"*Caveat:* {CAVEATS.get(r['mode'], '')}", "",
           "## Training", "", "| variant | steps | spectra seen | train time [s] | final val loss |", "|---|---|---|---|---|"]
@@ -1389,7 +1404,9 @@ def markdown(r: dict) -> str:
     inv = r["redshift_invariance"]
     L += ["", "## 3. Redshift invariance", "",
           f"{inv['n_spectra']} held-out spectra (z = {_f(inv['native_z_range'][0])}–{_f(inv['native_z_range'][1])}) moved "
-          f"to z' = {', '.join(_f(z, 'g') for z in inv['z_moved_to'])}. {inv['method']}.", "",
+          f"to z' = {', '.join(_f(z, 'g') for z in inv['z_moved_to'])} on their observed grid by "
+          "fastspec.augment.redshift_augment (pixels that come from outside the observed range removed), each copy "
+          "encoded.", "",
           "Columns: RMS over z' of the displacement in units of the sample's latent spread σ_sample (and at three z'); "
           "the same in units of the distance to the 5th nearest neighbour in the held-out sample (scale- and "
           "anisotropy-free: the latent clouds are far from round, see 'effective dims'); self-retrieval: fraction of "
