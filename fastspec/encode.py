@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .h5format import as_object_id, open_spectra
+from .h5format import H5Reader, as_object_id, open_spectra
 
 LATENTS_FORMAT = "fastspec-latents"
 LATENTS_VERSION = 1
@@ -372,7 +372,7 @@ def _open_resumable(path: str, fingerprint: str, n: int, row_start: int) -> tupl
 # ---- reading the output ---------------------------------------------------------------------------------
 
 
-class LatentsFile:
+class LatentsFile(H5Reader):
     """Read a finished latents file. Refuses partial files and shards-in-progress by their `complete` flag."""
 
     def __init__(self, path, allow_partial: bool = False):
@@ -409,15 +409,6 @@ class LatentsFile:
     def source_files(self) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else str(s) for s in self.h5["source_files"][()]]
 
-    def close(self):
-        self.h5.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------------

@@ -315,7 +315,23 @@ def _row_range(path: str, start: int, stop: int | None, n: int) -> tuple[int, in
     return start, stop
 
 
-class SpectraFile:
+class H5Reader:
+    """An open read-only HDF5 file in `self.h5`: close() and use as a context manager."""
+
+    h5: h5py.File
+
+    def close(self):
+        self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class SpectraFile(H5Reader):
     """Read a fastspec spectra file (open it in the process that reads it).
 
     `instrument`, when given, must be the file's. The stored grid must be the instrument's grid
@@ -406,15 +422,6 @@ class SpectraFile:
         start, stop = _row_range(self.path, start, stop, ds.shape[0])
         return _native(ds[start:stop])
 
-    def close(self):
-        self.h5.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 def open_spectra(path, instrument: str | Instrument | None = None):

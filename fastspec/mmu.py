@@ -26,7 +26,7 @@ import os
 import h5py
 import numpy as np
 
-from .h5format import SpectraBatch, SpectraFormatError, _native, _row_range
+from .h5format import H5Reader, SpectraBatch, SpectraFormatError, _native, _row_range
 from .instruments import INSTRUMENTS, Instrument, InstrumentError, get_instrument
 from .prep import apply_normalization, bad_pixel_mask, normalization
 
@@ -63,7 +63,7 @@ def infer_instrument(wave_row, wave_lo: float, wave_hi: float, where: str = "") 
     return max(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
-class MMUSpectraFile:
+class MMUSpectraFile(H5Reader):
     """Reader for an MMU spectra file; rows come back on the instrument grid, normalised (see module doc)."""
 
     kind = "mmu"
@@ -232,12 +232,3 @@ class MMUSpectraFile:
         start, stop = _row_range(self.path, start, stop, ds.shape[0])
         return _native(ds[start:stop])
 
-    def close(self):
-        self.h5.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
