@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, print_table, write_results  # noqa: E402
+from common import machine_info, print_table, spender_sdss_model, write_results  # noqa: E402
 
 Z_MAX = 0.5
 CASES = {
@@ -84,22 +84,9 @@ def _peak_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _spender_model(seed: int = 0):
-    import spender
-    import torch
-
-    wave_obs = 10 ** torch.arange(3.578, 3.97, 0.0001)  # as spender's train_sdss.py builds it
-    inst = spender.Instrument(wave_obs)
-    L = wave_obs.shape[0]
-    wave_rest = torch.linspace(wave_obs.min() / (1 + Z_MAX), wave_obs.max(), int(L * (1 + Z_MAX)),
-                               dtype=torch.float32)
-    torch.manual_seed(seed)
-    return spender.SpectrumAutoencoder(inst, wave_rest, n_latent=10), inst
-
-
 def _build(case: dict):
     """(model, loss_fn(y, w, z) -> scalar); fastspec gets spender's initial weights."""
-    sp, inst = _spender_model()
+    sp, inst = spender_sdss_model(0, Z_MAX)
     if case["impl"] == "spender":
         return sp, lambda y, w, z: sp.loss(y, w, instrument=inst, z=z)
     from fastspec.model import SpectrumAutoencoder

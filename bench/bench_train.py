@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, print_table, write_results  # noqa: E402
+from common import machine_info, print_table, spender_sdss_model, write_results  # noqa: E402
 
 Z_MAX = 0.5
 
@@ -74,19 +74,6 @@ def _batches(path: str, batch: int, count: int):
     return [out[i % len(out)] for i in range(count)]
 
 
-def _spender(seed: int):
-    import spender
-    import torch
-
-    wave_obs = 10 ** torch.arange(3.578, 3.97, 0.0001)  # as spender's train_sdss.py builds it
-    inst = spender.Instrument(wave_obs)
-    L = wave_obs.shape[0]
-    wave_rest = torch.linspace(wave_obs.min() / (1 + Z_MAX), wave_obs.max(), int(L * (1 + Z_MAX)),
-                               dtype=torch.float32)
-    torch.manual_seed(seed)
-    return spender.SpectrumAutoencoder(inst, wave_rest, n_latent=10), inst
-
-
 def _build(case: dict):
     """(model, loss_fn(y, w, z) -> scalar) for a case."""
     import torch
@@ -94,7 +81,7 @@ def _build(case: dict):
     from fastspec.model import ModelConfig, SpectrumAutoencoder
 
     if case["impl"] == "spender":
-        model, inst = _spender(0)
+        model, inst = spender_sdss_model(0, Z_MAX)
         tr = model.decoder.transform
 
         def transform(*a, **k):  # a scope so the profiler finds spender's resample (plain torch ops)
@@ -104,7 +91,7 @@ def _build(case: dict):
         model.decoder.transform = transform
         return model, lambda y, w, z: model.loss(y, w, instrument=inst, z=z)
     if case["arch"] == "spender":
-        sp, _ = _spender(0) if case.get("same_init") else (None, None)
+        sp, _ = spender_sdss_model(0, Z_MAX) if case.get("same_init") else (None, None)
         if sp is not None:
             model = SpectrumAutoencoder.from_spender(sp.state_dict(), instrument="sdss", z_max=Z_MAX)
         else:

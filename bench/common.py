@@ -120,3 +120,17 @@ def write_results(name: str, payload: dict, rows: list[dict] | None = None) -> P
             w.writerows(rows)
         os.replace(ctmp, cpath)
     return path
+
+
+def spender_sdss_model(seed: int = 0, z_max: float = 0.5):
+    """spender 0.3's SDSS SpectrumAutoencoder (S=10) built as its train_sdss.py does; returns (model, instrument)."""
+    import spender
+    import torch
+
+    wave_obs = 10 ** torch.arange(3.578, 3.97, 0.0001)
+    inst = spender.Instrument(wave_obs)
+    L = wave_obs.shape[0]
+    wave_rest = torch.linspace(wave_obs.min() / (1 + z_max), wave_obs.max(), int(L * (1 + z_max)),
+                               dtype=torch.float32)
+    torch.manual_seed(seed)
+    return spender.SpectrumAutoencoder(inst, wave_rest, n_latent=10), inst
