@@ -17,23 +17,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
+
+from .numba_utils import f32_from_bits
 
 # fastmath without nnan/ninf: the NaN and -inf checks below must survive optimisation.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
-
-@intrinsic
-def _bits_to_float32(typingctx, bits):
-    # Reinterpret the low 32 bits of an integer as a float32: builds 2**n without a libm call.
-    sig = types.float32(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
-
-    return sig, codegen
 
 
 def _exp_nonpos(x):  # pragma: no cover - replaced by the overload below inside numba code
@@ -61,7 +51,7 @@ def _exp_nonpos_impl(x):
             p = p * r + np.float32(1.6666665459e-1)
             p = p * r + np.float32(5.0000001201e-1)
             y = p * r * r + r + np.float32(1.0)
-            y = y * _bits_to_float32((np.int64(n) + 127) << 23)
+            y = y * f32_from_bits((np.int64(n) + 127) << 23)
             if x >= np.float32(-87.0):
                 return y
             if x < np.float32(-87.0):
@@ -94,7 +84,7 @@ def _row_max_impl(krow):
                 v = i ^ ((i >> 31) & 0x7FFFFFFF)  # negative floats: reverse the order of their bits
                 if v > m:
                     m = v
-            return _bits_to_float32(m ^ ((m >> 31) & 0x7FFFFFFF))
+            return f32_from_bits(m ^ ((m >> 31) & 0x7FFFFFFF))
 
         return impl
 

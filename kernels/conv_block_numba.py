@@ -26,19 +26,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from .numba_utils import f32_from_bits
+
 # fastmath without nnan/ninf (NaN rows must stay NaN) and without anything that could make the backward's
 # recomputed activations differ from the forward's: they are the same (x − mean)·rstd and w·v products.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
-
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    sig = types.float32(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
-
-    return sig, codegen
 
 
 @intrinsic
@@ -59,7 +51,7 @@ def _ld(buf, i):  # pragma: no cover - replaced by the overload inside numba cod
 def _ld_impl(buf, i):
     """buf[i] as the accumulation type: uint16 buffers hold bfloat16 bits (the high half of a float32)."""
     if buf.dtype == types.uint16:
-        return lambda buf, i: _f32_from_bits(np.int64(buf[i]) << 16)
+        return lambda buf, i: f32_from_bits(np.int64(buf[i]) << 16)
     return lambda buf, i: buf[i]
 
 
