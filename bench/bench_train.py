@@ -280,8 +280,10 @@ def main(argv=None) -> int:
                     res = _subprocess(case, data, args.timeout)
                     converge.append({"impl": impl, "precision": prec, "losses": res["losses"]})
 
-        print(f"fastspec train loop, batch {small} …", flush=True)
-        trainer = run_trainer(data, small, args.trainer_steps)
+        trainer = None
+        if args.trainer_steps:
+            print(f"fastspec train loop, batch {small} …", flush=True)
+            trainer = run_trainer(data, small, args.trainer_steps)
 
     # speed-ups against spender at the same batch
     def find(impl, arch, backend, prec, batch):
@@ -337,8 +339,9 @@ def main(argv=None) -> int:
                               "last": round(ls[-1], 4), "last/first": round(ls[-1] / ls[0], 3),
                               "spectra_seen": 16 * len(ls)})
         print_table(conv_rows, title="convergence: same initial weights, same batches of 16, Adam lr 1e-3")
-    print(f"fastspec train loop (loader 2 thread workers), paper architecture, batch {small}: "
-          f"{trainer['spectra_per_s']:.1f} spectra/s, loader wait {trainer['loader_wait_s'] * 1e3:.1f} ms/step")
+    if trainer:
+        print(f"fastspec train loop (loader 2 thread workers), paper architecture, batch {small}: "
+              f"{trainer['spectra_per_s']:.1f} spectra/s, loader wait {trainer['loader_wait_s'] * 1e3:.1f} ms/step")
     for t in targets:
         print(f"batch {t['batch']}: best fastspec {t['fastspec_best_vs_spender_fp32']}x spender fp32 "
               f"(target 3x {'met' if t['target_3x_met'] else 'NOT met'}), "
