@@ -9,7 +9,7 @@ import sys
 from . import __version__
 
 # Order shown in --help; the pipeline order (files → HDF5 → model → outputs).
-COMMANDS = ["mock", "download", "ingest", "validate", "train", "encode", "report", "profile", "demo"]
+COMMANDS = ["mock", "download", "ingest", "validate", "train", "encode", "report", "profile", "science", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

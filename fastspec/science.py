@@ -1329,7 +1329,7 @@ CAVEATS = {
              "128/256/512 on a GPU for many epochs of ~500k spectra): its models are far from converged, and every "
              "number here is a statement about that budget, not about the architecture's limit. Each variant is one "
              "training run (one seed): the brackets give the test-set sampling error only, so small differences "
-             "between variants may be training noise. The full mode (`bench/science.py --full`, a GPU) uses the "
+             "between variants may be training noise. The full mode (`fastspec science --full`, a GPU) uses the "
              "paper's encoder, 100k mocks and 40k steps of 256.",
     "full": "Full mode: the paper's encoder, 100k mocks, 40k steps of 256 spectra per variant.",
     "smoke": "Smoke mode checks that the code runs; its numbers mean nothing.",
@@ -1342,7 +1342,7 @@ def markdown(r: dict) -> str:
     variants = list(r["variants"])
     L = [f"# fastspec science check — {r['mode']} mode", "",
          "Findings of Melchior, Hahn & Liang 2022 (\"Autoencoding Galaxy Spectra\") measured against mock ground "
-         "truth (fastspec.mock) and on the bundled real SDSS spectra. Produced by `bench/science.py`.", "",
+         "truth (fastspec.mock) and on the bundled real SDSS spectra. Produced by `fastspec science` (or `bench/science.py`).", "",
          f"**Training budget behind every number:** {r['training_budget']}; S = {cfg['n_latent']} latents, "
          f"{r['model_parameters']:,} parameters, {cfg['precision']}, lr {cfg['lr']} one-cycle. "
          f"Test sets: {cfg['n_test']} held-out mocks (SDSS-like n(z)), {cfg['n_lowz']} low-z mocks "

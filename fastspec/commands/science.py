@@ -1,0 +1,129 @@
+"""`fastspec science`: the findings of Melchior, Hahn & Liang 2022 measured against mock ground truth (issue 6).
+
+Trains three variants (a: no augmentation, b: redshift augmentation, c: augmentation + consistency), fits a
+weighted restframe PCA baseline, runs the experiments of fastspec.science and writes science-<mode>.json,
+science-<mode>.md and the figures in science-<mode>/ under --out. Mocks and trained models are kept in
+--workdir; a rerun with the same settings only redoes the analysis.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+PROG = "fastspec science"
+
+
+def _default_real_dir() -> Path:
+    # The bundled real spectra live in ../shared/data/real beside the repository.
+    env = os.environ.get("FASTSPEC_SHARED")
+    base = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
+    return base / "data" / "real"
+
+
+def add_arguments(p, default_out: str) -> None:
+    """The options, shared with bench/science.py (which only changes the default results folder)."""
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="CPU mode, < 20 min on an idle 2-core machine")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="GPU mode: the paper's encoder, 100k mocks")
+    mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
+                      help="under a minute; checks the code path only, numbers mean nothing")
+    p.add_argument("--workdir", default=None, help="mocks and models (default /tmp/fastspec-science-<mode>)")
+    p.add_argument("-o", "--out", default=default_out, help=f"results folder (default {default_out})")
+    p.add_argument("--real-dir", default=str(_default_real_dir()),
+                   help="bundled real spectra (a folder with MANIFEST.tsv); '' to skip (default ../shared/data/real)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--steps", type=int, default=None, help="override training steps per variant")
+    p.add_argument("--batch-size", type=int, default=None, help="override the training batch size")
+    p.add_argument("--lr", type=float, default=None, help="override the peak learning rate (one-cycle)")
+    p.add_argument("--n-train", type=int, default=None, help="override the number of training mocks")
+    p.add_argument("--consistency", type=float, default=None, help="consistency weight of variant (c)")
+    p.add_argument("--variants", default=None, help="subset of a,b,c (default all three)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--markdown-only", action="store_true",
+                   help="rewrite science-<mode>.md from science-<mode>.json (no training, no experiments)")
+    p.add_argument("--note", default=None, help="free text stored in the JSON and shown in the Markdown "
+                   "(e.g. the load the training ran under)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def register(sub):
+    p = sub.add_parser(
+        "science",
+        help="reproduce the paper's findings on mock spectra with ground truth (--quick: CPU, < 20 min)",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    add_arguments(p, default_out="science-results")
+    p.set_defaults(func=run)
+
+
+def machine_info() -> dict:
+    """Where the numbers were measured (bench/science.py passes bench/common.py's fuller record)."""
+    import datetime as _dt
+
+    import torch
+
+    info = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "hostname": platform.node(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or "?"}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _err(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args, machine: dict | None = None) -> int:
+    import torch
+
+    from ..science import VARIANTS, ScienceConfig, markdown
+    from ..science import run as run_science
+
+    out = Path(args.out)
+    if args.markdown_only:
+        src = out / f"science-{args.mode}.json"
+        if not src.is_file():
+            return _err(f"{src} not found: run the experiments first")
+        res = json.loads(src.read_text())
+        if args.note is not None:
+            res["note"] = args.note
+            tmp = src.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            os.replace(tmp, src)
+        (out / f"science-{args.mode}.md").write_text(markdown(res))
+        print(f"{PROG}: wrote {out / f'science-{args.mode}.md'}")
+        return 0
+
+    over = {}
+    for key in ("steps", "batch_size", "lr", "n_train", "consistency", "precision"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    for key in ("steps", "batch_size", "n_train"):
+        if key in over and over[key] < 1:
+            return _err(f"--{key.replace('_', '-')} must be ≥ 1, got {over[key]}")
+    if args.variants:
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad or not variants:
+            return _err(f"--variants takes a comma list of {', '.join(VARIANTS)}, got {args.variants!r}")
+        over["variants"] = variants
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    real = args.real_dir or None
+    if real and not (Path(real) / "MANIFEST.tsv").is_file():
+        return _err(f"{real}/MANIFEST.tsv not found (pass --real-dir '' to skip real spectra)")
+    cfg = ScienceConfig.for_mode(args.mode, device=device,
+                                 workdir=args.workdir or f"/tmp/fastspec-science-{args.mode}",
+                                 out_dir=str(out), real_dir=real, progress=not args.quiet, **over)
+    res = run_science(cfg, machine=machine or machine_info(), note=args.note)
+    md = out / f"science-{args.mode}.md"
+    if not args.quiet:
+        print(md.read_text())
+    print(f"{PROG}: results in {md}, {out / f'science-{args.mode}.json'} and {out / f'science-{args.mode}'}/")
+    return 0 if res else 1
