@@ -94,6 +94,8 @@ class ScienceConfig:
     n_pca_fit: int = 4000
     pca_iter: int = 25
     pca_scan: tuple = (2, 4, 6, 8)  # smaller PCA ranks: how many dimensions the mocks need
+    curve_fractions: tuple = (0.1, 0.25, 0.5, 0.75)  # learning-curve snapshots, as fractions of the steps
+    n_curve: int = 500  # held-out spectra the learning curve is measured on (the first n_curve of the test set)
     seed: int = 1
     device: str = "cpu"
     num_workers: int = 0
@@ -542,8 +544,6 @@ def _same_config(path: str, want: dict) -> bool:
 
 def train_variant(cfg: ScienceConfig, variant: str, data_path: str) -> dict:
     """Train (or reuse a finished run with the same configuration) and return a training summary."""
-    from .train import train
-
     tc = _variant_train_config(cfg, variant, data_path)
     final = os.path.join(tc.out, "final.pt")
     want = tc.to_dict()
@@ -554,8 +554,28 @@ def train_variant(cfg: ScienceConfig, variant: str, data_path: str) -> dict:
         with open(cached) as fh:
             return {**json.load(fh)["summary"], "reused": True}
     _say(cfg, f"training variant {variant} ({VARIANTS[variant]['label']}): {cfg.steps} steps of {cfg.batch_size}")
+    from .train import Trainer
+
+    marks = set(curve_steps(cfg.steps, cfg.curve_fractions))
+    for old in os.listdir(tc.out) if os.path.isdir(tc.out) else ():
+        if old.startswith("curve-") and old.endswith(".pt"):
+            os.remove(os.path.join(tc.out, old))
+
+    def snapshot(trainer):
+        # weights at a few points of the run, for the learning curve (evaluated after training)
+        if trainer.step in marks:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            path = os.path.join(tc.out, f"curve-{trainer.step}.pt")
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+
     t0, c0 = time.perf_counter(), _cpu_s()
-    summary = train(tc)
+    trainer = Trainer(tc)
+    try:
+        summary = trainer.run(on_step=snapshot)
+    finally:
+        trainer.close()
+    summary["curve_steps"] = sorted(marks)
     summary["wall_s"] = time.perf_counter() - t0
     summary["cpu_s"] = _cpu_s() - c0
     summary["load_average_after"] = _load_average()
@@ -570,6 +590,11 @@ def train_variant(cfg: ScienceConfig, variant: str, data_path: str) -> dict:
         json.dump({**rec, "summary": summary}, fh, indent=1, default=str)
     os.replace(cached + ".tmp", cached)
     return summary
+
+
+def curve_steps(steps: int, fractions) -> list[int]:
+    """Steps (before the last) at which the learning curve takes a snapshot of the weights."""
+    return sorted({min(steps - 1, max(1, round(f * steps))) for f in fractions} - {0}) if steps > 1 else []
 
 
 def load_variant(cfg: ScienceConfig, variant: str):
@@ -723,6 +748,76 @@ def exp_invariance(latents_native: dict, latents_moved: dict, latents_sample: di
                 np.asarray(chi2_native[name])[native_index])) if native_index is not None else None
         out["variants"][name] = v
     return out, per
+
+
+def exp_learning_curve(cfg: ScienceConfig, models: dict, training: dict, test: dict, enc_test: dict,
+                       pca_chi2: np.ndarray) -> dict:
+    """Held-out median χ² of each variant at the snapshots taken during training (and at the end), on the first
+    n_curve test spectra, with the weighted PCA's median χ² on the same spectra as the line to beat."""
+    n = min(cfg.n_curve, len(test["z"]))
+    sub = {k: test[k][:n] for k in ("y", "w", "z")}
+    out = {"n_spectra": n, "pca_median_chi2": float(np.nanmedian(pca_chi2[:n])),
+           "pca_median_chi2_ci68": bootstrap_ci(np.nanmedian, pca_chi2[:n]), "variants": {}}
+    for v, model in models.items():
+        name = f"ae_{v}"
+        final_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        pts = []
+        for step in training[name].get("curve_steps", []):
+            path = os.path.join(cfg.workdir, f"model-{v}", f"curve-{step}.pt")
+            if not os.path.exists(path):
+                continue
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            chi2 = _encode(model, sub, chi2=True)["chi2"]
+            pts.append({"step": int(step), "spectra_seen": int(step) * cfg.batch_size,
+                        "median_chi2": float(np.nanmedian(chi2))})
+        model.load_state_dict(final_state)
+        chi2 = enc_test[name]["chi2"][:n]
+        pts.append({"step": cfg.steps, "spectra_seen": cfg.steps * cfg.batch_size, "median_chi2": float(np.nanmedian(chi2)),
+                    "median_chi2_ci68": bootstrap_ci(np.nanmedian, chi2)})
+        out["variants"][name] = pts
+    return out
+
+
+# restframe windows counted as emission-line pixels in the residual breakdown (± this many Å of each line)
+LINE_HALF_WIDTH = 10.0
+
+
+def exp_residual_by_wavelength(models_obs: dict, test: dict, wave_obs, wave_rest, n_bins: int = 340) -> dict:
+    """Where in the spectrum each model loses: the χ² contribution w·(y − ŷ)² and the error against the noiseless
+    truth w·(ŷ − y_true)² of every valid pixel, stacked by restframe wavelength λ_obs/(1+z) in bins, and split
+    into emission-line pixels (within ±LINE_HALF_WIDTH Å restframe of a mock line) and continuum."""
+    from .mock import LINE_WAVE
+
+    wave_obs = np.asarray(wave_obs, np.float64)
+    lam = wave_obs[None, :] / (1 + np.asarray(test["z"], np.float64)[:, None])
+    edges = np.linspace(float(wave_rest[0]), float(wave_rest[-1]), n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, lam, side="right") - 1, 0, n_bins - 1)
+    near = np.zeros(lam.shape, bool)
+    for lw in LINE_WAVE:
+        near |= np.abs(lam - lw) <= LINE_HALF_WIDTH
+    y, w, truth = test["y"].astype(np.float64), test["w"].astype(np.float64), test["truth/model_obs"]
+    out = {"bin_edges": edges, "line_half_width": LINE_HALF_WIDTH, "models": {},
+           "definition": "per valid weighted pixel: chi2 = w (y − ŷ)², signal error = w (ŷ − y_true)²; means over the "
+                         "pixels of all held-out spectra in each restframe bin / in line or continuum pixels; a "
+                         "perfect model has chi2 = 1, signal error = 0"}
+    for name, (spec, valid) in models_obs.items():
+        good = (w > 0) & valid
+        c = np.where(good, w * (y - spec) ** 2, 0.0)
+        e = np.where(good, w * (spec - truth) ** 2, 0.0)
+        cnt = np.bincount(idx[good], minlength=n_bins)
+        binned = {"n_pixels": cnt,
+                  "mean_chi2": np.bincount(idx[good], c[good], n_bins) / np.maximum(cnt, 1),
+                  "mean_signal_error": np.bincount(idx[good], e[good], n_bins) / np.maximum(cnt, 1)}
+        for k in ("mean_chi2", "mean_signal_error"):
+            binned[k] = np.where(cnt > 0, binned[k], np.nan)
+        split = {}
+        for part, sel in (("lines", good & near), ("continuum", good & ~near)):
+            npx = int(sel.sum())
+            split[part] = {"n_pixels": npx, "mean_chi2": float(c[sel].sum() / max(npx, 1)),
+                           "mean_signal_error": float(e[sel].sum() / max(npx, 1)),
+                           "share_of_total_signal_error": float(e[sel].sum() / max(e[good].sum(), 1e-300))}
+        out["models"][name] = {"binned": binned, **split}
+    return out
 
 
 def exp_physics(predictors: dict, targets: np.ndarray, names: list[str], seed: int) -> dict:
@@ -963,6 +1058,63 @@ def fig_real(path, real, real_chi2, mock_snr, mock_chi2, budget) -> str:
     return _save(fig, path)
 
 
+def fig_learning_curve(path, lc: dict, budget: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for name, pts in lc["variants"].items():
+        ax.plot([p["spectra_seen"] for p in pts], [p["median_chi2"] for p in pts], "o-", ms=4, color=COLORS[name],
+                label=_label(name))
+    ax.axhline(lc["pca_median_chi2"], color=COLORS["pca"], ls="--", lw=1.2,
+               label=f"weighted restframe PCA (same S): {lc['pca_median_chi2']:.3f}")
+    ax.axhline(1, color="k", ls=":", lw=0.8, label="noiseless truth ≈ 1")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xlabel("training spectra seen")
+    ax.set_ylabel(f"median reduced χ², {lc['n_spectra']} held-out mocks")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(f"learning curve: is the autoencoder still improving toward the PCA? ({budget})", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_residual_by_wavelength(path, res: dict, budget: str) -> str:
+    from .mock import LINES
+
+    plt = _plt()
+    edges = np.asarray(res["bin_edges"])
+    mid = 0.5 * (edges[1:] + edges[:-1])
+    fig, axes = plt.subplots(2, 1, figsize=(13, 7), sharex=True)
+    for name, m in res["models"].items():
+        b = m["binned"]
+        axes[0].plot(mid, b["mean_chi2"], lw=1, color=COLORS.get(name, "0.5"),
+                     label=f"{_label(name)}: lines {m['lines']['mean_chi2']:.2f}, continuum {m['continuum']['mean_chi2']:.2f}")
+        axes[1].plot(mid, b["mean_signal_error"], lw=1, color=COLORS.get(name, "0.5"),
+                     label=f"{_label(name)}: lines {m['lines']['mean_signal_error']:.3f}, continuum "
+                           f"{m['continuum']['mean_signal_error']:.3f}")
+    for ax in axes:
+        for _, lw in LINES:
+            ax.axvline(lw, color="0.85", lw=0.6, zorder=0)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(1, color="k", ls=":", lw=0.8)
+    axes[0].set_ylabel("mean w (y − ŷ)² per pixel")
+    axes[1].set_ylabel("mean w (ŷ − y_true)² per pixel")
+    axes[1].set_xlabel("restframe wavelength [Å] (grey: mock emission lines)")
+    axes[0].set_title("where the models lose: χ² and error against the noiseless truth stacked by restframe "
+                      f"wavelength (legend: mean over line pixels ±{res['line_half_width']:.0f} Å / continuum)",
+                      fontsize=9)
+    fig.suptitle(f"Fidelity by wavelength ({budget})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def fig_training(path, histories: dict) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -1107,6 +1259,7 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
     figures = {}
 
     # 1. fidelity
+    t_an, c_an = time.perf_counter(), _cpu_s()
     fid, per_spec = exp_fidelity(enc_test, pca_test, test, cfg.n_latent)
     results["fidelity"] = fid
     test_snr = median_snr(test["y"], test["w"])
@@ -1121,6 +1274,17 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
                   observed=True)
     figures["reconstructions_mock"] = plot_reconstructions(
         os.path.join(fig_dir, "reconstructions_mock.png"), test, rec, ex, wave_obs, wave_rest, 0.5)
+
+    # 1b. learning curve and where in the spectrum each model loses
+    lc = exp_learning_curve(cfg, models, results["training"], test, enc_test, pca_test["chi2"])
+    results["learning_curve"] = lc
+    figures["learning_curve"] = fig_learning_curve(os.path.join(fig_dir, "learning_curve.png"), lc, budget)
+    obs_models = {k: (v["spec_obs"], v["valid"]) for k, v in enc_test.items()}
+    obs_models["pca"] = (pca_test["spec_obs"], pca_test["valid"])
+    byw = exp_residual_by_wavelength(obs_models, test, wave_obs, wave_rest)
+    results["fidelity_by_wavelength"] = byw
+    figures["fidelity_by_wavelength"] = fig_residual_by_wavelength(
+        os.path.join(fig_dir, "fidelity_by_wavelength.png"), byw, budget)
 
     # 2. extended restframe
     rest_models = {k: v["spec_rest"] for k, v in enc_lowz.items()}
@@ -1170,6 +1334,9 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
     predictors["pca"] = pca_test["coeffs"]
     results["latent_physics"] = exp_physics(predictors, targets, tnames, cfg.seed)
     figures["physics"] = fig_physics(os.path.join(fig_dir, "physics.png"), results["latent_physics"], budget)
+
+    timings["analysis_s"] = time.perf_counter() - t_an
+    timings["analysis_cpu_s"] = _cpu_s() - c_an
 
     # 5. real spectra
     if cfg.real_dir:
@@ -1285,6 +1452,23 @@ def findings(r: dict) -> list[str]:
         "error against the noiseless truth, in noise variances (below 1 = residuals below the noise): "
         + ", ".join(f"{_label(k)} {_f(f[k]['signal_error']['median'])}" for k in variants)
         + f", PCA {_f(pca['signal_error']['median'])}. Paper: AE-10 residuals below the noise, better than PCA.")
+    if "learning_curve" in r:
+        lc = r["learning_curve"]
+        seg = []
+        for k, pts in lc["variants"].items():
+            trend = ""
+            if len(pts) >= 2:
+                a = pts[-2]
+                trend = f", {_f(a['median_chi2'])} at {a['spectra_seen']} spectra seen"
+            seg.append(f"{_label(k)} {_f(pts[-1]['median_chi2'])} after {pts[-1]['spectra_seen']} spectra{trend}")
+        out.append(f"**Learning curve** (median χ² of {lc['n_spectra']} held-out mocks): " + "; ".join(seg)
+                   + f"; the weighted PCA: {_f(lc['pca_median_chi2'])}.")
+    if "fidelity_by_wavelength" in r:
+        bw = r["fidelity_by_wavelength"]["models"]
+        out.append("**Where the models lose** (mean error against the noiseless truth per pixel, in noise variances, "
+                   "emission-line pixels / continuum; share of the total error in line pixels): " + ", ".join(
+                       f"{_label(k)} {_f(m['lines']['mean_signal_error'])} / {_f(m['continuum']['mean_signal_error'])}"
+                       f" ({_f(m['lines']['share_of_total_signal_error'], '.0%')})" for k, m in bw.items()) + ".")
     e = r["extended_restframe"]["models"]
     parts = [f"{_label(k)} r = {_f(e[k]['unobserved']['pearson_r'], '.2f')} (NMAD {_f(e[k]['unobserved']['scatter_nmad'])}; "
              f"observed [O II]: r = {_f(e[k]['observed']['pearson_r'], '.2f')})" for k in e]
@@ -1386,6 +1570,28 @@ def markdown(r: dict) -> str:
         L += ["", "Weighted PCA with fewer components (how many dimensions the mocks need): "
               + "; ".join(f"{k}: median χ² {_f(v['chi2']['median'])}, signal error {_f(v['signal_error']['median'])}"
                           for k, v in scan.items()) + "."]
+    if "learning_curve" in r:
+        lc = r["learning_curve"]
+        L += ["", "### Learning curve", "",
+              f"Median reduced χ² of the first {lc['n_spectra']} held-out mocks under the weights at a few points of "
+              "each training run (the one-cycle learning rate is still high at the early points); the weighted "
+              f"restframe PCA with as many components reaches {_f(lc['pca_median_chi2'])} "
+              f"{_ci(lc.get('pca_median_chi2_ci68'))} on the same spectra.", "",
+              "| variant | " + " | ".join(f"{p['spectra_seen']} spectra" for p in next(iter(lc["variants"].values())))
+              + " |", "|---|" + "---|" * len(next(iter(lc["variants"].values())))]
+        for k, pts in lc["variants"].items():
+            L.append(f"| {_label(k)} | " + " | ".join(_f(p["median_chi2"], ".4g") for p in pts) + " |")
+    if "fidelity_by_wavelength" in r:
+        bw = r["fidelity_by_wavelength"]
+        L += ["", "### Where in the spectrum", "",
+              f"{bw['definition']}. Line pixels: within ±{bw['line_half_width']:.0f} Å restframe of a mock emission "
+              "line.", "",
+              "| model | line pixels: χ² | continuum: χ² | line pixels: signal error | continuum: signal error "
+              "| share of the signal error in line pixels |", "|---|---|---|---|---|---|"]
+        for k, m in bw["models"].items():
+            L.append(f"| {_label(k)} | {_f(m['lines']['mean_chi2'])} | {_f(m['continuum']['mean_chi2'])} "
+                     f"| {_f(m['lines']['mean_signal_error'])} | {_f(m['continuum']['mean_signal_error'])} "
+                     f"| {_f(m['lines']['share_of_total_signal_error'], '.0%')} |")
     e = r["extended_restframe"]
     L += ["", "## 2. Extended restframe: [O II] where it is not observed", "",
           f"{e['definition']}. Unobserved: {e['unobserved_means']} (n = {e['n']['unobserved']}); control group with "

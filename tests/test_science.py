@@ -18,7 +18,6 @@ from fastspec.science import (
     latent_displacement,
     line_flux,
     r2_score,
-    run,
     signal_error,
     to_restframe,
     train_variant,
@@ -174,35 +173,61 @@ def test_held_out_r2_of_the_regressors():
     assert r2_score(yt, yp)[0] == pytest.approx(1 - 1.25 / (14 / 3))
 
 
-def test_unknown_mode_and_missing_real_data_are_reported():
+def test_unknown_mode_bad_options_and_missing_real_data_are_reported(capsys):
+    from fastspec import cli
+
     with pytest.raises(ValueError, match="mode must be one of smoke, quick, full"):
         ScienceConfig.for_mode("fast")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "science.py"), "--smoke", "--real-dir", "/nonexistent"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "/nonexistent/MANIFEST.tsv not found" in proc.stderr
+    assert cli.main(["science", "--smoke", "--variants", "a,x"]) == 2
+    assert "--variants takes a comma list of a, b, c, got 'a,x'" in capsys.readouterr().err
+    assert cli.main(["science", "--smoke", "--steps", "0"]) == 2
+    assert "--steps must be ≥ 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["science"])  # a mode is required
+    assert "one of the arguments --quick --full --smoke is required" in capsys.readouterr().err
 
 
-def test_tiny_end_to_end_run_writes_every_experiment(tmp_path, real_data_dir):
-    cfg = ScienceConfig.for_mode("smoke", n_train=256, n_test=64, n_lowz=48, n_invariance=4, n_pca_fit=128,
-                                 pca_iter=2, pca_scan=(), steps=2, variants=("a", "c"), workdir=str(tmp_path / "work"),
-                                 out_dir=str(tmp_path / "out"), real_dir=str(real_data_dir), progress=False)
-    res = run(cfg)
-    saved = json.loads((tmp_path / "out" / "science-smoke.json").read_text())
-    assert saved["mode"] == "smoke"
-    for key in ("fidelity", "extended_restframe", "redshift_invariance", "latent_physics", "real_spectra"):
+def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_dir, capsys):
+    from fastspec import cli
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    rc = cli.main(["science", "--smoke", "--workdir", str(work), "-o", str(out), "--real-dir", str(real_data_dir),
+                   "--device", "cpu", "-q"])
+    assert rc == 0
+    assert "science-smoke.md" in capsys.readouterr().out
+    saved = json.loads((out / "science-smoke.json").read_text())
+    cfg = ScienceConfig.for_mode("smoke", workdir=str(work), out_dir=str(out), real_dir=str(real_data_dir),
+                                 progress=False, device="cpu")
+    assert saved["mode"] == "smoke" and saved["config"] == json.loads(json.dumps(cfg.to_dict()))
+    for key in ("fidelity", "extended_restframe", "redshift_invariance", "latent_physics", "real_spectra",
+                "learning_curve", "fidelity_by_wavelength"):
         assert key in saved, key
-    assert set(saved["redshift_invariance"]["variants"]) == {"ae_a", "ae_c"}
+    assert set(saved["redshift_invariance"]["variants"]) == {"ae_a", "ae_b", "ae_c"}
     assert saved["training"]["ae_c"]["consistency"] == cfg.consistency
+    # every phase has its wall and CPU time
+    for phase in ("data", "training", "pca", "encode", "analysis", "real"):
+        assert saved["timings"][f"{phase}_s"] > 0 and saved["timings"][f"{phase}_cpu_s"] >= 0, phase
     # the noiseless truth fits the mock data to χ² ≈ 1: the noise model and the χ² definition agree
     assert 0.9 < saved["fidelity"]["truth_model"]["chi2"]["median"] < 1.1
+    # the learning curve ends at the final model: its last point is the fidelity experiment's median χ²
+    lc = saved["learning_curve"]
+    assert lc["pca_median_chi2"] == saved["fidelity"]["pca"]["chi2"]["median"]
+    for v in ("ae_a", "ae_b", "ae_c"):
+        pts = lc["variants"][v]
+        assert pts[-1]["spectra_seen"] == cfg.steps * cfg.batch_size
+        assert pts[-1]["median_chi2"] == pytest.approx(saved["fidelity"][v]["chi2"]["median"], rel=1e-6)
     # every bundled SDSS-spectrograph file is ingested and scored
     assert saved["real_spectra"]["n_ingested"] == saved["real_spectra"]["files"] >= 10
     assert all(math.isfinite(r["chi2_pca"]) for r in saved["real_spectra"]["per_spectrum"])
-    for name in res["figures"].values():
-        assert (tmp_path / "out" / name).stat().st_size > 10_000, name
-    md = (tmp_path / "out" / "science-smoke.md").read_text()
-    assert "## 3. Redshift invariance" in md and "2 steps × 32 spectra" in md
+    for name in saved["figures"].values():
+        assert (out / name).stat().st_size > 10_000, name
+    md = (out / "science-smoke.md").read_text()
+    assert "## 3. Redshift invariance" in md and f"{cfg.steps} steps × {cfg.batch_size} spectra" in md
+    assert "Learning curve" in md
     # the same settings again reuse the trained model instead of training again
-    again = train_variant(cfg, "a", str(tmp_path / "work" / "train-smoke.h5"))
+    again = train_variant(cfg, "a", str(work / "train-smoke.h5"))
     assert again.pop("reused") and again == saved["training"]["ae_a"]
