@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import sys
 import threading
 import weakref
 from collections import deque
@@ -122,10 +123,12 @@ class _Chunk:
 class _ChunkReader(torch.utils.data.Dataset):
     """Reads one chunk per item. Lives in the worker; opens files on first use there."""
 
-    def __init__(self, files: list[_FileInfo], selection: list[np.ndarray | None], alloc=None):
+    def __init__(self, files: list[_FileInfo], selection: list[np.ndarray | None], alloc=None,
+                 memory_map: bool = True):
         self.files = files
         self.selection = selection
         self.alloc = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+        self.memory_map = memory_map
         self._open: dict = {}
 
     def __getstate__(self):
@@ -134,6 +137,7 @@ class _ChunkReader(torch.utils.data.Dataset):
         state["_open"] = {}
         state.pop("_ds", None)
         state.pop("_buf", None)
+        state.pop("_maps", None)
         state["alloc"] = None
         return state
 
@@ -149,6 +153,9 @@ class _ChunkReader(torch.utils.data.Dataset):
 
     def close(self):
         self.__dict__.pop("_ds", None)
+        for m in self.__dict__.pop("_maps", {}).values():
+            if m is not None:
+                m.close()
         for f in self._open.values():
             f.close()
         self._open = {}
@@ -196,6 +203,21 @@ class _ChunkReader(torch.utils.data.Dataset):
         lo = start + int(np.argmax(keep))  # read only the span holding wanted rows (resume skips)
         hi = start + len(keep) - int(np.argmax(keep[::-1]))
         d = dest[lo - start : hi - start]
+        row0 = lo + info.offset
+        mapped = self._mapped(fi, f) if isinstance(f, SpectraFile) else None
+        if mapped is not None:
+            # straight from the page cache: no HDF5 call, no copy into a buffer, and the GIL is free for the
+            # whole pass, so reader threads run side by side
+            mapped.will_need(lo, hi)
+            a = lo
+            while a < hi:
+                b = mapped.segment_end(a, hi)
+                part = d[a - lo : b - lo]
+                if (part >= 0).any():
+                    flux, ivar, mask, zz = mapped.rows(a, b)
+                    self._check(info, a, _fill(flux, ivar, mask, zz, part, row0 + a - lo, y, w, z, index))
+                a = b
+            return
         if isinstance(f, SpectraFile):
             m = hi - lo
             flux, ivar, mask, zz = (buf[:m] for buf in self._buffers(f, m))
@@ -219,13 +241,23 @@ class _ChunkReader(torch.utils.data.Dataset):
                     raise SpectraFormatError(f"{info.path}: row {row}: {msg}")
         # one fused pass per block: h5py holds the GIL while it reads, so a reader thread hands the GIL over
         # once per block and the (GIL-free) pass of one thread overlaps the reads of another
-        bad_row, bad_col, bad_field = _fill(flux, ivar, mask, zz, d, lo + info.offset, y, w, z, index)
+        self._check(info, lo, _fill(flux, ivar, mask, zz, d, row0, y, w, z, index))
+
+    @staticmethod
+    def _check(info: _FileInfo, first_row: int, bad: tuple[int, int, int]) -> None:
+        bad_row, bad_col, bad_field = bad
         if bad_row >= 0:
             field = "spectrum_flux" if bad_field == 0 else "spectrum_ivar"
             raise SpectraFormatError(
-                f"{info.path}: row {lo + bad_row}, field {field}: non-finite value at pixel {bad_col} with "
-                "nonzero weight (run `fastspec validate`, or train with --exclude-bad)"
+                f"{info.path}: row {first_row + bad_row}, field {field}: non-finite value at pixel {bad_col} "
+                "with nonzero weight (run `fastspec validate`, or train with --exclude-bad)"
             )
+
+    def _mapped(self, fi: int, f: SpectraFile) -> _MappedFile | None:
+        cache = self.__dict__.setdefault("_maps", {})
+        if fi not in cache:
+            cache[fi] = _MappedFile.open(f) if self.memory_map else None
+        return cache[fi]
 
     def _datasets(self, fi: int, f):
         cache = self.__dict__.setdefault("_ds", {})
@@ -241,6 +273,133 @@ class _ChunkReader(torch.utils.data.Dataset):
             buf = self._buf = (np.empty((rows, L), np.float32), np.empty((rows, L), np.float32),
                                np.empty((rows, L), np.bool_), np.empty(rows, np.float64))
         return buf
+
+
+class _MappedFile:
+    """The uncompressed columns of a fastspec file read in place through a read-only memory map.
+
+    A contiguous h5py read copies every byte from the page cache into a buffer (under h5py's lock, which
+    holds the GIL) before the fused pass reads it again; mapped, the pass reads the page cache directly, so a
+    spectrum costs one pass instead of a copy and a pass, and reader threads run side by side. Only layouts
+    whose bytes are exactly what the pass expects qualify (native little-endian float32 flux and ivar, 1-byte
+    mask, float32/float64 Z; chunked by whole rows or contiguous; no filters; every chunk allocated; plain
+    POSIX file driver, no user block); any other file goes through h5py reads. HDF5 places chunks at any
+    byte offset, so the pass loads with alignment 1 (free on x86-64 and AArch64).
+    """
+
+    COLUMNS = ("spectrum_flux", "spectrum_ivar", "spectrum_mask", "Z")
+    DTYPES = ((np.dtype("<f4"),), (np.dtype("<f4"),), (np.dtype("|b1"), np.dtype("|u1"), np.dtype("|i1")),
+              (np.dtype("<f4"), np.dtype("<f8")))
+
+    def __init__(self, path: str, columns: list[tuple[np.dtype, int, int, np.ndarray]]):
+        self._fh = open(path, "rb")
+        try:
+            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._fh.close()
+            raise
+        self._base = np.frombuffer(self._mm, dtype=np.uint8)
+        # per column: (dtype, values per row, rows per chunk, byte offset of each chunk)
+        self.columns = columns
+        self.sizes = [dt.itemsize * k for dt, k, _, _ in columns]  # bytes per row
+
+    @classmethod
+    def open(cls, f: SpectraFile) -> _MappedFile | None:
+        if sys.byteorder != "little" or not hasattr(mmap, "mmap"):
+            return None
+        h5 = f.h5
+        try:
+            if h5.id.get_access_plist().get_driver() != h5py.h5fd.SEC2 or h5.id.get_create_plist().get_userblock():
+                return None
+            size = os.path.getsize(f.path)
+            columns = []
+            for name, dtypes in zip(cls.COLUMNS, cls.DTYPES):
+                col = cls._column(h5[name], dtypes, size)
+                if col is None:
+                    return None
+                columns.append(col)
+            if len({len(h5[name]) for name in cls.COLUMNS}) != 1:
+                return None
+            return cls(f.path, columns)
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, RuntimeError):
+            return None  # anything unexpected: h5py reads are always correct
+
+    @staticmethod
+    def _column(ds: h5py.Dataset, dtypes, file_size: int):
+        if ds.dtype not in dtypes or ds.ndim not in (1, 2) or ds.external:
+            return None
+        dcpl = ds.id.get_create_plist()
+        if dcpl.get_nfilters():
+            return None
+        n = ds.shape[0]
+        row_items = int(np.prod(ds.shape[1:], dtype=np.int64))
+        row_bytes = row_items * ds.dtype.itemsize
+        layout = dcpl.get_layout()
+        if layout == h5py.h5d.CONTIGUOUS:
+            offset = ds.id.get_offset()
+            if offset is None and n:
+                return None
+            chunk_rows, offsets = max(n, 1), np.array([offset or 0], np.int64)
+        elif layout == h5py.h5d.CHUNKED:
+            if tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
+                return None
+            chunk_rows = ds.chunks[0]
+            n_chunks = -(-n // chunk_rows)
+            offsets = np.full(n_chunks, -1, np.int64)
+            stored = []
+            if hasattr(ds.id, "chunk_iter"):
+                ds.id.chunk_iter(stored.append)
+            else:
+                stored = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
+            for info in stored:
+                c = info.chunk_offset[0] // chunk_rows
+                if info.filter_mask or info.size != chunk_rows * row_bytes or not 0 <= c < n_chunks:
+                    return None
+                offsets[c] = info.byte_offset
+            if (offsets < 0).any():
+                return None  # a chunk never written (fill value): h5py knows what to return
+        else:
+            return None
+        if n and int(offsets.max()) + chunk_rows * row_bytes > file_size:
+            return None
+        return ds.dtype, row_items, chunk_rows, offsets
+
+    def segment_end(self, a: int, hi: int) -> int:
+        """The end of the run of rows from `a` (< hi) that lies in one chunk of every column."""
+        return min(hi, *(((a // cr) + 1) * cr for _, _, cr, _ in self.columns))
+
+    def rows(self, a: int, b: int):
+        """Read-only views of rows [a, b) (within one chunk of every column): flux, ivar, mask, Z."""
+        out = []
+        for (dtype, k, cr, offsets), size in zip(self.columns, self.sizes):
+            c = a // cr
+            start = int(offsets[c]) + (a - c * cr) * size
+            v = self._base[start : start + (b - a) * size].view(dtype)
+            out.append(v.reshape(b - a, k) if k > 1 else v)
+        return out
+
+    def will_need(self, a: int, b: int) -> None:
+        """Ask the kernel to read rows [a, b) ahead (a cold file then streams like large reads, not 4 KiB
+        page faults)."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        for (_, _, cr, offsets), size in zip(self.columns, self.sizes):
+            for c in range(a // cr, (b - 1) // cr + 1):
+                lo = int(offsets[c]) + (max(a, c * cr) - c * cr) * size
+                hi = int(offsets[c]) + (min(b, (c + 1) * cr) - c * cr) * size
+                page = lo - lo % mmap.PAGESIZE
+                try:
+                    self._mm.madvise(mmap.MADV_WILLNEED, page, hi - page)
+                except (OSError, ValueError):
+                    return
+
+    def close(self) -> None:
+        self._base = None
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the map closes with it
+        self._fh.close()
 
 
 def _shared_empty(shape, dtype) -> torch.Tensor:
@@ -317,17 +476,37 @@ def _fill(flux, ivar, mask, zz, dest, row0, y, w, z, index):
         with _FILL_LOCK:
             if _FILL is None:
                 _FILL = _compile_fill()
-    return _FILL(flux, ivar, mask, np.ascontiguousarray(zz, dtype=np.float64), dest, row0, y, w, z, index)
+    # the mask as bytes (a mapped file's mask is not guaranteed to hold only 0 and 1); Z as an aligned copy
+    return _FILL(flux, ivar, mask.view(np.uint8), np.require(zz, np.float64, "CA"), dest, row0, y, w, z,
+                 index)
 
 
 def _compile_fill():
     import numba
+    from numba import types
+    from numba.core.imputils import impl_ret_borrowed
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def unaligned(typingctx, arr):
+        # the same array typed as unaligned, so its loads are emitted with alignment 1: a memory-mapped HDF5
+        # chunk may start at any byte
+        if not isinstance(arr, types.Array):
+            return None
+        ret = types.Array(arr.dtype, arr.ndim, arr.layout, readonly=not arr.mutable, aligned=False)
+
+        def codegen(context, builder, signature, args):
+            return impl_ret_borrowed(context, builder, ret, args[0])
+
+        return ret(arr), codegen
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def fill(flux, ivar, mask, zz, dest, row0, y, w, z, index):
         n, L = flux.shape
-        fbits = flux.view(np.uint32)
-        ibits = ivar.view(np.uint32)
+        fbits = unaligned(flux.view(np.uint32))
+        ibits = unaligned(ivar.view(np.uint32))
+        flux = unaligned(flux)
+        ivar = unaligned(ivar)
         for i in range(n):
             d = dest[i]
             if d < 0:
@@ -338,14 +517,14 @@ def _compile_fill():
             # branch-free so LLVM vectorises it; non-finite = all exponent bits set
             for l in range(L):
                 iv = ivar[i, l]
-                good = (not mask[i, l]) and iv > 0
+                good = mask[i, l] == 0 and iv > 0
                 w[d, l] = iv if good else np.float32(0)
                 y[d, l] = flux[i, l] if good else np.float32(0)
                 nonfinite = ((fbits[i, l] & 0x7F800000) == 0x7F800000) or ((ibits[i, l] & 0x7F800000) == 0x7F800000)
                 bad |= good and nonfinite
             if bad:
                 for l in range(L):
-                    if not mask[i, l] and ivar[i, l] > 0:
+                    if mask[i, l] == 0 and ivar[i, l] > 0:
                         if not np.isfinite(flux[i, l]):
                             return i, l, 0
                         if not np.isfinite(ivar[i, l]):
@@ -373,12 +552,16 @@ class SpectraLoader:
     seed : with `set_epoch`, fixes the order.
     rank, world_size : this process's place in DDP; it yields only its own rows (batch_size / world_size).
     shards : data shards (default world_size); fixes the order independently of world_size.
-    num_workers, prefetch : background reader processes and chunks each keeps ready.
+    num_workers, prefetch : background readers (threads or processes, see `worker_type`) and chunks each keeps ready.
     pin_memory : pin host batches (default: when `device` is CUDA).
     device : move batches there (CUDA: next batch copied on a side stream while the current one is used).
     drop_last : drop the incomplete last batch (training; every rank then runs the same number of steps).
     rows : per-file row selection: None (all rows) or a list with, per file, None or a boolean array of the
         file's length or an array of row indices (e.g. the training or validation split, bad rows removed).
+    persistent_workers : keep worker processes between epochs (``worker_type="process"``).
+    worker_type : "thread" (default) or "process" background readers (see the module docstring).
+    memory_map : read uncompressed fastspec files through a memory map (the default; see `_MappedFile`);
+        False reads every file with h5py (e.g. on a file system where mapping is slow or unsupported).
     """
 
     def __init__(
@@ -400,6 +583,7 @@ class SpectraLoader:
         rows: Sequence[np.ndarray | None] | None = None,
         persistent_workers: bool = True,
         worker_type: str = "thread",
+        memory_map: bool = True,
     ):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -433,6 +617,7 @@ class SpectraLoader:
         if worker_type not in ("thread", "process"):
             raise ValueError(f"worker_type must be 'thread' or 'process', got {worker_type!r}")
         self.worker_type = worker_type
+        self.memory_map = bool(memory_map)
         self.epoch = 0
 
         self.files: list[_FileInfo] = []
@@ -455,7 +640,7 @@ class SpectraLoader:
         self._blocks = self._make_blocks()
         self.n_rows = int(sum(b[3] for b in self._blocks))
         self._pool = _BufferPool()
-        self._reader = _ChunkReader(self.files, self.selection, self._alloc)
+        self._reader = _ChunkReader(self.files, self.selection, self._alloc, self.memory_map)
         self._dataloader = None
         self._executor = None
         self._thread_readers: list[_ChunkReader] = []
@@ -577,7 +762,7 @@ class SpectraLoader:
     def _thread_reader(self) -> _ChunkReader:
         r = getattr(self._local, "reader", None)
         if r is None:
-            r = self._local.reader = _ChunkReader(self.files, self.selection, self._alloc)
+            r = self._local.reader = _ChunkReader(self.files, self.selection, self._alloc, self.memory_map)
             with self._lock:
                 self._thread_readers.append(r)
         return r

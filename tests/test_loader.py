@@ -243,3 +243,70 @@ def test_real_sdss_spectra_from_an_mmu_file(tmp_path, real_data_dir):
     ids = np.array([r["oid"] for r in rows[:3]])
     np.testing.assert_array_equal(stable_fraction(ids), stable_fraction(ids.copy()))
     assert len(set(stable_fraction(ids).tolist())) == 3
+
+
+def test_memory_mapped_reads_match_plain_h5py_at_any_chunk_alignment(tmp_path):
+    """Uncompressed files are read through a memory map. Appends of odd sizes put HDF5 chunks at byte offsets
+    that are not multiples of 4; every value must still be the file's, masked NaN zeroed, a weighted NaN
+    named by file, row and field. Files the map cannot read as they are (compressed, big-endian) go
+    through h5py and give the same batches."""
+    from fastspec.h5format import SpectraFile
+    from fastspec.loader import _MappedFile
+
+    rng = np.random.default_rng(4)
+    path = tmp_path / "appended.h5"
+    with SpectraWriter(path, "sdss") as wr:
+        for k in (50, 37, 91, 29):
+            flux = rng.normal(1.0, 0.2, (k, L)).astype(np.float32)
+            ivar = rng.uniform(10, 50, (k, L)).astype(np.float32)
+            mask = rng.random((k, L)) < 0.05
+            flux[::7, 300] = np.nan  # masked NaN in every append
+            mask[::7, 300] = True
+            wr.write(flux, ivar, mask, rng.uniform(0, 0.5, k), np.full(k, 1e-4), np.arange(k))
+    with SpectraFile(path) as f:
+        mapped = _MappedFile.open(f)
+        assert mapped is not None
+        offsets = np.concatenate([c[3] for c in mapped.columns[:2]])
+        mapped.close()
+    assert (offsets % 4 != 0).any()  # the case under test really occurs
+
+    y_ref, w_ref, z_ref = reference([path])
+
+    def check(p, **kw):
+        seen = 0
+        loader = SpectraLoader([p], batch_size=24, block_rows=40, shuffle_blocks=2, seed=2, num_workers=0,
+                               drop_last=False, **kw)
+        for b in loader:
+            i = b.index.numpy()
+            np.testing.assert_array_equal(b.y.numpy(), y_ref[i])
+            np.testing.assert_array_equal(b.w.numpy(), w_ref[i])
+            np.testing.assert_array_equal(b.z.numpy(), z_ref[i])
+            seen += len(i)
+        loader.close()
+        assert seen == 207
+
+    check(path)
+    check(path, memory_map=False)
+
+    for name, column, kw in [("gzip.h5", "spectrum_flux", dict(compression="gzip", chunks=(16, L))),
+                             ("bigendian.h5", "spectrum_ivar", dict(dtype=">f4"))]:
+        other = tmp_path / name
+        with h5py.File(path, "r") as src, h5py.File(other, "w") as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for key in src:
+                if key == column:
+                    dst.create_dataset(key, data=src[key][:], **kw)
+                else:
+                    src.copy(key, dst)
+        with SpectraFile(other) as f:
+            assert _MappedFile.open(f) is None
+        check(other)
+
+    # a weighted NaN past the first chunk: the message names the file's row, not the row within a chunk
+    with h5py.File(path, "r+") as h:
+        h["spectrum_flux"][150, 1000] = np.nan
+        h["spectrum_mask"][150, 1000] = False
+        h["spectrum_ivar"][150, 1000] = 20.0
+    with pytest.raises(SpectraFormatError, match=r"appended\.h5: row 150, field spectrum_flux: .* pixel 1000"):
+        list(SpectraLoader([path], batch_size=8, shuffle=True, num_workers=0))
