@@ -75,38 +75,55 @@ def _fwd(x, c, a, b, out, valid, nchunk):
                         vb[j] = False
 
 
+@numba.njit(fastmath=_FASTMATH, inline="always")
+def _scatter(i, t, G, xr, gxr, cj, need_ab, sa, sb):
+    """One output pixel's share of the backward: G into rest pixels i, i+1; the running sums of ∂/∂a, ∂/∂b."""
+    if i >= 0:
+        gxr[i] += G - G * t
+        gxr[i + 1] += G * t
+        if need_ab:
+            d = G * (xr[i + 1] - xr[i])
+            sa += d * cj
+            sb += d
+    return sa, sb
+
+
+# The backward kernels walk two spectra side by side: within one spectrum each scatter-add may read the
+# value the previous pixel just stored (a store-to-load chain of ~5 cycles a pixel); two independent chains
+# interleaved let the core overlap them (−20% on the SDSS grid, one thread).
+
+
 @_jit
 def _bwd(g, x, c, a, b, gx, gab, need_ab, nchunk):
     """gx = scatter of g (gx need not be zeroed); gab[n] = (Σ g·Δx·c, Σ g·Δx), the gradients to a[n], b[n]."""
     N, R = x.shape
     L = c.shape[0]
     for k in numba.prange(nchunk):
-        ib = np.empty(BLOCK, np.int32)
-        tb = np.empty(BLOCK, x.dtype)
+        ib, ib2 = np.empty(BLOCK, np.int32), np.empty(BLOCK, np.int32)
+        tb, tb2 = np.empty(BLOCK, x.dtype), np.empty(BLOCK, x.dtype)
         n0, n1 = _chunk(k, nchunk, N)
-        for n in range(n0, n1):
-            gr = g[n]
-            xr = x[n]
-            gxr = gx[n]
+        for n in range(n0, n1, 2):
+            pair = n + 1 < n1
+            m = n + 1 if pair else n  # an odd last row walks alone
+            xr, xr2, gr, gr2, gxr, gxr2 = x[n], x[m], g[n], g[m], gx[n], gx[m]
             gxr[:] = 0.0  # zeroed here, while the row is about to be in cache anyway
-            sa = 0.0
-            sb = 0.0
+            gxr2[:] = 0.0
+            sa = sb = sa2 = sb2 = 0.0
             for l0 in range(0, L, BLOCK):
                 l1 = min(l0 + BLOCK, L)
                 _coords(c, l0, l1, a[n], b[n], R, ib, tb)
-                gb = gr[l0:l1]
-                cb = c[l0:l1]
-                for j in range(l1 - l0):
-                    i = ib[j]
-                    if i >= 0:
-                        t = tb[j]
-                        G = gb[j]
-                        gxr[i] += G * (1 - t)
-                        gxr[i + 1] += G * t
-                        if need_ab:
-                            d = G * (xr[i + 1] - xr[i])
-                            sa += d * cb[j]
-                            sb += d
+                gb, gb2, cb = gr[l0:l1], gr2[l0:l1], c[l0:l1]
+                if pair:
+                    _coords(c, l0, l1, a[m], b[m], R, ib2, tb2)
+                    for j in range(l1 - l0):
+                        sa, sb = _scatter(ib[j], tb[j], gb[j], xr, gxr, cb[j], need_ab, sa, sb)
+                        sa2, sb2 = _scatter(ib2[j], tb2[j], gb2[j], xr2, gxr2, cb[j], need_ab, sa2, sb2)
+                else:
+                    for j in range(l1 - l0):
+                        sa, sb = _scatter(ib[j], tb[j], gb[j], xr, gxr, cb[j], need_ab, sa, sb)
+            if pair:
+                gab[m, 0] = sa2
+                gab[m, 1] = sb2
             gab[n, 0] = sa
             gab[n, 1] = sb
 
@@ -139,45 +156,62 @@ def _loss_fwd(x, c, a, b, y, w, out, nchunk):
             out[n] = s
 
 
+@numba.njit(fastmath=_FASTMATH, inline="always")
+def _scatter_loss(i, t, wl, yl, g2, xr, gxr, cj, need_ab, sa, sb):
+    """_scatter for the loss: G = −2·g·w·(y − ŷ), skipping w = 0 pixels (y may be NaN there)."""
+    if i >= 0 and wl != 0.0:
+        x0 = xr[i]
+        dx = xr[i + 1] - x0
+        G = g2 * wl * (yl - (x0 + t * dx))
+        gxr[i] += G - G * t
+        gxr[i + 1] += G * t
+        if need_ab:
+            sa += G * dx * cj
+            sb += G * dx
+    return sa, sb
+
+
 @_jit
 def _loss_bwd(gl, x, c, a, b, y, w, gx, gab, need_ab, nchunk):
     N, R = x.shape
     L = c.shape[0]
     for k in numba.prange(nchunk):
-        ib = np.empty(BLOCK, np.int32)
-        tb = np.empty(BLOCK, x.dtype)
+        ib, ib2 = np.empty(BLOCK, np.int32), np.empty(BLOCK, np.int32)
+        tb, tb2 = np.empty(BLOCK, x.dtype), np.empty(BLOCK, x.dtype)
         n0, n1 = _chunk(k, nchunk, N)
-        for n in range(n0, n1):
-            g2 = gl[n] + gl[n]  # stays in the compute dtype (a float64 literal would promote the loop)
+        for n in range(n0, n1, 2):
+            m = min(n + 1, n1 - 1)
+            gx[n, :] = 0.0
+            gx[m, :] = 0.0
+            # Rows with zero upstream gradient are not walked (their y may be NaN where w ≠ 0): p is the
+            # first row to walk and q the second (p == q: one row).
+            p = n if gl[n] != 0.0 else m
+            q = m if gl[m] != 0.0 else p
+            g2 = gl[p] + gl[p]  # stays in the compute dtype (a float64 literal would promote the loop)
             g2 = -g2
-            sa = 0.0
-            sb = 0.0
-            xr = x[n]
-            yr = y[n]
-            wr = w[n]
-            gxr = gx[n]
-            gxr[:] = 0.0
+            h2 = gl[q] + gl[q]
+            h2 = -h2
+            xr, xr2, yr, yr2, wr, wr2, gxr, gxr2 = x[p], x[q], y[p], y[q], w[p], w[q], gx[p], gx[q]
+            sa = sb = sa2 = sb2 = 0.0
             for l0 in range(0, L if g2 != 0.0 else 0, BLOCK):
                 l1 = min(l0 + BLOCK, L)
-                _coords(c, l0, l1, a[n], b[n], R, ib, tb)
-                yb = yr[l0:l1]
-                wb = wr[l0:l1]
-                cb = c[l0:l1]
-                for j in range(l1 - l0):
-                    i = ib[j]
-                    wl = wb[j]
-                    if i >= 0 and wl != 0.0:
-                        t = tb[j]
-                        x0 = xr[i]
-                        dx = xr[i + 1] - x0
-                        G = g2 * wl * (yb[j] - (x0 + t * dx))
-                        gxr[i] += G * (1 - t)
-                        gxr[i + 1] += G * t
-                        if need_ab:
-                            sa += G * dx * cb[j]
-                            sb += G * dx
-            gab[n, 0] = sa
-            gab[n, 1] = sb
+                _coords(c, l0, l1, a[p], b[p], R, ib, tb)
+                yb, yb2, wb, wb2, cb = yr[l0:l1], yr2[l0:l1], wr[l0:l1], wr2[l0:l1], c[l0:l1]
+                if q != p:
+                    _coords(c, l0, l1, a[q], b[q], R, ib2, tb2)
+                    for j in range(l1 - l0):
+                        sa, sb = _scatter_loss(ib[j], tb[j], wb[j], yb[j], g2, xr, gxr, cb[j], need_ab, sa, sb)
+                        sa2, sb2 = _scatter_loss(ib2[j], tb2[j], wb2[j], yb2[j], h2, xr2, gxr2, cb[j], need_ab,
+                                                 sa2, sb2)
+                else:
+                    for j in range(l1 - l0):
+                        sa, sb = _scatter_loss(ib[j], tb[j], wb[j], yb[j], g2, xr, gxr, cb[j], need_ab, sa, sb)
+            gab[n, 0] = gab[n, 1] = gab[m, 0] = gab[m, 1] = 0.0
+            if q != p:
+                gab[q, 0] = sa2
+                gab[q, 1] = sb2
+            gab[p, 0] = sa
+            gab[p, 1] = sb
 
 
 # ---- torch-facing wrappers (CPU tensors in, CPU tensors out) ----------------------------------------------
