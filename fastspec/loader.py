@@ -208,7 +208,9 @@ class _ChunkReader(torch.utils.data.Dataset):
         if mapped is not None:
             # straight from the page cache: no HDF5 call, no copy into a buffer, and the GIL is free for the
             # whole pass, so reader threads run side by side
-            mapped.will_need(lo, hi)
+            if mapped.cold:
+                mapped.will_need(lo, hi)
+            faults = _major_faults()
             a = lo
             while a < hi:
                 b = mapped.segment_end(a, hi)
@@ -217,6 +219,13 @@ class _ChunkReader(torch.utils.data.Dataset):
                     flux, ivar, mask, zz = mapped.rows(a, b)
                     self._check(info, a, _fill(flux, ivar, mask, zz, part, row0 + a - lo, y, w, z, index))
                 a = b
+            # read-ahead advice costs ~10% of the pass even when every page is cached: give it only while the
+            # passes wait for the disk (major page faults in this thread), for a few blocks after each wait
+            # (advised blocks themselves wait less)
+            if faults is None or _major_faults() > faults:
+                mapped.cold = _COLD_BLOCKS
+            else:
+                mapped.cold = max(0, mapped.cold - 1)
             return
         if isinstance(f, SpectraFile):
             m = hi - lo
@@ -299,6 +308,7 @@ class _MappedFile:
             self._fh.close()
             raise
         self._base = np.frombuffer(self._mm, dtype=np.uint8)
+        self.cold = _COLD_BLOCKS  # blocks still to give read-ahead advice (see _ChunkReader._read_block)
         # per column: (dtype, values per row, rows per chunk, byte offset of each chunk)
         self.columns = columns
         self.sizes = [dt.itemsize * k for dt, k, _, _ in columns]  # bytes per row
@@ -380,18 +390,24 @@ class _MappedFile:
 
     def will_need(self, a: int, b: int) -> None:
         """Ask the kernel to read rows [a, b) ahead (a cold file then streams like large reads, not 4 KiB
-        page faults)."""
+        page faults). Chunks that follow each other in the file go in one call."""
         if not hasattr(mmap, "MADV_WILLNEED"):
             return
+        ranges = []
         for (_, _, cr, offsets), size in zip(self.columns, self.sizes):
             for c in range(a // cr, (b - 1) // cr + 1):
                 lo = int(offsets[c]) + (max(a, c * cr) - c * cr) * size
                 hi = int(offsets[c]) + (min(b, (c + 1) * cr) - c * cr) * size
-                page = lo - lo % mmap.PAGESIZE
-                try:
-                    self._mm.madvise(mmap.MADV_WILLNEED, page, hi - page)
-                except (OSError, ValueError):
-                    return
+                if ranges and ranges[-1][1] == lo:
+                    ranges[-1][1] = hi
+                else:
+                    ranges.append([lo, hi])
+        for lo, hi in ranges:
+            page = lo - lo % mmap.PAGESIZE
+            try:
+                self._mm.madvise(mmap.MADV_WILLNEED, page, hi - page)
+            except (OSError, ValueError):
+                return
 
     def close(self) -> None:
         self._base = None
@@ -400,6 +416,19 @@ class _MappedFile:
         except BufferError:
             pass  # a view is still alive somewhere; the map closes with it
         self._fh.close()
+
+
+_COLD_BLOCKS = 8
+
+
+def _major_faults() -> int | None:
+    """Major page faults (waits for the disk) of the calling thread so far; None where unknown."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
+    except (ImportError, AttributeError, OSError):
+        return None
 
 
 def _shared_empty(shape, dtype) -> torch.Tensor:
@@ -464,6 +493,7 @@ class _BufferPool:
 
 _FILL = None
 _FILL_LOCK = threading.Lock()
+_UNALIGNED = None  # numba intrinsic; a global, not a closure cell, so numba's on-disk cache can key on fill
 
 
 def _fill(flux, ivar, mask, zz, dest, row0, y, w, z, index):
@@ -500,13 +530,16 @@ def _compile_fill():
 
         return ret(arr), codegen
 
+    global _UNALIGNED
+    _UNALIGNED = unaligned
+
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def fill(flux, ivar, mask, zz, dest, row0, y, w, z, index):
         n, L = flux.shape
-        fbits = unaligned(flux.view(np.uint32))
-        ibits = unaligned(ivar.view(np.uint32))
-        flux = unaligned(flux)
-        ivar = unaligned(ivar)
+        fbits = _UNALIGNED(flux.view(np.uint32))
+        ibits = _UNALIGNED(ivar.view(np.uint32))
+        flux = _UNALIGNED(flux)
+        ivar = _UNALIGNED(ivar)
         for i in range(n):
             d = dest[i]
             if d < 0:
