@@ -15,20 +15,23 @@ How an epoch is laid out, and why:
   makes exact resume possible and lets a 2-rank DDP run see exactly the batches of a 1-process run with
   ``shards=2`` (tests/test_ddp.py).
 
-Reading a chunk is one fused pass per HDF5 chunk of rows: h5py's low-level read into a reused buffer, then a
-numba kernel that computes the weights, zeroes flux where the weight is 0 (masked NaN never reaches the loss),
-checks weighted pixels are finite and scatters each row to its shuffled place in the output. Outputs come from
-a pool of reused memory (or pinned memory when the batches go to CUDA): fresh memory page-faults on first touch,
-which cost more than the whole pass.
+Reading a chunk is one fused pass per HDF5 chunk of rows: a numba kernel that computes the weights, zeroes flux
+where the weight is 0 (masked NaN never reaches the loss), checks weighted pixels are finite and scatters each
+row to its shuffled place in the output. Uncompressed fastspec files (what `SpectraWriter` writes) are read
+through a memory map (`_MappedFile`): the pass reads the page cache directly, with no h5py call and no copy into
+a buffer, so it costs less than a plain h5py read of the same rows. Other files (compressed, big-endian, MMU)
+go through h5py: low-level reads into a reused buffer, then the same pass. Outputs come from a pool of reused
+memory (or pinned memory when the batches go to CUDA): fresh memory page-faults on first touch, which cost more
+than the whole pass.
 
-Workers are threads by default (``worker_type="thread"``): a pool reads chunks ahead in plan order. HDF5 calls
-hold h5py's lock, but the fused pass releases the GIL and overlaps the next read, outputs land directly in
-reused or pinned memory, and nothing is pickled or copied between processes. ``worker_type="process"`` runs a
-torch DataLoader over self-describing chunk descriptors instead (``batch_size=None``): it returns chunks in
-order whatever the number of workers, persistent workers follow `set_epoch` without restarting, outputs are
-allocated in shared memory, and each worker opens the files itself (a forked worker never inherits an open
-HDF5 handle) — the choice for readers whose per-row work is Python-heavy. Either way the rows and their order
-are the same.
+Workers are threads by default (``worker_type="thread"``): a pool reads chunks ahead in plan order. A mapped
+read never takes the GIL during the pass, so threads run side by side (h5py reads hold h5py's lock, but their
+pass still overlaps the next read); outputs land directly in reused or pinned memory, and nothing is pickled or
+copied between processes. ``worker_type="process"`` runs a torch DataLoader over self-describing chunk
+descriptors instead (``batch_size=None``): it returns chunks in order whatever the number of workers,
+persistent workers follow `set_epoch` without restarting, outputs are allocated in shared memory, and each
+worker opens the files itself (a forked worker never inherits an open HDF5 handle) — the choice for readers
+whose per-row work is Python-heavy. Either way the rows and their order are the same.
 
 Resuming mid-epoch (`skip_batches`) is cheap: whole chunks before the resume point are never read.
 """
@@ -293,7 +296,8 @@ class _MappedFile:
     whose bytes are exactly what the pass expects qualify (native little-endian float32 flux and ivar, 1-byte
     mask, float32/float64 Z; chunked by whole rows or contiguous; no filters; every chunk allocated; plain
     POSIX file driver, no user block); any other file goes through h5py reads. HDF5 places chunks at any
-    byte offset, so the pass loads with alignment 1 (free on x86-64 and AArch64).
+    byte offset, so the pass loads with alignment 1 (free on x86-64 and AArch64). A file must not be
+    truncated while mapped (SIGBUS); fastspec's writers never change a file in place, they rename a new one.
     """
 
     COLUMNS = ("spectrum_flux", "spectrum_ivar", "spectrum_mask", "Z")
