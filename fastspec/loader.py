@@ -305,12 +305,8 @@ class _MappedFile:
               (np.dtype("<f4"), np.dtype("<f8")))
 
     def __init__(self, path: str, columns: list[tuple[np.dtype, int, int, np.ndarray]]):
-        self._fh = open(path, "rb")
-        try:
-            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except BaseException:
-            self._fh.close()
-            raise
+        with open(path, "rb") as fh:  # the map keeps its own descriptor
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._base = np.frombuffer(self._mm, dtype=np.uint8)
         self.cold = _COLD_BLOCKS  # blocks still to give read-ahead advice (see _ChunkReader._read_block)
         # per column: (dtype, values per row, rows per chunk, byte offset of each chunk)
@@ -419,7 +415,6 @@ class _MappedFile:
             self._mm.close()
         except BufferError:
             pass  # a view is still alive somewhere; the map closes with it
-        self._fh.close()
 
 
 _COLD_BLOCKS = 8
