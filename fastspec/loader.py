@@ -304,7 +304,7 @@ class _MappedFile:
     DTYPES = ((np.dtype("<f4"),), (np.dtype("<f4"),), (np.dtype("|b1"), np.dtype("|u1"), np.dtype("|i1")),
               (np.dtype("<f4"), np.dtype("<f8")))
 
-    def __init__(self, path: str, columns: list[tuple[np.dtype, int, int, np.ndarray]]):
+    def __init__(self, path: str, n: int, columns: list[tuple[np.dtype, int, int, np.ndarray]]):
         with open(path, "rb") as fh:  # the map keeps its own descriptor
             self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._base = np.frombuffer(self._mm, dtype=np.uint8)
@@ -312,6 +312,8 @@ class _MappedFile:
         # per column: (dtype, values per row, rows per chunk, byte offset of each chunk)
         self.columns = columns
         self.sizes = [dt.itemsize * k for dt, k, _, _ in columns]  # bytes per row
+        self.n = n
+        self._chunks: list[dict] = [{} for _ in columns]  # chunk number -> view
 
     @classmethod
     def open(cls, f: SpectraFile) -> _MappedFile | None:
@@ -330,7 +332,7 @@ class _MappedFile:
                 columns.append(col)
             if len({len(h5[name]) for name in cls.COLUMNS}) != 1:
                 return None
-            return cls(f.path, columns)
+            return cls(f.path, len(h5["Z"]), columns)
         except (OSError, ValueError, TypeError, AttributeError, KeyError, RuntimeError):
             return None  # anything unexpected: h5py reads are always correct
 
@@ -379,13 +381,21 @@ class _MappedFile:
         return min(hi, *(((a // cr) + 1) * cr for _, _, cr, _ in self.columns))
 
     def rows(self, a: int, b: int):
-        """Read-only views of rows [a, b) (within one chunk of every column): flux, ivar, mask, Z."""
+        """Read-only views of rows [a, b) (within one chunk of every column): flux, ivar, mask (as bytes),
+        Z (as an aligned float64 copy)."""
         out = []
-        for (dtype, k, cr, offsets), size in zip(self.columns, self.sizes):
+        for (dtype, k, cr, offsets), size, cache in zip(self.columns, self.sizes, self._chunks):
             c = a // cr
-            start = int(offsets[c]) + (a - c * cr) * size
-            v = self._base[start : start + (b - a) * size].view(dtype)
-            out.append(v.reshape(b - a, k) if k > 1 else v)
+            v = cache.get(c)
+            if v is None:  # once per chunk and reader: the views cost more Python time than a small pass
+                rows = min(cr, self.n - c * cr)
+                v = self._base[int(offsets[c]) : int(offsets[c]) + rows * size].view(dtype)
+                if k == 1:
+                    v = np.require(v, np.float64, "CA")
+                else:
+                    v = v.reshape(rows, k).view(np.uint8 if dtype.itemsize == 1 else dtype)
+                cache[c] = v
+            out.append(v[a - c * cr : b - c * cr])
         return out
 
     def will_need(self, a: int, b: int) -> None:
@@ -410,6 +420,7 @@ class _MappedFile:
                 return
 
     def close(self) -> None:
+        self._chunks = []
         self._base = None
         try:
             self._mm.close()
