@@ -22,7 +22,8 @@ through a memory map (`_MappedFile`): the pass reads the page cache directly, wi
 a buffer, so it costs less than a plain h5py read of the same rows. Other files (compressed, big-endian, MMU)
 go through h5py: low-level reads into a reused buffer, then the same pass. Outputs come from a pool of reused
 memory (or pinned memory when the batches go to CUDA): fresh memory page-faults on first touch, which cost more
-than the whole pass.
+than the whole pass. A few consecutive chunks of a shard share one allocation, each written right after the
+previous one, so a batch that spans two chunks is a view, not a copy.
 
 Workers are threads by default (``worker_type="thread"``): a pool reads chunks ahead in plan order. A mapped
 read never takes the GIL during the pass, so threads run side by side (h5py reads hold h5py's lock, but their
@@ -121,6 +122,7 @@ class _Chunk:
     perm_seed: int
     shuffle: bool
     skip: int
+    n_out: int = -1  # rows it delivers (after skip); -1: unknown
 
 
 class _ChunkReader(torch.utils.data.Dataset):
@@ -164,6 +166,10 @@ class _ChunkReader(torch.utils.data.Dataset):
         self._open = {}
 
     def __getitem__(self, chunk: _Chunk) -> dict:
+        return self.read(chunk)
+
+    def read(self, chunk: _Chunk, out: tuple | None = None) -> dict:
+        """The chunk's rows as a dict of tensors; into `out` (y, w, z, index of exactly its rows) if given."""
         # Where each selected row of the chunk goes: out[dest[k]] = k-th selected row in block order, i.e. the
         # chunk's rows permuted (perm[j] is the source of output j), the first `skip` outputs dropped.
         n_sel = [int(self.selection[fi][a:b].sum()) if self.selection[fi] is not None else b - a
@@ -178,11 +184,15 @@ class _ChunkReader(torch.utils.data.Dataset):
         dest -= chunk.skip
         n_out = max(0, n - chunk.skip)
         L = self.files[chunk.blocks[0][0]].L if chunk.blocks else self.files[0].L
-        alloc = self.alloc
-        if torch.utils.data.get_worker_info() is not None:
-            alloc = _shared_empty
-        y, w = alloc((n_out, L), torch.float32), alloc((n_out, L), torch.float32)
-        z, index = alloc((n_out,), torch.float32), alloc((n_out,), torch.int64)
+        if out is not None:
+            y, w, z, index = out
+            assert len(z) == n_out, (len(z), n_out)
+        else:
+            alloc = self.alloc
+            if torch.utils.data.get_worker_info() is not None:
+                alloc = _shared_empty
+            y, w = alloc((n_out, L), torch.float32), alloc((n_out, L), torch.float32)
+            z, index = alloc((n_out,), torch.float32), alloc((n_out,), torch.int64)
         y_np, w_np, z_np, index_np = y.numpy(), w.numpy(), z.numpy(), index.numpy()
         k0 = 0
         for (fi, start, stop), k in zip(chunk.blocks, n_sel):
@@ -778,6 +788,7 @@ class SpectraLoader:
                             perm_seed=_seed(self.seed, epoch, s, c),
                             shuffle=self.shuffle,
                             skip=max(0, skip_rows - pos),
+                            n_out=n - max(0, skip_rows - pos),
                         )
                     )
                 pos += n
@@ -810,10 +821,38 @@ class SpectraLoader:
                 self._thread_readers.append(r)
         return r
 
+    def _slabs(self, plan: list[_Chunk]):
+        """Output views per chunk: `_SLAB_CHUNKS` consecutive chunks of a shard share one allocation, each
+        writing its rows right after the previous one's, so a batch that spans two of them is a view of the
+        slab, not a copy (`_host_batches` joins adjacent views)."""
+        groups: dict = {}
+        for c in plan:
+            groups.setdefault((c.shard, c.number // _SLAB_CHUNKS), []).append(c)
+        L = self.files[0].L
+        slabs: dict = {}
+        for c in plan:
+            key = (c.shard, c.number // _SLAB_CHUNKS)
+            if key not in slabs:  # allocated in plan order, when its first chunk is read
+                rows = sum(g.n_out for g in groups[key])
+                slab = (self._alloc((rows, L), torch.float32), self._alloc((rows, L), torch.float32),
+                        self._alloc((rows,), torch.float32), self._alloc((rows,), torch.int64))
+                slabs[key] = [slab, 0]
+            slab, row0 = slabs[key]
+            slabs[key][1] = row0 + c.n_out
+            if slabs[key][1] == len(slab[2]):
+                del slabs[key]  # the views keep it alive as long as they are used
+            yield c, (slab, row0)
+
+    def _read_into(self, reader: _ChunkReader, chunk: _Chunk, place) -> dict:
+        slab, row0 = place
+        item = reader.read(chunk, tuple(t[row0 : row0 + chunk.n_out] for t in slab))
+        item["slab"] = (slab, row0)
+        return item
+
     def _chunks(self, plan: list[_Chunk]):
         if self.num_workers == 0:
-            for c in plan:
-                yield self._reader[c]
+            for c, place in self._slabs(plan):
+                yield self._read_into(self._reader, c, place)
         elif self.worker_type == "thread":
             yield from self._thread_chunks(plan)
         else:
@@ -830,16 +869,20 @@ class SpectraLoader:
             self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="fastspec-loader")
         ahead = max(1, self.num_workers * self.prefetch)
         pending: deque = deque()
-        it = iter(plan)
+        it = self._slabs(plan)
+
+        def submit(c, place):
+            pending.append(self._executor.submit(lambda: self._read_into(self._thread_reader(), c, place)))
+
         try:
-            for c in it:
-                pending.append(self._executor.submit(lambda c=c: self._thread_reader()[c]))
+            for c, place in it:
+                submit(c, place)
                 if len(pending) >= ahead:
                     break
             while pending:
                 item = pending.popleft().result()
-                for c in it:
-                    pending.append(self._executor.submit(lambda c=c: self._thread_reader()[c]))
+                for c, place in it:
+                    submit(c, place)
                     break
                 yield item
         finally:
@@ -876,7 +919,11 @@ class SpectraLoader:
                     exhausted = True
                     break
                 s = int(item["shard"])
-                buffers[s].append(item)
+                last = buffers[s][-1] if buffers[s] else None
+                if last is not None and _adjacent(last, item):
+                    buffers[s][-1] = _join(last, item)
+                else:
+                    buffers[s].append(item)
                 have[s] += len(item["z"])
             parts = [self._take(buffers[s], have, s) for s in self.my_shards]
             parts = [p for p in parts if len(p[2])]
@@ -901,6 +948,8 @@ class SpectraLoader:
                 buf.pop(0)
             else:
                 buf[0] = {"shard": s, **{key: item[key][k:] for key in ("y", "w", "z", "index")}}
+                if "slab" in item:
+                    buf[0]["slab"] = (item["slab"][0], item["slab"][1] + k)
             want -= k
             have[s] -= k
         if not parts:
@@ -928,6 +977,22 @@ class SpectraLoader:
         self._thread_readers = []
         self._local = threading.local()
         self._pool.clear()
+
+
+_SLAB_CHUNKS = 4  # chunks per output allocation: a batch spanning a slab boundary is still copied
+
+
+def _adjacent(a: dict, b: dict) -> bool:
+    """Whether chunk output b starts where a ends in the same slab."""
+    return "slab" in a and "slab" in b and a["slab"][0] is b["slab"][0] and \
+        a["slab"][1] + len(a["z"]) == b["slab"][1]
+
+
+def _join(a: dict, b: dict) -> dict:
+    slab, row0 = a["slab"]
+    n = len(a["z"]) + len(b["z"])
+    return {"shard": a["shard"], "slab": (slab, row0),
+            **{key: t[row0 : row0 + n] for key, t in zip(("y", "w", "z", "index"), slab)}}
 
 
 class _ItemSampler(torch.utils.data.Sampler):

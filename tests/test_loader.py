@@ -310,3 +310,20 @@ def test_memory_mapped_reads_match_plain_h5py_at_any_chunk_alignment(tmp_path):
         h["spectrum_ivar"][150, 1000] = 20.0
     with pytest.raises(SpectraFormatError, match=r"appended\.h5: row 150, field spectrum_flux: .* pixel 1000"):
         list(SpectraLoader([path], batch_size=8, shuffle=True, num_workers=0))
+
+
+def test_batches_spanning_chunks_are_views_not_copies(files):
+    """Consecutive chunks of a shard write into one allocation, so a batch that takes rows from two chunks is
+    a view of it: the batches inside the first slab share one storage, and the rows are still the file's."""
+    from fastspec.loader import _SLAB_CHUNKS
+
+    y_ref, _, _ = reference(files)
+    loader = SpectraLoader(files, batch_size=24, block_rows=32, shuffle_blocks=1, seed=1, num_workers=0)
+    sizes = [c.n_out for c in loader._plan(0, 0)][:_SLAB_CHUNKS]
+    inside = sum(sizes) // 24  # batches wholly inside the first slab
+    ends = np.cumsum(sizes)[:-1]
+    assert inside >= 2 and any(t * 24 < e < (t + 1) * 24 for e in ends for t in range(inside))  # some span
+    batches = list(loader.iterate(0))
+    assert len({b.y.untyped_storage().data_ptr() for b in batches[:inside]}) == 1
+    for b in batches:
+        np.testing.assert_array_equal(b.y.numpy(), y_ref[b.index.numpy()])
