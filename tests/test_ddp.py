@@ -49,7 +49,10 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     init = SpectrumAutoencoder(before.config)
     moved = 0.0
     for (name, p), q, p0 in zip(a.state_dict().items(), b.state_dict().values(), init.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+        # Adam divides by √v: where a gradient is near 0, the rounding-level difference of the all-reduce's
+        # summation order moves a weight by up to ~4e-5 here (measured, old and new kernels alike); a wrong
+        # shard or average moves weights by ~lr = 3e-3 a step.
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
         moved = max(moved, float((q - p0).abs().max()))
     assert moved > 1e-3  # training did move the weights: the comparison is not between two initial models
     ha = json.loads((ddp_out / "history.json").read_text())
