@@ -15,7 +15,12 @@ high-water in a fresh subprocess per case, after resetting VmHWM; CUDA: torch.cu
 
     .venv/bin/python bench/bench_resample.py                 # default: N = 64 … 4096, memory at N = 1024
     .venv/bin/python bench/bench_resample.py --sizes 256 --no-memory
-Writes bench/results/resample.json and .csv.
+    .venv/bin/python bench/bench_resample.py --retain-memory --no-memory   # allocator as in CPU training
+Writes bench/results/resample.json and .csv (resample-retain.* with --retain-memory).
+
+--retain-memory: glibc serves each output of a few MB with a fresh mmap and unmaps it on free, so every call
+page-faults its outputs in again (a fifth of the fused op's time at N = 256, idle). Training on CPU switches
+that off (fastspec.model.retain_freed_cpu_memory); the flag does the same for every method of the run.
 """
 from __future__ import annotations
 
@@ -246,7 +251,11 @@ def main(argv=None) -> int:
                    help="CPU threads for torch and numba alike (default: torch's default)")
     p.add_argument("--memory-n", type=int, default=1024, help="N of the memory measurements (0: none)")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--out", default="resample", help="results name under bench/results/")
+    p.add_argument("--retain-memory", action="store_true",
+                   help="keep freed memory in the process (fastspec.model.retain_freed_cpu_memory, what training on "
+                        "CPU does): no page faults on fresh outputs, for every method alike")
+    p.add_argument("--out", default=None, help="results name under bench/results/ (default resample, or "
+                                                "resample-retain with --retain-memory)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.memory_child:
@@ -255,11 +264,20 @@ def main(argv=None) -> int:
 
     device = a.device
     set_threads(a.threads)
+    retained = False
+    if a.retain_memory and device == "cpu":
+        from fastspec.model import retain_freed_cpu_memory
+
+        retained = retain_freed_cpu_memory()
+        if not retained:
+            raise SystemExit("--retain-memory: glibc's mallopt is not available here")
+    out_name = a.out or ("resample-retain" if retained else "resample")
     sync = torch.cuda.synchronize if device == "cuda" else None
     info = machine_info()
     floor = bandwidth_floor(device)
     print(f"device {device}; memory-bandwidth floor (copy) {floor:.1f} GB/s; threads {a.threads}; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"load average {os.getloadavg()[0]:.1f}; allocator {'retains freed memory' if retained else 'default'}",
+          flush=True)
     methods = methods_for(device)
     rows = []
     for op in a.ops:
@@ -311,13 +329,15 @@ def main(argv=None) -> int:
                 summary["resample_fwd_bwd_N256_cpu_time_speedup_vs_searchsorted"] = r["cpu_speedup_vs_searchsorted"]
     inst = get_instrument("sdss")
     payload = dict(benchmark="resample", machine=info, device=device, threads=a.threads,
+                   allocator="retains freed memory (glibc mmap/trim thresholds raised, as in fastspec training)"
+                   if retained else "default",
                    load_average=os.getloadavg(), bandwidth_floor_GBps=floor,
                    grid=dict(instrument="sdss", L=inst.L, R=inst.n_rest(0.5), z_max=0.5),
                    traffic_model="each input read once, each output written once (fp32 values, 1-byte mask)",
                    timing="time_ms = minimum wall time over repeats (GB/s, spectra/s, speed-up from it), median_ms; "
                           "cpu_ms = minimum process CPU time (robust to preemption on a shared machine)",
                    summary=summary, rows=rows, memory=mem_rows)
-    path = write_results(a.out, payload, rows + mem_rows)
+    path = write_results(out_name, payload, rows + mem_rows)
     print(f"\nsummary: {summary}\nwrote {path}")
     return 0
 
