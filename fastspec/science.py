@@ -801,9 +801,10 @@ def exp_residual_by_wavelength(models_obs: dict, test: dict, wave_obs, wave_rest
         near |= np.abs(lam - lw) <= LINE_HALF_WIDTH
     y, w, truth = test["y"].astype(np.float64), test["w"].astype(np.float64), test["truth/model_obs"]
     out = {"bin_edges": edges, "line_half_width": LINE_HALF_WIDTH, "models": {},
-           "definition": "per valid weighted pixel: chi2 = w (y − ŷ)², signal error = w (ŷ − y_true)²; means over the "
-                         "pixels of all held-out spectra in each restframe bin / in line or continuum pixels; a "
-                         "perfect model has chi2 = 1, signal error = 0"}
+           "definition": "per valid weighted pixel: chi2 = w (y − ŷ)², signal error = w (ŷ − y_true)²; per restframe "
+                         "bin the mean and median over the pixels of all held-out spectra; for line / continuum "
+                         "pixels the pooled mean, and the median over spectra of each spectrum's mean (robust to the "
+                         "few spectra far off at the grid ends); a perfect model has chi2 = 1, signal error = 0"}
     for name, (spec, valid) in models_obs.items():
         good = (w > 0) & valid
         c = np.where(good, w * (y - spec) ** 2, 0.0)
@@ -812,13 +813,23 @@ def exp_residual_by_wavelength(models_obs: dict, test: dict, wave_obs, wave_rest
         binned = {"n_pixels": cnt,
                   "mean_chi2": np.bincount(idx[good], c[good], n_bins) / np.maximum(cnt, 1),
                   "mean_signal_error": np.bincount(idx[good], e[good], n_bins) / np.maximum(cnt, 1)}
+        # medians per bin: a few spectra far off (the grid ends, where few training spectra reach) dominate means
+        order = np.argsort(idx[good], kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(cnt)])
+        for key, vals in (("median_chi2", c[good][order]), ("median_signal_error", e[good][order])):
+            binned[key] = np.array([np.median(vals[a:b]) if b > a else np.nan for a, b in zip(bounds[:-1], bounds[1:])])
         for k in ("mean_chi2", "mean_signal_error"):
             binned[k] = np.where(cnt > 0, binned[k], np.nan)
         split = {}
         for part, sel in (("lines", good & near), ("continuum", good & ~near)):
             npx = int(sel.sum())
+            # per spectrum: the mean over its pixels of this kind; then the median over spectra (robust)
+            per = np.where(sel, e, 0).sum(1) / np.where(sel.sum(1) > 0, sel.sum(1), np.nan)
+            per_c = np.where(sel, c, 0).sum(1) / np.where(sel.sum(1) > 0, sel.sum(1), np.nan)
             split[part] = {"n_pixels": npx, "mean_chi2": float(c[sel].sum() / max(npx, 1)),
                            "mean_signal_error": float(e[sel].sum() / max(npx, 1)),
+                           "median_over_spectra_chi2": float(np.nanmedian(per_c)),
+                           "median_over_spectra_signal_error": float(np.nanmedian(per)),
                            "share_of_total_signal_error": float(e[sel].sum() / max(e[good].sum(), 1e-300))}
         out["models"][name] = {"binned": binned, **split}
     return out
@@ -1096,11 +1107,14 @@ def fig_residual_by_wavelength(path, res: dict, budget: str) -> str:
     fig, axes = plt.subplots(2, 1, figsize=(13, 7), sharex=True)
     for name, m in res["models"].items():
         b = m["binned"]
-        axes[0].plot(mid, b["mean_chi2"], lw=1, color=COLORS.get(name, "0.5"),
-                     label=f"{_label(name)}: lines {m['lines']['mean_chi2']:.2f}, continuum {m['continuum']['mean_chi2']:.2f}")
-        axes[1].plot(mid, b["mean_signal_error"], lw=1, color=COLORS.get(name, "0.5"),
-                     label=f"{_label(name)}: lines {m['lines']['mean_signal_error']:.3f}, continuum "
-                           f"{m['continuum']['mean_signal_error']:.3f}")
+        col = COLORS.get(name, "0.5")
+        axes[0].plot(mid, b["median_chi2"], lw=1, color=col, label=f"{_label(name)}: lines "
+                     f"{m['lines']['median_over_spectra_chi2']:.2f}, continuum {m['continuum']['median_over_spectra_chi2']:.2f}")
+        axes[0].plot(mid, b["mean_chi2"], lw=0.7, ls=":", color=col)
+        axes[1].plot(mid, b["median_signal_error"], lw=1, color=col,
+                     label=f"{_label(name)}: lines {m['lines']['median_over_spectra_signal_error']:.3f}, continuum "
+                           f"{m['continuum']['median_over_spectra_signal_error']:.3f}")
+        axes[1].plot(mid, b["mean_signal_error"], lw=0.7, ls=":", color=col)
     for ax in axes:
         for _, lw in LINES:
             ax.axvline(lw, color="0.85", lw=0.6, zorder=0)
@@ -1108,12 +1122,12 @@ def fig_residual_by_wavelength(path, res: dict, budget: str) -> str:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0].axhline(1, color="k", ls=":", lw=0.8)
-    axes[0].set_ylabel("mean w (y − ŷ)² per pixel")
-    axes[1].set_ylabel("mean w (ŷ − y_true)² per pixel")
+    axes[0].set_ylabel("w (y − ŷ)² per pixel")
+    axes[1].set_ylabel("w (ŷ − y_true)² per pixel")
     axes[1].set_xlabel("restframe wavelength [Å] (grey: mock emission lines)")
     axes[0].set_title("where the models lose: χ² and error against the noiseless truth stacked by restframe "
-                      f"wavelength (legend: mean over line pixels ±{res['line_half_width']:.0f} Å / continuum)",
-                      fontsize=9)
+                      "wavelength; solid: median per bin, dotted: mean (legend: median over spectra of the mean over "
+                      f"line pixels ±{res['line_half_width']:.0f} Å / continuum)", fontsize=9)
     fig.suptitle(f"Fidelity by wavelength ({budget})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -1462,9 +1476,9 @@ def findings(r: dict) -> list[str]:
                + " reaches a lower median χ² than the weighted PCA with as many components")
     if "fidelity_by_wavelength" in r:
         bw = r["fidelity_by_wavelength"]["models"]
-        lose_lines = [k for k in variants if bw[k]["lines"]["mean_signal_error"] > bw["pca"]["lines"]["mean_signal_error"]]
-        win_cont = [k for k in variants
-                    if bw[k]["continuum"]["mean_signal_error"] < bw["pca"]["continuum"]["mean_signal_error"]]
+        key = "median_over_spectra_signal_error"
+        lose_lines = [k for k in variants if bw[k]["lines"][key] > bw["pca"]["lines"][key]]
+        win_cont = [k for k in variants if bw[k]["continuum"][key] < bw["pca"]["continuum"][key]]
         verdict += (f"; on emission-line pixels {len(lose_lines)} of {len(variants)} variants have a larger error "
                     f"against the truth than the PCA, on continuum pixels {len(win_cont)} of {len(variants)} a "
                     "smaller one (see 'Where in the spectrum')")
@@ -1482,10 +1496,11 @@ def findings(r: dict) -> list[str]:
                    + f"; the weighted PCA: {_f(lc['pca_median_chi2'])}.")
     if "fidelity_by_wavelength" in r:
         bw = r["fidelity_by_wavelength"]["models"]
-        out.append("**Where the models lose** (mean error against the noiseless truth per pixel, in noise variances, "
-                   "emission-line pixels / continuum; share of the total error in line pixels): " + ", ".join(
-                       f"{_label(k)} {_f(m['lines']['mean_signal_error'])} / {_f(m['continuum']['mean_signal_error'])}"
-                       f" ({_f(m['lines']['share_of_total_signal_error'], '.0%')})" for k, m in bw.items()) + ".")
+        out.append("**Where the models lose** (error against the noiseless truth per pixel in noise variances, median "
+                   "over spectra, emission-line pixels / continuum; share of the pooled error in line pixels): "
+                   + ", ".join(f"{_label(k)} {_f(m['lines']['median_over_spectra_signal_error'])} / "
+                               f"{_f(m['continuum']['median_over_spectra_signal_error'])} "
+                               f"({_f(m['lines']['share_of_total_signal_error'], '.0%')})" for k, m in bw.items()) + ".")
     e = r["extended_restframe"]["models"]
     parts = [f"{_label(k)} r = {_f(e[k]['unobserved']['pearson_r'], '.2f')} (NMAD {_f(e[k]['unobserved']['scatter_nmad'])}; "
              f"observed [O II]: r = {_f(e[k]['observed']['pearson_r'], '.2f')})" for k in e]
@@ -1604,12 +1619,14 @@ def markdown(r: dict) -> str:
         L += ["", "### Where in the spectrum", "",
               f"{bw['definition']}. Line pixels: within ±{bw['line_half_width']:.0f} Å restframe of a mock emission "
               "line.", "",
-              "| model | line pixels: χ² | continuum: χ² | line pixels: signal error | continuum: signal error "
-              "| share of the signal error in line pixels |", "|---|---|---|---|---|---|"]
+              "| model | line pixels: χ² median (mean) | continuum: χ² median (mean) | line pixels: signal error "
+              "median (mean) | continuum: signal error median (mean) | share of the pooled signal error in line "
+              "pixels |", "|---|---|---|---|---|---|"]
         for k, m in bw["models"].items():
-            L.append(f"| {_label(k)} | {_f(m['lines']['mean_chi2'])} | {_f(m['continuum']['mean_chi2'])} "
-                     f"| {_f(m['lines']['mean_signal_error'])} | {_f(m['continuum']['mean_signal_error'])} "
-                     f"| {_f(m['lines']['share_of_total_signal_error'], '.0%')} |")
+            cell = [f"{_f(m[p]['median_over_spectra_' + q])} ({_f(m[p]['mean_' + q])})"
+                    for q in ("chi2", "signal_error") for p in ("lines", "continuum")]
+            L.append(f"| {_label(k)} | " + " | ".join(cell)
+                     + f" | {_f(m['lines']['share_of_total_signal_error'], '.0%')} |")
     e = r["extended_restframe"]
     L += ["", "## 2. Extended restframe: [O II] where it is not observed", "",
           f"{e['definition']}. Unobserved: {e['unobserved_means']} (n = {e['n']['unobserved']}); control group with "
