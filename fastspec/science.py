@@ -54,11 +54,12 @@ MODES = {
                   steps=4, batch_size=32, lr=2e-3, model=TINY_MODEL, invariance_z=(0.0, 0.25, 0.5)),
     # < 20 min on an idle 2-core CPU, three variants included. bf16 autocast with the fused numba kernels reaches
     # the fp32 loss (400 steps of 64: val loss 0.02169 vs 0.02151, held-out median χ² 1.318 vs 1.307) at half the
-    # step time. Steady state at batch 64 on the 2-core CPU: (a) 0.05 s/step, (b) 0.08, (c) 0.095 → 3600 steps ≈
-    # 180 + 290 + 340 s of training plus ~2 min for mocks, PCA and analysis: ~15–16 min idle. Tuning (variant a,
-    # 3000 steps): lr 4e-3 gave held-out median χ² 1.048 against 1.061 at 2e-3.
+    # step time. Measured at batch 64 on the 2-core CPU (load 1–1.7, validation included): (a) 0.05–0.055 s/step,
+    # (b) 0.08–0.09, (c) 0.095–0.11 → 3200 steps ≈ 170 + 280 + 330 s of training, plus ~2 min for compile, mocks,
+    # PCA and analysis: ~15–16 min. Tuning (variant a, 3000 steps): held-out median χ² 1.061 at lr 2e-3, 1.048 at
+    # 4e-3, 1.048 at 8e-3.
     "quick": dict(n_train=12000, n_test=2000, n_lowz=800, n_invariance=150, n_pca_fit=4000, pca_iter=25,
-                  steps=3600, batch_size=64, lr=4e-3, precision="bf16", model=QUICK_MODEL),
+                  steps=3200, batch_size=64, lr=4e-3, precision="bf16", model=QUICK_MODEL),
     # a GPU: the paper's architecture, ~100 epochs of 100k spectra
     "full": dict(n_train=100_000, n_test=10_000, n_lowz=4000, n_invariance=1000, n_pca_fit=20_000, pca_iter=30,
                  steps=40_000, batch_size=256, lr=1e-3, model={}, precision="bf16", num_workers=4),
@@ -91,7 +92,7 @@ class ScienceConfig:
     model: dict = field(default_factory=lambda: dict(QUICK_MODEL))
     steps: int = 3200
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 4e-3
     precision: str = "bf16"
     consistency: float = 0.1
     variants: tuple = ("a", "b", "c")
