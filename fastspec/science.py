@@ -802,7 +802,7 @@ def exp_residual_by_wavelength(models_obs: dict, test: dict, wave_obs, wave_rest
         near |= np.abs(lam - lw) <= LINE_HALF_WIDTH
     y, w, truth = test["y"].astype(np.float64), test["w"].astype(np.float64), test["truth/model_obs"]
     out = {"bin_edges": edges, "line_half_width": LINE_HALF_WIDTH, "models": {},
-           "definition": "per valid weighted pixel: chi2 = w (y − ŷ)², signal error = w (ŷ − y_true)²; per restframe "
+           "definition": "Per valid weighted pixel: chi2 = w (y − ŷ)², signal error = w (ŷ − y_true)²; per restframe "
                          "bin the mean and median over the pixels of all held-out spectra; for line / continuum "
                          "pixels the pooled mean, and the median over spectra of each spectrum's mean (robust to the "
                          "few spectra far off at the grid ends); a perfect model has chi2 = 1, signal error = 0"}

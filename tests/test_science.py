@@ -228,6 +228,12 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     md = (out / "science-smoke.md").read_text()
     assert "## 3. Redshift invariance" in md and f"{cfg.steps} steps × {cfg.batch_size} spectra" in md
     assert "Learning curve" in md
+    # the Markdown can be rewritten from the JSON alone, with a note added to both
+    assert cli.main(["science", "--smoke", "--markdown-only", "-o", str(out), "--note", "load 0.1 throughout"]) == 0
+    assert "*Note:* load 0.1 throughout" in (out / "science-smoke.md").read_text()
+    assert json.loads((out / "science-smoke.json").read_text())["note"] == "load 0.1 throughout"
+    assert cli.main(["science", "--quick", "--markdown-only", "-o", str(out)]) == 2
+    assert "science-quick.json not found: run the experiments first" in capsys.readouterr().err
     # the same settings again reuse the trained model instead of training again
     again = train_variant(cfg, "a", str(work / "train-smoke.h5"))
     assert again.pop("reused") and again == saved["training"]["ae_a"]
