@@ -19,7 +19,7 @@ high-water in a fresh subprocess per case, after resetting VmHWM; CUDA: torch.cu
 Writes bench/results/resample.json and .csv (resample-retain.* with --retain-memory).
 
 --retain-memory: glibc serves each output of a few MB with a fresh mmap and unmaps it on free, so every call
-page-faults its outputs in again (a fifth of the fused op's time at N = 256, idle). Training on CPU switches
+page-faults its outputs in again (0–20% of the fused op's time at N = 256 in our runs). Training on CPU switches
 that off (fastspec.model.retain_freed_cpu_memory); the flag does the same for every method of the run.
 """
 from __future__ import annotations
