@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastspec-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,9 +21,6 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
-
-bench: $(STAMP)
-	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) demo-output
