@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, print_table, spender_sdss_model, write_results  # noqa: E402
+from common import machine_info, peak_mb, print_table, reset_peak, rss_mb, spender_sdss_model, write_results  # noqa: E402
 
 Z_MAX = 0.5
 CASES = {
@@ -61,28 +61,6 @@ CATEGORIES = ("conv", "fused block", "norm", "activation", "pool", "attention", 
 
 
 # ---------------------------------------------------------------------------------------------- child side
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS mark (Linux ≥ 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1e3
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
 
 def _build(case: dict):
     """(model, loss_fn(y, w, z) -> scalar); fastspec gets spender's initial weights."""
@@ -152,7 +130,7 @@ def run_case(case: dict, data_path: str) -> dict:
         i = (k * B) % (n_all - B + 1)
         return data["y"][i:i + B], data["w"][i:i + B], data["z"][i:i + B]
 
-    rss_libs = _rss_mb()
+    rss_libs = rss_mb()
     model, loss_fn = _build(case)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=case.get("lr", 1e-3))
@@ -178,8 +156,8 @@ def run_case(case: dict, data_path: str) -> dict:
     # A step on 2 spectra first: lazy initialisation (numba code from its cache, oneDNN, Adam's state) is then
     # part of the baseline, and the peak above it is the working set of a training step at this batch size.
     step(0, 2)
-    rss0 = _rss_mb()
-    reset = _reset_peak()
+    rss0 = rss_mb()
+    reset = reset_peak()
     step(0)  # warm-up at full size: autocast weight casts, allocator, primitive caches
     wall, cpu = [], []
     for k in range(1, 1 + case["steps"]):
@@ -187,7 +165,7 @@ def run_case(case: dict, data_path: str) -> dict:
         step(k)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    peak = _peak_mb()
+    peak = peak_mb()
     out.update(step_s=wall, step_cpu_s=cpu, peak_mb=peak - rss0, peak_abs_mb=peak, state_mb=rss0 - rss_libs, rss_libs_mb=rss_libs,
                peak_since="full-size steps" if reset else "process start")
     if case.get("breakdown"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,35 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, print_table, spender_sdss_model, write_results  # noqa: E402
+from common import machine_info, peak_mb, print_table, reset_peak, rss_mb, spender_sdss_model, write_results  # noqa: E402
 
 Z_MAX = 0.5
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0), so the peak of the timed steps alone is read."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1e3  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
 
 
 def _batches(path: str, batch: int, count: int):
@@ -119,7 +92,7 @@ def run_case(case: dict, data: str) -> dict:
         import spender  # noqa: F401
     else:
         kernels.resample_loss, kernels.attention_pool  # noqa: B018
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     model, loss_fn = _build(case)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=case.get("lr", 1e-3))
@@ -139,7 +112,7 @@ def run_case(case: dict, data: str) -> dict:
     for _ in range(case["warmup"]):
         step(*batches[k])
         k += 1
-    reset = _reset_peak()  # the peak of the timed steps: steady state, no first-call compilation
+    reset = reset_peak()  # the peak of the timed steps: steady state, no first-call compilation
     wall, cpu = [], []
     for _ in range(case["steps"]):
         t, c = time.perf_counter(), time.process_time()
@@ -151,7 +124,7 @@ def run_case(case: dict, data: str) -> dict:
         "step_s": min(wall),
         "step_cpu_s": min(cpu),
         "spectra_per_s": case["batch"] / min(wall),
-        "peak_mb": _peak_mb() - rss0,
+        "peak_mb": peak_mb() - rss0,
         "peak_since": "timed steps" if reset else "process start",
         "losses": losses,
     }

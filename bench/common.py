@@ -50,6 +50,39 @@ def machine_info() -> dict:
     return info
 
 
+# ---- resident memory of this process (Linux /proc; peak falls back to getrusage elsewhere) ----------------
+
+
+def rss_mb() -> float:
+    """Current resident set size in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0), so a later peak_mb() reads the peak from here on."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mb() -> float:
+    """Peak resident set size in MB (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1e3  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+
+
 def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None) -> float:
     """Median wall time of fn() in seconds."""
     for _ in range(warmup):
