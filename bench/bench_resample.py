@@ -1,7 +1,8 @@
 """Benchmark of the redshift-resample ops on the SDSS grid (L = 3921 observed, R = 5882 restframe pixels).
 
-Side by side in one process: the fused ops (numba on CPU; Triton with atomics and the deterministic gather on
-CUDA), the plain-torch index-arithmetic reference (backend 'torch') and spender's searchsorted formulation.
+Side by side in one process, the calls of all methods interleaved round-robin: the fused ops (numba on CPU;
+Triton with atomics and the deterministic gather on CUDA), the plain-torch index-arithmetic reference (backend
+'torch') and spender's searchsorted formulation.
 Cases: resample forward, resample forward+backward (gradients to spec_rest and z), the training loss
 Σ w·valid·(y−ŷ)² forward and forward+backward (fused `resample_loss` vs resample + torch arithmetic).
 
@@ -51,26 +52,33 @@ def methods_for(device: str) -> list[str]:
     return ["numba", "torch-index", "searchsorted"]
 
 
-def times(fn, repeat: int, warmup: int, sync=None) -> tuple[list[float], list[float]]:
-    """Sorted wall times and sorted process CPU times of `repeat` calls of fn() in seconds (after `warmup`).
+def times_round_robin(fns: dict, repeats: dict, warmups: dict, sync=None) -> dict:
+    """{name: (sorted wall times, sorted process CPU times)} in seconds, the calls interleaved round-robin.
 
-    CPU time (all threads of this process) is what a single-threaded run costs regardless of how often a
-    busy machine preempts it; with several threads it also counts any spinning at barriers.
+    The calls of each method are spread evenly over the rounds (a method with fewer repeats skips rounds), so the
+    slow drifts of a shared VM's speed (±30% over minutes here) fall on all methods alike instead of on
+    whichever ran during a slow spell. CPU time (all threads of this process) is what a single-threaded run costs regardless of how
+    often a busy machine preempts it; with several threads it also counts any spinning at barriers.
     """
-    for _ in range(warmup):
-        fn()
+    for name, fn in fns.items():
+        for _ in range(warmups[name]):
+            fn()
     if sync:
         sync()
-    wall, cpu = [], []
-    for _ in range(repeat):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return sorted(wall), sorted(cpu)
+    out = {name: ([], []) for name in fns}
+    rounds = max(repeats.values())
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if (r + 1) * repeats[name] // rounds == r * repeats[name] // rounds:
+                continue  # this method's calls fall on other rounds
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            out[name][0].append(time.perf_counter() - t0)
+            out[name][1].append(time.process_time() - c0)
+    return {name: (sorted(w), sorted(c)) for name, (w, c) in out.items()}
 
 
 def make_inputs(N: int, device: str, seed: int = 0):
@@ -285,20 +293,22 @@ def main(argv=None) -> int:
             d = make_inputs(N, device)
             R, L = d["R"], d["L"]
             nbytes = traffic_bytes(op, N, R, L)
+            made = {method: make_case(op, method, d) for method in methods}  # (callable, output bytes)
+            # the references are slow at large N; the kernels are cheap to repeat (and compile on the first call)
+            slow = {m: m in ("torch-index", "searchsorted") for m in methods}
+            ref_rep = a.repeat if N < 1024 else max(2, a.repeat // 2)
+            measured = times_round_robin({m: made[m][0] for m in methods}, {m: ref_rep if slow[m] else 3 * a.repeat for m in methods},
+                                         {m: 1 if slow[m] else 2 for m in methods}, sync=sync)
             base_t = base_c = None
             for method in methods:
-                run, out_bytes = make_case(op, method, d)
-                # one warm-up for the slow references, two for the kernels (numba/Triton compile on the first)
-                slow = method in ("torch-index", "searchsorted")
-                # the kernels are cheap to repeat; the references at large N are not
-                warm, rep = (1, a.repeat if N < 1024 else max(2, a.repeat // 2)) if slow else (2, 3 * a.repeat)
-                ts, cs = times(run, repeat=rep, warmup=warm, sync=sync)
+                ts, cs = measured[method]
                 t = ts[0]  # the minimum: on a shared machine the rest measures the neighbours
                 if method == "searchsorted":
                     base_t, base_c = t, cs[0]
                 rows.append(dict(op=op, N=N, method=method, device=device, time_ms=t * 1e3,
                                  median_ms=statistics.median(ts) * 1e3, cpu_ms=cs[0] * 1e3, spectra_per_s=N / t,
-                                 GBps=nbytes / t / 1e9, frac_floor=nbytes / t / 1e9 / floor, out_MB=out_bytes / 1e6))
+                                 GBps=nbytes / t / 1e9, frac_floor=nbytes / t / 1e9 / floor,
+                                 out_MB=made[method][1] / 1e6))
             for r in rows[-len(methods):]:
                 r["speedup_vs_searchsorted"] = base_t / (r["time_ms"] / 1e3) if base_t else float("nan")
                 r["cpu_speedup_vs_searchsorted"] = base_c / (r["cpu_ms"] / 1e3) if base_c else float("nan")

@@ -228,7 +228,10 @@ def _cd(dtype):
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:
     """A C-contiguous numpy view (copy only when a cast or a gather of strides is needed)."""
-    return t.detach().to(dtype).contiguous().numpy()
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
 
 
 def resample_fwd(x, c, a, b):
@@ -240,10 +243,11 @@ def resample_fwd(x, c, a, b):
     if N and L:
         _fwd(_np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
              out.numpy(), valid.numpy(), _nchunk(N))
-    return out.to(x.dtype), valid
+    return (out if out.dtype == x.dtype else out.to(x.dtype)), valid
 
 
-def resample_bwd(g, x, c, a, b, need_ab: bool):
+def resample_bwd(g, x, c, a, b, need_ab: bool, deterministic: bool = True):
+    # always deterministic: each spectrum is walked serially, without atomics
     N, R = x.shape
     cd = _cd(x.dtype)
     gx = torch.empty((N, R), dtype=cd) if c.shape[0] else torch.zeros((N, R), dtype=cd)  # kernel zeroes rows
@@ -251,7 +255,7 @@ def resample_bwd(g, x, c, a, b, need_ab: bool):
     if N and c.shape[0]:
         _bwd(_np(g, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
              gx.numpy(), gab.numpy(), bool(need_ab), _nchunk(N))
-    return gx.to(x.dtype), gab
+    return (gx if gx.dtype == x.dtype else gx.to(x.dtype)), gab
 
 
 def resample_loss_fwd(x, c, a, b, y, w):
@@ -264,7 +268,7 @@ def resample_loss_fwd(x, c, a, b, y, w):
     return out.to(cd)
 
 
-def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool):
+def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool, deterministic: bool = True):
     N, R = x.shape
     cd = _cd(x.dtype)
     gx = torch.empty((N, R), dtype=cd) if c.shape[0] else torch.zeros((N, R), dtype=cd)  # kernel zeroes rows
@@ -273,4 +277,4 @@ def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool):
         _loss_bwd(_np(gl, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64),
                   _np(b, torch.float64), _np(y, cd), _np(w, cd), gx.numpy(), gab.numpy(), bool(need_ab),
                   _nchunk(N))
-    return gx.to(x.dtype), gab
+    return (gx if gx.dtype == x.dtype else gx.to(x.dtype)), gab
