@@ -20,9 +20,10 @@ _jit = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, nogil=True)
 
 
 @numba.njit(fastmath=_FASTMATH, inline="always")
-def _coords(c, l0, l1, an, bn, R, ib, tb):
-    """Pass 1 over output pixels l0 ≤ l < l1 of one spectrum: rest pixel ib[l−l0] (−1 where not valid) and
-    weight tb[l−l0]. Branch-free and gather-free, so LLVM vectorises it; pass 2 then gathers/scatters."""
+def _coords(c, l0, l1, an, bn, R, ib, tb, vb=None):
+    """Pass 1 over output pixels l0 ≤ l < l1 of one spectrum: rest pixel ib[l−l0] (−1 where not valid),
+    weight tb[l−l0] and, when vb is given, the valid mask (stored here, vectorised, rather than in the gather
+    loop: −9% forward time). Branch-free and gather-free, so LLVM vectorises it; pass 2 then gathers/scatters."""
     hi = R - 1.0
     imax = R - 2.0
     if not an > 0.0:  # a ≤ 0 or NaN: no valid pixel in this row
@@ -35,6 +36,8 @@ def _coords(c, l0, l1, an, bn, R, ib, tb):
         i = np.int32(min(us, imax))  # truncation = floor for u ≥ 0
         ib[j] = i if ok else np.int32(-1)
         tb[j] = us - i
+        if vb is not None:  # resolved at compile time: vb is an array or None
+            vb[j] = ok
 
 
 # Output pixels per pass: the scratch rows (BLOCK int32 + BLOCK values per chunk of spectra) stay in L1 and
@@ -61,18 +64,15 @@ def _fwd(x, c, a, b, out, valid, nchunk):
             vr = valid[n]
             for l0 in range(0, L, BLOCK):
                 l1 = min(l0 + BLOCK, L)
-                _coords(c, l0, l1, a[n], b[n], R, ib, tb)
+                _coords(c, l0, l1, a[n], b[n], R, ib, tb, vr[l0:l1])
                 ob = outr[l0:l1]  # block views: indexing by the loop variable needs no wraparound checks
-                vb = vr[l0:l1]
                 for j in range(l1 - l0):
                     i = ib[j]
                     if i >= 0:
                         x0 = xr[i]
                         ob[j] = x0 + tb[j] * (xr[i + 1] - x0)
-                        vb[j] = True
                     else:
                         ob[j] = 0.0
-                        vb[j] = False
 
 
 @numba.njit(fastmath=_FASTMATH, inline="always")
