@@ -7,12 +7,14 @@ Cases: resample forward, resample forward+backward (gradients to spec_rest and z
 Σ w·valid·(y−ŷ)² forward and forward+backward (fused `resample_loss` vs resample + torch arithmetic).
 
 Reported per case: the minimum wall time over the repeats (and the median; on a shared machine the rest
-is the neighbours), the minimum process CPU time (preemption-proof for --threads 1), spectra/s, achieved GB/s over the minimal traffic of the op (every input read
-once, every output written once — the same byte count for every method, so GB/s compares equal work), that
-as a fraction of this machine's memory-bandwidth floor measured in the same run (bench/common.bandwidth_floor;
-above 1 where the working set of a small N stays in cache),
-speed-up over searchsorted, and the peak extra memory of the case next to the size of its outputs (CPU: RSS
-high-water in a fresh subprocess per case, after resetting VmHWM; CUDA: torch.cuda.max_memory_allocated).
+is the neighbours), the minimum process CPU time (preemption-proof for --threads 1), spectra/s, achieved GB/s
+over the minimal traffic of the op (every input read once, every output written once — the same byte count
+for every method, so GB/s compares equal work), that as a fraction of this machine's memory-bandwidth floor
+measured in the same run (bench/common.bandwidth_floor; above 1 where the working set of a small N stays in
+cache), the speed-up over searchsorted from the minima and as the median of the per-round ratios (paired:
+the two calls of a round ran seconds apart), and the peak extra memory of the case next to the size of its
+outputs (CPU: RSS high-water in a fresh subprocess per case, after resetting VmHWM; CUDA:
+torch.cuda.max_memory_allocated).
 
     .venv/bin/python bench/bench_resample.py                 # default: N = 64 … 4096, memory at N = 1024
     .venv/bin/python bench/bench_resample.py --sizes 256 --no-memory
@@ -53,19 +55,20 @@ def methods_for(device: str) -> list[str]:
 
 
 def times_round_robin(fns: dict, repeats: dict, warmups: dict, sync=None) -> dict:
-    """{name: (sorted wall times, sorted process CPU times)} in seconds, the calls interleaved round-robin.
+    """{name: {round: (wall, process CPU time)}} in seconds, the calls interleaved round-robin.
 
-    The calls of each method are spread evenly over the rounds (a method with fewer repeats skips rounds), so the
-    slow drifts of a shared VM's speed (±30% over minutes here) fall on all methods alike instead of on
-    whichever ran during a slow spell. CPU time (all threads of this process) is what a single-threaded run costs regardless of how
-    often a busy machine preempts it; with several threads it also counts any spinning at barriers.
+    The calls of each method are spread evenly over the rounds (a method with fewer repeats skips rounds), so
+    the slow drifts of a shared VM's speed (±30% over minutes here) fall on all methods alike instead of on
+    whichever ran during a slow spell, and calls of the same round can be compared pairwise. CPU time (all
+    threads of this process) is what a single-threaded run costs regardless of how often a busy machine
+    preempts it; with several threads it also counts any spinning at barriers.
     """
     for name, fn in fns.items():
         for _ in range(warmups[name]):
             fn()
     if sync:
         sync()
-    out = {name: ([], []) for name in fns}
+    out = {name: {} for name in fns}
     rounds = max(repeats.values())
     for r in range(rounds):
         for name, fn in fns.items():
@@ -76,9 +79,14 @@ def times_round_robin(fns: dict, repeats: dict, warmups: dict, sync=None) -> dic
             fn()
             if sync:
                 sync()
-            out[name][0].append(time.perf_counter() - t0)
-            out[name][1].append(time.process_time() - c0)
-    return {name: (sorted(w), sorted(c)) for name, (w, c) in out.items()}
+            out[name][r] = (time.perf_counter() - t0, time.process_time() - c0)
+    return out
+
+
+def paired_speedup(base: dict, other: dict) -> float:
+    """Median over the rounds both ran in of base time / other time (robust to the machine's drift)."""
+    ratios = [base[r][0] / other[r][0] for r in base if r in other]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def make_inputs(N: int, device: str, seed: int = 0):
@@ -297,24 +305,29 @@ def main(argv=None) -> int:
             # the references are slow at large N; the kernels are cheap to repeat (and compile on the first call)
             slow = {m: m in ("torch-index", "searchsorted") for m in methods}
             ref_rep = a.repeat if N < 1024 else max(2, a.repeat // 2)
-            measured = times_round_robin({m: made[m][0] for m in methods}, {m: ref_rep if slow[m] else 3 * a.repeat for m in methods},
+            measured = times_round_robin({m: made[m][0] for m in methods},
+                                         {m: ref_rep if slow[m] else 3 * a.repeat for m in methods},
                                          {m: 1 if slow[m] else 2 for m in methods}, sync=sync)
             base_t = base_c = None
             for method in methods:
-                ts, cs = measured[method]
+                ts = sorted(w for w, _ in measured[method].values())
+                cs = sorted(c for _, c in measured[method].values())
                 t = ts[0]  # the minimum: on a shared machine the rest measures the neighbours
                 if method == "searchsorted":
                     base_t, base_c = t, cs[0]
                 rows.append(dict(op=op, N=N, method=method, device=device, time_ms=t * 1e3,
                                  median_ms=statistics.median(ts) * 1e3, cpu_ms=cs[0] * 1e3, spectra_per_s=N / t,
                                  GBps=nbytes / t / 1e9, frac_floor=nbytes / t / 1e9 / floor,
-                                 out_MB=made[method][1] / 1e6))
+                                 out_MB=made[method][1] / 1e6,
+                                 paired_speedup_vs_searchsorted=paired_speedup(measured["searchsorted"],
+                                                                               measured[method])))
             for r in rows[-len(methods):]:
                 r["speedup_vs_searchsorted"] = base_t / (r["time_ms"] / 1e3) if base_t else float("nan")
                 r["cpu_speedup_vs_searchsorted"] = base_c / (r["cpu_ms"] / 1e3) if base_c else float("nan")
         print_table([r for r in rows if r["op"] == op],
                     ["op", "N", "method", "time_ms", "median_ms", "cpu_ms", "spectra_per_s", "GBps", "frac_floor",
-                     "speedup_vs_searchsorted", "cpu_speedup_vs_searchsorted"], title=f"\n{op} (L={L}, R={R})")
+                     "speedup_vs_searchsorted", "paired_speedup_vs_searchsorted", "cpu_speedup_vs_searchsorted"],
+                    title=f"\n{op} (L={L}, R={R})")
 
     mem_rows = []
     if not a.no_memory and a.memory_n:
@@ -335,6 +348,7 @@ def main(argv=None) -> int:
     for r in rows:
         if r["op"] == "resample_fwd_bwd" and r["N"] == 256 and r["method"] in ("numba", "triton"):
             summary["resample_fwd_bwd_N256_speedup_vs_searchsorted"] = r["speedup_vs_searchsorted"]
+            summary["resample_fwd_bwd_N256_paired_speedup_vs_searchsorted"] = r["paired_speedup_vs_searchsorted"]
             if device == "cpu":
                 summary["resample_fwd_bwd_N256_cpu_time_speedup_vs_searchsorted"] = r["cpu_speedup_vs_searchsorted"]
     inst = get_instrument("sdss")
