@@ -2,7 +2,8 @@
 
 Side by side in one process, the calls of all methods interleaved round-robin: the fused ops (numba on CPU;
 Triton with atomics and the deterministic gather on CUDA), the plain-torch index-arithmetic reference (backend
-'torch') and spender's searchsorted formulation.
+'torch') and spender's searchsorted formulation (resample_ref; the targets are set against it), plus — where
+spender imports (the dev venv, not CI) — spender 0.3's own SpectrumDecoder.transform for context.
 Cases: resample forward, resample forward+backward (gradients to spec_rest and z), the training loss
 Σ w·valid·(y−ŷ)² forward and forward+backward (fused `resample_loss` vs resample + torch arithmetic).
 
@@ -48,10 +49,39 @@ from fastspec.instruments import get_instrument  # noqa: E402
 OPS = ["resample_fwd", "resample_fwd_bwd", "loss_fwd", "loss_fwd_bwd", "redshift_observed_fwd"]
 
 
-def methods_for(device: str) -> list[str]:
-    if device == "cuda":
-        return ["triton", "triton-det", "torch-index", "searchsorted"]
-    return ["numba", "torch-index", "searchsorted"]
+def methods_for(device: str, op: str) -> list[str]:
+    methods = ["triton", "triton-det"] if device == "cuda" else ["numba"]
+    methods += ["torch-index", "searchsorted"]
+    if op != "redshift_observed_fwd" and _spender_transform is not None:
+        methods.append("spender")  # spender's own SpectrumDecoder.transform, for context (not in CI)
+    return methods
+
+
+def _spender_transform_or_none():
+    """spender 0.3's SpectrumDecoder.transform(x, instrument, z, return_valid) when spender imports, else None.
+
+    Its formulation is resample_searchsorted's, except that it zeroes invalid pixels by masked assignment
+    (`spectrum[~valid] = 0`) and its mask excludes both grid ends."""
+    try:
+        import spender
+        from spender.model import SpectrumDecoder
+    except Exception:  # noqa: BLE001 - any import failure just drops the row
+        return None
+    cache = {}
+
+    def transform(x, z, wave_rest32, wave_obs32):
+        key = (tuple(wave_rest32[[0, -1]].tolist()), len(wave_rest32), tuple(wave_obs32[[0, -1]].tolist()),
+               len(wave_obs32), str(x.device))
+        if key not in cache:  # built once (outside the memory measurement); a tiny MLP: transform does not use it
+            cache[key] = (SpectrumDecoder(wave_rest32, n_latent=2, n_hidden=(4,)).to(x.device),
+                          spender.Instrument(wave_obs32).to(x.device))
+        dec, inst = cache[key]
+        return dec.transform(x, instrument=inst, z=z, return_valid=True)
+
+    return transform
+
+
+_spender_transform = _spender_transform_or_none()
 
 
 def times_round_robin(fns: dict, repeats: dict, warmups: dict, sync=None) -> dict:
@@ -127,12 +157,14 @@ def make_case(op: str, method: str, d: dict):
     def fwd_resample():
         if method == "searchsorted":
             return ref.resample_searchsorted(xg, zg, wr32, wo32)
+        if method == "spender":
+            return _spender_transform(xg, zg, wr32, wo32)
         with use_backend(backend):
             return resample(xg, zg, wr, wo, deterministic=det)
 
     def fwd_loss():
-        if method == "searchsorted":
-            return _unfused_loss(*ref.resample_searchsorted(xg, zg, wr32, wo32), y, w)
+        if method in ("searchsorted", "spender"):
+            return _unfused_loss(*fwd_resample(), y, w)
         with use_backend(backend):
             return resample_loss(xg, zg, wr, wo, y, w, deterministic=det)
 
@@ -294,16 +326,16 @@ def main(argv=None) -> int:
     print(f"device {device}; memory-bandwidth floor (copy) {floor:.1f} GB/s; threads {a.threads}; "
           f"load average {os.getloadavg()[0]:.1f}; allocator {'retains freed memory' if retained else 'default'}",
           flush=True)
-    methods = methods_for(device)
     rows = []
     for op in a.ops:
+        methods = methods_for(device, op)
         for N in a.sizes:
             d = make_inputs(N, device)
             R, L = d["R"], d["L"]
             nbytes = traffic_bytes(op, N, R, L)
             made = {method: make_case(op, method, d) for method in methods}  # (callable, output bytes)
             # the references are slow at large N; the kernels are cheap to repeat (and compile on the first call)
-            slow = {m: m in ("torch-index", "searchsorted") for m in methods}
+            slow = {m: m in ("torch-index", "searchsorted", "spender") for m in methods}
             ref_rep = a.repeat if N < 1024 else max(2, a.repeat // 2)
             measured = times_round_robin({m: made[m][0] for m in methods},
                                          {m: ref_rep if slow[m] else 3 * a.repeat for m in methods},
@@ -333,7 +365,7 @@ def main(argv=None) -> int:
     if not a.no_memory and a.memory_n:
         N = a.memory_n
         for op in a.ops:
-            for method in methods:
+            for method in methods_for(device, op):
                 if device == "cuda":
                     run, out_bytes = make_case(op, method, make_inputs(N, device))
                     run()
