@@ -28,6 +28,7 @@ or gathers without atomics when `deterministic=True` (default: torch.are_determi
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -48,12 +49,12 @@ GRID_TOL_PIXELS = 0.01
 
 def _impl_module(x: torch.Tensor, impl: str):
     if x.device.type == "cuda" or impl == "triton":
-        from . import resample_triton as mod
+        name = "resample_triton"
     elif impl == "numba":
-        from . import resample_numba as mod
+        name = "resample_numba"
     else:
         raise ValueError(f"fastspec resample ops: unknown impl {impl!r} (expected 'numba' or 'triton')")
-    return mod
+    return importlib.import_module(f".{name}", __package__)  # imported lazily (triton is optional on CPU)
 
 
 def _compute_dtype(dtype):
@@ -361,24 +362,24 @@ def _backend_for(device_type: str) -> str:
     return resolve(device_type)
 
 
-def _usable(xp, *zs):
+def _usable(*zs):
     """(ok, z with unusable entries replaced by 0): a redshift is usable when finite and > −1.
 
     Rows that are not ok get a = NaN, which every backend reads as "no valid pixel"; computing a, b from the
-    sanitised z keeps their gradients 0 instead of 0·inf = NaN. xp: torch, or numpy for CPU redshifts on the
-    eager path (a handful of numpy operations on N values cost a fifth of the torch ones).
+    sanitised z keeps their gradients 0 instead of 0·inf = NaN.
     """
     ok = None
     for z in zs:
-        o = xp.isfinite(z) & (z > -1.0)
+        o = torch.isfinite(z) & (z > -1.0)
         ok = o if ok is None else ok & o
-    return (ok, *[xp.where(ok, z, 0.0) for z in zs])
+    return (ok, *[torch.where(ok, z, 0.0) for z in zs])
 
 
 class _Coeffs(NamedTuple):
     """a, b of the generic op for N spectra, and (eager path only) their derivatives to z and z_new.
 
-    A derivative is None where it is identically 0. Unusable rows have a = NaN and derivatives 0.
+    Tensors, or float64 numpy arrays on the numba eager path (resample_numba.coefficients). A derivative is
+    None where it is identically 0. Unusable rows have a = NaN and derivatives 0.
     """
 
     a: torch.Tensor
@@ -389,55 +390,69 @@ class _Coeffs(NamedTuple):
     b_zn: torch.Tensor | None = None
 
 
-def _rest_coeffs(xp, z, lam0, dlam, derivs: bool) -> _Coeffs:
-    """resample: u = λ_obs/((1+z)Δ) − λ0/Δ, so a = 1/((1+z)Δ), b = −λ0/Δ. z float64 (torch: differentiable
-    when derivs is False, the custom-op path, where autograd carries ∂a on to z)."""
-    ok, zs = _usable(xp, z)
+# Which coefficients (resample_numba's mode constants: the same formulas in numba for the numba eager path).
+_REST, _OBS_LOG, _OBS_LIN = 0, 1, 2
+
+
+def _rest_coeffs(z, lam0, dlam, derivs: bool) -> _Coeffs:
+    """resample: u = λ_obs/((1+z)Δ) − λ0/Δ, so a = 1/((1+z)Δ), b = −λ0/Δ. z float64; differentiable when
+    derivs is False (the custom-op path, where autograd carries ∂a on to z)."""
+    ok, zs = _usable(z)
     a = 1.0 / ((1.0 + zs) * dlam)
-    b = (-lam0 / dlam) * xp.ones_like(z)
-    a_z = xp.where(ok, -a / (1.0 + zs), 0.0) if derivs else None
-    return _Coeffs(xp.where(ok, a, float("nan")), b, a_z)
+    b = (-lam0 / dlam) * torch.ones_like(z)
+    a_z = torch.where(ok, -a / (1.0 + zs), 0.0) if derivs else None
+    return _Coeffs(torch.where(ok, a, float("nan")), b, a_z)
 
 
-def _obs_coeffs(xp, z, z_new, loglinear: bool, start, step, derivs: bool) -> _Coeffs:
+def _obs_coeffs(z, z_new, loglinear: bool, start, step, derivs: bool) -> _Coeffs:
     """redshift_observed: source pixel of λ·(1+z)/(1+z_new) on the observed grid (log-linear or linear)."""
-    ok, zs, zns = _usable(xp, z, z_new)
+    ok, zs, zns = _usable(z, z_new)
     nan = float("nan")
     if loglinear:  # u = l + log10((1+z)/(1+z_new))/Δξ
         k = 1.0 / (math.log(10.0) * step)
-        a = xp.where(ok, xp.ones_like(z), nan)
-        b = (xp.log1p(zs) - xp.log1p(zns)) * k
+        a = torch.where(ok, torch.ones_like(z), nan)
+        b = (torch.log1p(zs) - torch.log1p(zns)) * k
         if not derivs:
             return _Coeffs(a, b)
-        return _Coeffs(a, b, b_z=xp.where(ok, k / (1.0 + zs), 0.0), b_zn=xp.where(ok, -k / (1.0 + zns), 0.0))
+        return _Coeffs(a, b, b_z=torch.where(ok, k / (1.0 + zs), 0.0), b_zn=torch.where(ok, -k / (1.0 + zns), 0.0))
     # linear: u = λ·(1+z)/((1+z_new)Δ) − λ0/Δ
     a = (1.0 + zs) / ((1.0 + zns) * step)
-    b = (-start / step) * xp.ones_like(z)
+    b = (-start / step) * torch.ones_like(z)
     if not derivs:
-        return _Coeffs(xp.where(ok, a, nan), b)
-    return _Coeffs(xp.where(ok, a, nan), b, a_z=xp.where(ok, 1.0 / ((1.0 + zns) * step), 0.0),
-                   a_zn=xp.where(ok, -a / (1.0 + zns), 0.0))
+        return _Coeffs(torch.where(ok, a, nan), b)
+    return _Coeffs(torch.where(ok, a, nan), b, a_z=torch.where(ok, 1.0 / ((1.0 + zns) * step), 0.0),
+                   a_zn=torch.where(ok, -a / (1.0 + zns), 0.0))
 
 
-def _eager_coeffs(coeffs, *zs, **kw) -> _Coeffs:
-    """coeffs (_rest_coeffs or _obs_coeffs) with derivatives, outside autograd: in numpy for CPU redshifts."""
-    if zs[0].device.type == "cpu":
-        co = coeffs(np, *[z.detach().to(torch.float64).numpy() for z in zs], **kw, derivs=True)
-        return _Coeffs(*[torch.from_numpy(np.ascontiguousarray(v)) if v is not None else None for v in co])
+def _eager_coeffs(x, impl, mode, z, z_new, p0, p1) -> _Coeffs:
+    """a, b and their derivatives outside autograd (mode _REST: p0, p1 = λ0, Δ of the restframe grid;
+    _OBS_LOG / _OBS_LIN: ξ0, Δ of the observed grid). numba on CPU: one jitted call returning numpy rows."""
+    if x.device.type == "cpu" and impl == "numba":
+        zs = z.detach().to(torch.float64).numpy()
+        zn = zs if z_new is None else z_new.detach().to(torch.float64).numpy()
+        return _Coeffs(*_impl_module(x, impl).coefficients(mode, zs, zn, float(p0), float(p1)))
     with torch.no_grad():
-        return coeffs(torch, *[z.detach().to(torch.float64) for z in zs], **kw, derivs=True)
+        z64 = z.detach().to(torch.float64)
+        if mode == _REST:
+            return _rest_coeffs(z64, p0, p1, derivs=True)
+        return _obs_coeffs(z64, z_new.detach().to(torch.float64), mode == _OBS_LOG, p0, p1, derivs=True)
 
 
 def _z_grads(co: _Coeffs, gab, need_z, need_zn, z_dtype, zn_dtype):
     """Chain rule from the kernels' (∂/∂a, ∂/∂b) to z and z_new."""
+    if isinstance(co.a, np.ndarray):  # numba eager path: every derivative row is there (zeros included)
+        g = gab.numpy()
 
-    def chain(da, db, dtype):
-        g = None
-        if da is not None:
-            g = gab[:, 0] * da
-        if db is not None:
-            g = gab[:, 1] * db if g is None else g + gab[:, 1] * db
-        return (g if g is not None else torch.zeros_like(gab[:, 0])).to(dtype)
+        def chain(da, db, dtype):
+            return torch.from_numpy(g[:, 0] * da + g[:, 1] * db).to(dtype)
+    else:
+        def chain(da, db, dtype):
+            out = torch.zeros_like(gab[:, 0])
+            if da is not None:
+                out = out + gab[:, 0] * da
+            if db is not None:
+                out = out + gab[:, 1] * db
+            return out.to(dtype)
 
     return (chain(co.a_z, co.b_z, z_dtype) if need_z else None,
             chain(co.a_zn, co.b_zn, zn_dtype) if need_zn else None)
@@ -453,7 +468,6 @@ def _z_grads(co: _Coeffs, gab, need_z, need_zn, z_dtype, zn_dtype):
 class _ResampleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, z_new, c, co, impl, deterministic):
-        _check_op_args(x, c, co.a, co.b)
         out, valid = _impl_module(x, impl).resample_fwd(x, c, co.a, co.b)
         ctx.save_for_backward(x)
         ctx.c, ctx.co, ctx.impl, ctx.deterministic = c, co, impl, deterministic
@@ -478,7 +492,6 @@ class _ResampleFn(torch.autograd.Function):
 class _ResampleLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, y, w, c, co, impl, deterministic):
-        _check_op_args(x, c, co.a, co.b)
         loss = _impl_module(x, impl).resample_loss_fwd(x, c, co.a, co.b, y, w)
         ctx.save_for_backward(x, y, w)
         ctx.c, ctx.co, ctx.impl, ctx.deterministic, ctx.z_dtype = c, co, impl, deterministic, z.dtype
@@ -498,6 +511,11 @@ class _ResampleLossFn(torch.autograd.Function):
             yhat, valid = mod.resample_fwd(x, c, co.a, co.b)
             gy, gw = _loss_data_grads(grad, yhat, valid, x, y, w, need_y, need_w)
         return gx if need_x else None, gz, gy, gw, None, None, None, None
+
+
+def _eager_grid(x, impl, c):
+    """The grid coordinates as the eager path's kernels take them (numba: a numpy view)."""
+    return c.numpy() if x.device.type == "cpu" and impl == "numba" else c
 
 
 # Tests set this to send eager calls through the custom ops, the path torch.compile takes.
@@ -551,9 +569,9 @@ def resample(spec_rest, z, wave_rest, wave_obs, *, deterministic=None):
     backend = _backend_for(x.device.type)
     det = _deterministic(deterministic)
     if backend != "torch" and _eager():
-        co = _eager_coeffs(_rest_coeffs, z, lam0=lam0, dlam=dlam)
-        return _ResampleFn.apply(x, z, None, c, co, backend, det)
-    co = _rest_coeffs(torch, z.to(torch.float64), lam0, dlam, derivs=False)
+        co = _eager_coeffs(x, backend, _REST, z, None, lam0, dlam)
+        return _ResampleFn.apply(x, z, None, _eager_grid(x, backend, c), co, backend, det)
+    co = _rest_coeffs(z.to(torch.float64), lam0, dlam, derivs=False)
     if backend == "torch":
         return ref.resample_index(x, c, co.a, co.b)
     return torch.ops.fastspec.resample_fwd(x, c, co.a, co.b, backend, det)
@@ -577,9 +595,9 @@ def resample_loss(spec_rest, z, wave_rest, wave_obs, y, w, *, deterministic=None
     backend = _backend_for(x.device.type)
     det = _deterministic(deterministic)
     if backend != "torch" and _eager():
-        co = _eager_coeffs(_rest_coeffs, z, lam0=lam0, dlam=dlam)
-        return _ResampleLossFn.apply(x, z, y, w, c, co, backend, det)
-    co = _rest_coeffs(torch, z.to(torch.float64), lam0, dlam, derivs=False)
+        co = _eager_coeffs(x, backend, _REST, z, None, lam0, dlam)
+        return _ResampleLossFn.apply(x, z, y, w, _eager_grid(x, backend, c), co, backend, det)
+    co = _rest_coeffs(z.to(torch.float64), lam0, dlam, derivs=False)
     if backend == "torch":
         return ref.resample_loss_index(x, c, co.a, co.b, y, w)
     return torch.ops.fastspec.resample_loss_fwd(x, c, co.a, co.b, y, w, backend, det)
@@ -614,9 +632,9 @@ def redshift_observed(spec_obs, z, z_new, wave_obs, *, loglinear=None, determini
     backend = _backend_for(x.device.type)
     det = _deterministic(deterministic)
     if backend != "torch" and _eager():
-        co = _eager_coeffs(_obs_coeffs, z, z_new, loglinear=loglinear, start=start, step=step)
-        return _ResampleFn.apply(x, z, z_new, c, co, backend, det)
-    co = _obs_coeffs(torch, z.to(torch.float64), z_new.to(torch.float64), loglinear, start, step, derivs=False)
+        co = _eager_coeffs(x, backend, _OBS_LOG if loglinear else _OBS_LIN, z, z_new, start, step)
+        return _ResampleFn.apply(x, z, z_new, _eager_grid(x, backend, c), co, backend, det)
+    co = _obs_coeffs(z.to(torch.float64), z_new.to(torch.float64), loglinear, start, step, derivs=False)
     if backend == "torch":
         return ref.resample_index(x, c, co.a, co.b)
     return torch.ops.fastspec.resample_fwd(x, c, co.a, co.b, backend, det)

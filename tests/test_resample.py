@@ -56,7 +56,7 @@ def smooth_spectra(N, n, seed=0, dtype=torch.float32, device="cpu"):
 def op_args(x, z, wave_rest, wave_obs):
     """(c, a, b) of the generic custom op for restframe → observed resampling."""
     c, lam0, dlam = resample_mod._rest_grid(x, wave_rest, wave_obs, "test")
-    co = resample_mod._rest_coeffs(torch, torch.as_tensor(z, dtype=torch.float64, device=x.device), lam0, dlam, False)
+    co = resample_mod._rest_coeffs(torch.as_tensor(z, dtype=torch.float64, device=x.device), lam0, dlam, False)
     return c, co.a, co.b
 
 
