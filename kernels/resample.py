@@ -54,7 +54,13 @@ def _impl_module(x: torch.Tensor, impl: str):
         name = "resample_numba"
     else:
         raise ValueError(f"fastspec resample ops: unknown impl {impl!r} (expected 'numba' or 'triton')")
-    return importlib.import_module(f".{name}", __package__)  # imported lazily (triton is optional on CPU)
+    mod = _MODULES.get(name)
+    if mod is None:  # imported on first use (triton is optional on CPU)
+        mod = _MODULES[name] = importlib.import_module(f".{name}", __package__)
+    return mod
+
+
+_MODULES: dict = {}
 
 
 def _compute_dtype(dtype):
@@ -428,14 +434,20 @@ def _eager_coeffs(x, impl, mode, z, z_new, p0, p1) -> _Coeffs:
     """a, b and their derivatives outside autograd (mode _REST: p0, p1 = λ0, Δ of the restframe grid;
     _OBS_LOG / _OBS_LIN: ξ0, Δ of the observed grid). numba on CPU: one jitted call returning numpy rows."""
     if x.device.type == "cpu" and impl == "numba":
-        zs = z.detach().to(torch.float64).numpy()
-        zn = zs if z_new is None else z_new.detach().to(torch.float64).numpy()
+        zs = _host_z(z)
+        zn = zs if z_new is None else _host_z(z_new)
         return _Coeffs(*_impl_module(x, impl).coefficients(mode, zs, zn, float(p0), float(p1)))
     with torch.no_grad():
         z64 = z.detach().to(torch.float64)
         if mode == _REST:
             return _rest_coeffs(z64, p0, p1, derivs=True)
         return _obs_coeffs(z64, z_new.detach().to(torch.float64), mode == _OBS_LOG, p0, p1, derivs=True)
+
+
+def _host_z(z):
+    """Redshifts as a numpy array for resample_numba.coefficients (float32/float64 as they come)."""
+    z = z.detach()
+    return (z if z.dtype in (torch.float32, torch.float64) else z.to(torch.float64)).numpy()
 
 
 def _z_grads(co: _Coeffs, gab, need_z, need_zn, z_dtype, zn_dtype):

@@ -231,8 +231,8 @@ def coefficients(mode, z, z_new, p0, p1):
     N = z.shape[0]
     out = np.zeros((6, N))
     for n in range(N):
-        zz = z[n]
-        zq = z_new[n] if mode != REST else 0.0
+        zz = np.float64(z[n])  # float32 redshifts are widened here, not copied beforehand
+        zq = np.float64(z_new[n]) if mode != REST else 0.0
         ok = np.isfinite(zz) and zz > -1.0 and np.isfinite(zq) and zq > -1.0
         if not ok:
             out[0, n] = np.nan
@@ -297,7 +297,7 @@ def resample_bwd(g, x, c, a, b, need_ab: bool, deterministic: bool = True):
     N, R = x.shape
     cd = _cd(x.dtype)
     gx = torch.empty((N, R), dtype=cd) if c.shape[0] else torch.zeros((N, R), dtype=cd)  # kernel zeroes rows
-    gab = torch.zeros((N, 2), dtype=torch.float64)
+    gab = torch.from_numpy(np.zeros((N, 2)))  # (numpy's zeros: a third of torch.zeros' call cost)
     if N and c.shape[0]:
         _bwd(_np(g, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
              gx.numpy(), gab.numpy(), bool(need_ab), _nchunk(N))
@@ -318,7 +318,7 @@ def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool, deterministic: bool =
     N, R = x.shape
     cd = _cd(x.dtype)
     gx = torch.empty((N, R), dtype=cd) if c.shape[0] else torch.zeros((N, R), dtype=cd)  # kernel zeroes rows
-    gab = torch.zeros((N, 2), dtype=torch.float64)
+    gab = torch.from_numpy(np.zeros((N, 2)))
     if N and c.shape[0]:
         _loss_bwd(_np(gl, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64),
                   _np(b, torch.float64), _np(y, cd), _np(w, cd), gx.numpy(), gab.numpy(), bool(need_ab),
