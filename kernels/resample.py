@@ -454,9 +454,13 @@ def _z_grads(co: _Coeffs, gab, need_z, need_zn, z_dtype, zn_dtype):
     """Chain rule from the kernels' (∂/∂a, ∂/∂b) to z and z_new."""
     if isinstance(co.a, np.ndarray):  # numba eager path: every derivative row is there (zeros included)
         g = gab.numpy()
+        chain_rule = _MODULES["resample_numba"].chain_rule
 
         def chain(da, db, dtype):
-            return torch.from_numpy(g[:, 0] * da + g[:, 1] * db).to(dtype)
+            out = np.empty(da.shape[0], np.float32 if dtype == torch.float32 else np.float64)
+            chain_rule(g, da, db, out)
+            t = torch.from_numpy(out)
+            return t if t.dtype == dtype else t.to(dtype)
     else:
         def chain(da, db, dtype):
             out = torch.zeros_like(gab[:, 0])

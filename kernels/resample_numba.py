@@ -221,7 +221,7 @@ REST, OBS_LOG, OBS_LIN = 0, 1, 2
 
 @numba.njit(cache=True)
 def coefficients(mode, z, z_new, p0, p1):
-    """(6, N) float64 rows a, b, ∂a/∂z, ∂b/∂z, ∂a/∂z_new, ∂b/∂z_new for the redshifts z (and z_new).
+    """Six float64 (N,) arrays a, b, ∂a/∂z, ∂b/∂z, ∂a/∂z_new, ∂b/∂z_new for the redshifts z (and z_new).
 
     mode REST (resample; p0 = λ0, p1 = Δ of the restframe grid; z_new unused), OBS_LOG (redshift_observed on a
     log-linear grid; p1 = Δlog10λ), OBS_LIN (on a linear grid; p0 = λ0, p1 = Δ). A row whose z or z_new is
@@ -255,15 +255,25 @@ def coefficients(mode, z, z_new, p0, p1):
             out[1, n] = -p0 / p1
             out[2, n] = 1.0 / ((1.0 + zq) * p1)
             out[4, n] = -a / (1.0 + zq)
-    return out
+    return out[0], out[1], out[2], out[3], out[4], out[5]
+
+
+@numba.njit(cache=True)
+def chain_rule(gab, da, db, out):
+    """out[n] = ∂L/∂a[n]·da[n] + ∂L/∂b[n]·db[n] (the gradient to z or z_new, cast to out's dtype)."""
+    for n in range(out.shape[0]):
+        out[n] = gab[n, 0] * da[n] + gab[n, 1] * db[n]
 
 
 # ---- torch-facing wrappers (CPU tensors in, CPU tensors out; c, a, b may be float64 numpy arrays) ---------
 
 
 def _nchunk(N: int) -> int:
-    # a few chunks per thread balance the load; each chunk allocates its scratch rows once
-    return max(1, min(N, 4 * numba.get_num_threads()))
+    """Chunks of spectra for the prange: a few per thread balance the load, each chunk allocates its scratch
+    rows once, and at least 2 rows per chunk let the backward walk spectra in pairs. From the thread pool's
+    size, not numba.get_num_threads(): that call costs ~20 µs once the kernels have evicted it from cache,
+    and the chunking only shapes the load balance."""
+    return max(1, min(N // 2, 4 * numba.config.NUMBA_NUM_THREADS))
 
 
 def _cd(dtype):
@@ -280,47 +290,58 @@ def _np(t, dtype) -> np.ndarray:
     return (t if t.is_contiguous() else t.contiguous()).numpy()
 
 
+# Outputs are allocated by numpy and handed to torch without a copy: a call of this module's wrappers runs
+# right after the kernels have streamed tens of MB through the caches, and numpy's allocation path is about
+# half of torch.empty's there.
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _as_dtype(a: np.ndarray, dtype) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def resample_fwd(x, c, a, b):
     N, R = x.shape
     L = c.shape[0]
     cd = _cd(x.dtype)
-    out = torch.empty((N, L), dtype=cd)
-    valid = torch.empty((N, L), dtype=torch.bool)
+    out = np.empty((N, L), _NP[cd])
+    valid = np.empty((N, L), np.bool_)
     if N and L:
-        _fwd(_np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
-             out.numpy(), valid.numpy(), _nchunk(N))
-    return (out if out.dtype == x.dtype else out.to(x.dtype)), valid
+        _fwd(_np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64), out, valid,
+             _nchunk(N))
+    return _as_dtype(out, x.dtype), torch.from_numpy(valid)
 
 
 def resample_bwd(g, x, c, a, b, need_ab: bool, deterministic: bool = True):
     # always deterministic: each spectrum is walked serially, without atomics
     N, R = x.shape
     cd = _cd(x.dtype)
-    gx = torch.empty((N, R), dtype=cd) if c.shape[0] else torch.zeros((N, R), dtype=cd)  # kernel zeroes rows
-    gab = torch.from_numpy(np.zeros((N, 2)))  # (numpy's zeros: a third of torch.zeros' call cost)
+    gx = (np.empty if c.shape[0] else np.zeros)((N, R), _NP[cd])  # the kernel zeroes the rows it walks
+    gab = np.zeros((N, 2))
     if N and c.shape[0]:
         _bwd(_np(g, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
-             gx.numpy(), gab.numpy(), bool(need_ab), _nchunk(N))
-    return (gx if gx.dtype == x.dtype else gx.to(x.dtype)), gab
+             gx, gab, bool(need_ab), _nchunk(N))
+    return _as_dtype(gx, x.dtype), torch.from_numpy(gab)
 
 
 def resample_loss_fwd(x, c, a, b, y, w):
     N = x.shape[0]
     cd = _cd(x.dtype)
-    out = torch.zeros(N, dtype=torch.float64)
+    out = np.zeros(N)
     if N and c.shape[0]:
         _loss_fwd(_np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
-                  _np(y, cd), _np(w, cd), out.numpy(), _nchunk(N))
-    return out.to(cd)
+                  _np(y, cd), _np(w, cd), out, _nchunk(N))
+    return _as_dtype(out, cd)
 
 
 def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool, deterministic: bool = True):
     N, R = x.shape
     cd = _cd(x.dtype)
-    gx = torch.empty((N, R), dtype=cd) if c.shape[0] else torch.zeros((N, R), dtype=cd)  # kernel zeroes rows
-    gab = torch.from_numpy(np.zeros((N, 2)))
+    gx = (np.empty if c.shape[0] else np.zeros)((N, R), _NP[cd])  # the kernel zeroes the rows it walks
+    gab = np.zeros((N, 2))
     if N and c.shape[0]:
         _loss_bwd(_np(gl, cd), _np(x, cd), _np(c, torch.float64), _np(a, torch.float64),
-                  _np(b, torch.float64), _np(y, cd), _np(w, cd), gx.numpy(), gab.numpy(), bool(need_ab),
+                  _np(b, torch.float64), _np(y, cd), _np(w, cd), gx, gab, bool(need_ab),
                   _nchunk(N))
-    return (gx if gx.dtype == x.dtype else gx.to(x.dtype)), gab
+    return _as_dtype(gx, x.dtype), torch.from_numpy(gab)
