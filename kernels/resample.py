@@ -237,8 +237,9 @@ _GRID_CACHE_MAX = 32
 
 def _cache_key(arr, kind, device):
     if isinstance(arr, torch.Tensor):
-        return ("t", id(arr), arr.data_ptr(), arr._version, tuple(arr.shape), tuple(arr.stride()), arr.dtype,
-                str(arr.device), kind, str(device))
+        # torch.Size, stride tuples and devices hash as they are (no str(): this runs on every call)
+        return ("t", id(arr), arr.data_ptr(), arr._version, arr.shape, arr.stride(), arr.dtype, arr.device, kind,
+                device)
     digest = hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()
     return ("a", digest, arr.shape, arr.dtype.str, kind, str(device))
 
