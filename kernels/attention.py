@@ -218,22 +218,30 @@ def _backward(ctx, g):
 attention_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _TritonInterpreted(torch.autograd.Function):
-    """The Triton launchers on CPU tensors (interpreter), with the custom ops' forward/backward formula."""
+class _EagerCPU(torch.autograd.Function):
+    """Eager calls on CPU tensors: the custom ops' kernels and formula without the custom-op dispatch (numba),
+    or the Triton launchers in the interpreter ('triton' on CPU, for tests). Under torch.compile the custom
+    ops are used instead; test_torch_compile_cpu checks that both give the same values and gradients."""
 
     @staticmethod
-    def forward(ctx, h, k):
-        from .attention_triton import attention_pool_fwd_triton
-
+    def forward(ctx, h, k, impl):
         ctx.save_for_backward(h, k)
-        return attention_pool_fwd_triton(h, k)
+        ctx.impl = impl
+        if impl == "triton":
+            from .attention_triton import attention_pool_fwd_triton
+
+            return attention_pool_fwd_triton(h, k)
+        return _numba_fwd(h, k)
 
     @staticmethod
     def backward(ctx, g):
-        from .attention_triton import attention_pool_bwd_triton
-
         h, k = ctx.saved_tensors
-        return attention_pool_bwd_triton(g, h, k)
+        if ctx.impl == "triton":
+            from .attention_triton import attention_pool_bwd_triton
+
+            return (*attention_pool_bwd_triton(g, h, k), None)
+        _check_grad(g, h, "attention_pool backward")
+        return (*_numba_bwd(g, h, k), None)
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -270,8 +278,8 @@ def attention_pool(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     backend = resolve(h.device)
     if backend == "torch":
         return attention_pool_reference(h, k)
-    if backend == "triton" and not h.is_cuda:
-        return _TritonInterpreted.apply(h, k)
+    if not h.is_cuda:
+        return _EagerCPU.apply(h, k, backend)
     return torch.ops.fastspec.attention_pool_fwd(h, k)
 
 
