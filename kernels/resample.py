@@ -478,8 +478,9 @@ def _z_grads(co: _Coeffs, gab, need_z, need_zn, z_dtype, zn_dtype):
 # ---- eager path ------------------------------------------------------------------------------------------
 # Outside torch.compile the public functions call the kernels through these autograd.Functions: the same
 # kernels as the custom ops, with the chain rule to the redshifts done here in one step. That skips the
-# custom-op dispatch and the autograd nodes of the z → (a, b) arithmetic — about a fifth of a resample
-# forward+backward at N = 256 on the SDSS grid (2 CPU threads), where the kernels take ~1 ms.
+# custom-op dispatch and the autograd nodes of the z → (a, b) arithmetic. The Python between two kernels
+# runs with caches the kernels have just flushed (2–4× its warm cost), so this path keeps it short: at
+# N = 256 on the SDSS grid it was a third of a resample forward+backward before (kernels/README.md).
 
 
 class _ResampleFn(torch.autograd.Function):
