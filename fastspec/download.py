@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from . import __version__
+from .errors import FastspecError
 
 DEFAULT_BASE_URL = "https://data.sdss.org/sas/dr16"
 # DR16 reductions: SDSS-I/II spectrograph plates (run2d 26), BOSS/eBOSS plates from 3510 on (run2d v5_13_0).
@@ -35,7 +36,7 @@ _PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 451}
 _SPEC_NAME = re.compile(r"spec-(\d+)-(\d+)-(\d+)(?:\.fits)?$", re.IGNORECASE)
 
 
-class DownloadError(Exception):
+class DownloadError(FastspecError):
     """A download that failed for good; the message names the URL and why."""
 
 

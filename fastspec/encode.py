@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import FastspecError
 from .h5format import H5Reader, as_object_id, open_spectra
 
 LATENTS_FORMAT = "fastspec-latents"
@@ -59,7 +60,7 @@ CHI2_DEFINITION = (
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class EncodeError(RuntimeError):
+class EncodeError(FastspecError, RuntimeError):
     """Encoding cannot proceed (bad options, inputs that do not fit the model, inconsistent shards)."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
+from .errors import FastspecError
 from .instruments import Instrument, InstrumentError, get_instrument
 
 FORMAT = "fastspec-spectra"
@@ -45,7 +46,7 @@ _DTYPES = {
 GRID_TOL_PIXELS = 1e-3
 
 
-class SpectraFormatError(ValueError):
+class SpectraFormatError(FastspecError, ValueError):
     """A file that does not follow the layout; the message names file, row and field."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import FastspecError
 from .instruments import NORM_WINDOW, Instrument, InstrumentError, get_instrument
 from .prep import apply_normalization, bad_pixel_mask, normalization
 
@@ -39,7 +40,7 @@ _COADD_NAME = re.compile(r"^coadd-(.+)$", re.IGNORECASE)
 _REDROCK_NAME = re.compile(r"^(?:redrock|zbest)-(.+)$", re.IGNORECASE)
 
 
-class IngestError(ValueError):
+class IngestError(FastspecError, ValueError):
     """A file or spectrum that cannot be ingested; the message names the file, HDU / row and field."""
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import FastspecError
+
 # Bright night-sky emission lines (Å, air wavelengths as SDSS reports them): [O I], Na D, strong OH bands.
 SKY_LINES = np.array([
     5577.34, 5889.95, 5895.92, 6300.30, 6363.78, 6863.96, 7276.41, 7316.28, 7340.89, 7750.64,
@@ -22,7 +24,7 @@ SKY_LINES = np.array([
 NORM_WINDOW = (5300.0, 5850.0)
 
 
-class InstrumentError(ValueError):
+class InstrumentError(FastspecError, ValueError):
     """A wavelength grid that does not belong to the instrument, or an unknown instrument."""
 
 

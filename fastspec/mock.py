@@ -25,6 +25,7 @@ from importlib import resources
 import numba
 import numpy as np
 
+from .errors import FastspecError
 from .instruments import NORM_WINDOW, Instrument, get_instrument
 from .prep import apply_normalization, bad_pixel_mask
 
@@ -100,7 +101,7 @@ Z0_SDSS = 0.071
 Z_DISTRIBUTIONS = ("sdss", "uniform")
 
 
-class MockError(ValueError):
+class MockError(FastspecError, ValueError):
     """Invalid mock parameters; the message names the parameter."""
 
 

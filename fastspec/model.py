@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .errors import FastspecError
 from .instruments import Instrument, get_instrument
 
 ACTIVATIONS = ("leakyrelu", "speculator")
@@ -41,7 +42,7 @@ _SPENDER_OBS = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(FastspecError, ValueError):
     """A model configuration or checkpoint that cannot describe a model."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .encode import CHI2_DEFINITION, LatentsFile, encode_arrays, load_model, prepare, weights_sha256
+from .errors import FastspecError
 from .h5format import open_spectra
 
 # Restframe zoom windows (Å, vacuum) and the lines marked in them.
@@ -42,7 +43,7 @@ OBS_LABEL = "observed wavelength $\\lambda_{\\rm obs}$ [Å]"
 REST_LABEL = "restframe wavelength $\\lambda_{\\rm rest}$ [Å]"
 
 
-class ReportError(ValueError):
+class ReportError(FastspecError, ValueError):
     """Inputs a report cannot be made from; the message names the file and field."""
 
 

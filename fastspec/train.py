@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import FastspecError
 from .h5format import open_spectra
 from .loader import SpectraLoader, _seed, validation_mask
 
@@ -42,7 +43,7 @@ CHECKPOINT_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class TrainDataError(ValueError):
+class TrainDataError(FastspecError, ValueError):
     """Training data that cannot be used as given; the message names file, row and field."""
 
 
