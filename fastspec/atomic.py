@@ -48,14 +48,22 @@ def atomic_path(path, sync: bool = True):
     tmp = temporary_name(path)
     try:
         yield tmp
-        if sync:
-            _fsync_file(tmp)
-        os.replace(tmp, path)
-        if sync:
-            _fsync_dir(path.parent)
+        replace(tmp, path, sync)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def replace(tmp, path, sync: bool = True) -> None:
+    """Rename the finished file `tmp` over `path` (same folder), synced to disk before and after the rename.
+
+    For temporaries that outlive one process (a download's resumable `.part`); `atomic_path` uses it too."""
+    tmp, path = Path(tmp), Path(path)
+    if sync:
+        _fsync_file(tmp)
+    os.replace(tmp, path)
+    if sync:
+        _fsync_dir(path.parent)
 
 
 def write_bytes(path, data: bytes, sync: bool = True) -> Path:
@@ -75,4 +83,4 @@ def write_json(path, obj, sync: bool = True, **dump_kw) -> Path:
     return write_text(path, json.dumps(obj, **dump_kw) + "\n", sync)
 
 
-__all__ = ["atomic_path", "temporary_name", "write_bytes", "write_text", "write_json"]
+__all__ = ["atomic_path", "replace", "temporary_name", "write_bytes", "write_text", "write_json"]

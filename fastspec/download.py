@@ -2,7 +2,7 @@
 
 Each file goes to `<DIR>/<plate>/spec-PPPP-MMMMM-FFFF.fits` through `<name>.part`: an interrupted download is
 resumed with an HTTP Range request, the size is checked against Content-Length / Content-Range, the file must
-open as FITS, and only then is it renamed (os.replace) to its final name. Files already there are skipped.
+open as FITS, and only then is it renamed (synced, `fastspec.atomic.replace`) to its final name. Files already there are skipped.
 Transient failures are retried with exponential backoff; permanent ones (404 ...) are reported at once.
 Standard library only (urllib): the archive needs nothing more.
 
@@ -12,7 +12,6 @@ Public API: `read_targets(path)`, `Target`, `spec_url(target, base_url, template
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import re
 import time
@@ -21,8 +20,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from . import __version__
+from . import __version__, atomic
 from .errors import FastspecError
+from .fits import FitsError, open_fits
 
 DEFAULT_BASE_URL = "https://data.sdss.org/sas/dr16"
 # DR16 reductions: SDSS-I/II spectrograph plates (run2d 26), BOSS/eBOSS plates from 3510 on (run2d v5_13_0).
@@ -180,13 +180,11 @@ def _fetch_once(url: str, part: str, timeout: float) -> None:
 
 
 def _verify_fits(part: str, url: str) -> None:
-    from .ingest import IngestError, open_fits
-
     try:
         with open_fits(part, reader="astropy") as f:
             if not f.names:
-                raise IngestError(f"{part}: no HDU")
-    except IngestError as err:
+                raise FitsError(f"{part}: no HDU")
+    except FitsError as err:
         os.remove(part)
         raise _Retry(f"downloaded file is not valid FITS ({str(err).split(': ', 1)[-1]}); starting over") from None
 
@@ -208,7 +206,7 @@ def fetch(url: str, dest, retries: int = 5, timeout: float = 60.0, backoff: floa
         try:
             _fetch_once(url, part, timeout)
             _verify_fits(part, url)
-            os.replace(part, dest)
+            atomic.replace(part, dest)
             return "downloaded"
         except DownloadError:
             if os.path.exists(part) and os.path.getsize(part) == 0:
@@ -251,13 +249,8 @@ class DownloadReport:
         return "\n".join(lines)
 
     def write_json(self, path) -> None:
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        payload = {"downloaded": self.count("downloaded"), "skipped": self.count("skipped"),
-                   "failed": self.count("failed"), "files": [asdict(r) for r in self.results]}
-        with open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=2)
-        os.replace(tmp, path)
+        atomic.write_json(path, {"downloaded": self.count("downloaded"), "skipped": self.count("skipped"),
+                          "failed": self.count("failed"), "files": [asdict(r) for r in self.results]})
 
 
 def download(targets, directory, base_url: str = DEFAULT_BASE_URL, template: str | None = None,

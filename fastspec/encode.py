@@ -49,7 +49,8 @@ import torch
 
 from . import __version__
 from .errors import FastspecError
-from .h5format import H5Reader, as_object_id, open_spectra
+from .spectra import H5Reader, as_object_id
+from .spectra_io import open_spectra
 
 LATENTS_FORMAT = "fastspec-latents"
 LATENTS_VERSION = 1

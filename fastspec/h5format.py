@@ -1,4 +1,4 @@
-"""The one HDF5 layout for spectra (DESIGN §2): writer (atomic, appendable), reader, and `open_spectra`.
+"""The fastspec HDF5 layout for spectra (DESIGN §2): its writer (atomic, appendable) and its reader.
 
 Layout (Multimodal Universe names where they exist), every per-spectrum column a top-level dataset of N
 rows, chunked by rows:
@@ -14,20 +14,31 @@ rows, chunked by rows:
                     text columns are stored as variable-length UTF-8 and read back as bytes arrays
     attrs: format="fastspec-spectra", format_version, instrument
 
-Weights for the loss are ``ivar · ~mask``. Reading MMU files (per-row `spectrum_lambda`) is handled by
-`fastspec.mmu`, which presents the same reader interface; `open_spectra` picks the right reader.
+Weights for the loss are ``ivar · ~mask``. Rows travel as `fastspec.spectra.Spectra`; `SpectraFile` is the
+`fastspec.spectra.SpectraReader` for this layout (`fastspec.mmu` reads Multimodal Universe files, and
+`fastspec.spectra_io.open_spectra` opens either).
 """
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
-from .errors import FastspecError
+from .atomic import atomic_path
 from .instruments import Instrument, InstrumentError, get_instrument
+from .spectra import (
+    Spectra,
+    SpectraFormatError,
+    SpectraReader,
+    as_object_id,
+    attr_str,
+    datasets,
+    native,
+    open_hdf5,
+    row_range,
+)
 
 FORMAT = "fastspec-spectra"
 FORMAT_VERSION = 1
@@ -44,14 +55,6 @@ _DTYPES = {
 }
 # A stored grid may differ from the instrument's by float rounding only.
 GRID_TOL_PIXELS = 1e-3
-
-
-class SpectraFormatError(FastspecError, ValueError):
-    """A file that does not follow the layout; the message names file, row and field."""
-
-
-def _decode(value):
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _chunk_rows(row_size: int, target_bytes: int = 1 << 20) -> int:
@@ -76,30 +79,8 @@ def grid_mismatch(wave_obs, instrument: Instrument) -> str | None:
     return None
 
 
-def as_object_id(values, where: str = "", row0: int = 0) -> np.ndarray:
-    """object_id as uint64: integers ≥ 0, or decimal strings (SDSS SPECOBJID is a padded string in FITS).
-
-    Errors name `where` and the file row (`row0` + index)."""
-    arr = np.asarray(values)
-    if arr.dtype.kind in "ui":
-        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-            row = int(np.argmax(arr < 0))
-            raise SpectraFormatError(f"{where}: row {row0 + row}: object_id: negative value {arr[row]}")
-        return arr.astype(np.uint64)
-    if arr.dtype.kind in "SUO":
-        out = np.empty(arr.shape, np.uint64)
-        for i, v in enumerate(arr.ravel()):
-            s = _decode(v).strip() if isinstance(v, (bytes, str)) else v
-            try:
-                if not (isinstance(s, str) and s.isdigit()):
-                    raise ValueError
-                out.flat[i] = np.uint64(int(s))
-            except (ValueError, OverflowError):
-                raise SpectraFormatError(
-                    f"{where}: row {row0 + i}: object_id: {s!r} is not a non-negative integer"
-                ) from None
-        return out
-    raise SpectraFormatError(f"{where}: object_id: unsupported dtype {arr.dtype} (integers or decimal strings)")
+class _Aborted(Exception):
+    """Handed to the temporary file's context on abort: it removes the file instead of renaming it."""
 
 
 class SpectraWriter:
@@ -112,14 +93,14 @@ class SpectraWriter:
     def __init__(self, path, instrument: str | Instrument, append: bool = False, attrs: dict | None = None):
         self.path = os.fspath(path)
         self.instrument = get_instrument(instrument)
-        self.tmp = f"{self.path}.tmp-{os.getpid()}"
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
         self._closed = True
-        if append and os.path.exists(self.path):
+        append = append and os.path.exists(self.path)
+        if append:
             self._check_appendable()  # before copying: a refused append should cost nothing
+        self._atomic = atomic_path(self.path)  # fsync before the rename: durable before visible
+        self.tmp = os.fspath(self._atomic.__enter__())
         try:
-            if append and os.path.exists(self.path):
+            if append:
                 shutil.copyfile(self.path, self.tmp)
                 self.h5 = h5py.File(self.tmp, "a")
             else:
@@ -135,22 +116,18 @@ class SpectraWriter:
                     self._create(name, np.zeros(shape, _DTYPES[name]))
             for k, v in (attrs or {}).items():
                 self.h5.attrs[k] = v
-        except BaseException:
+        except BaseException as err:
             if getattr(self, "h5", None) is not None:
                 self.h5.close()
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self._atomic.__exit__(type(err), err, err.__traceback__)  # removes the temporary
             raise
         self._closed = False
 
     def _check_appendable(self):
-        try:
-            with h5py.File(self.path, "r") as h5:
-                fmt = _decode(h5.attrs.get("format"))
-                have = _decode(h5.attrs.get("instrument"))
-                version = int(h5.attrs.get("format_version", 0))
-        except OSError as err:
-            raise SpectraFormatError(f"{self.path}: cannot append: not readable as HDF5 ({err})") from None
+        with open_hdf5(self.path) as h5:
+            fmt = attr_str(h5.attrs.get("format"))
+            have = attr_str(h5.attrs.get("instrument"))
+            version = int(h5.attrs.get("format_version", 0))
         if fmt != FORMAT:
             raise SpectraFormatError(
                 f"{self.path}: cannot append: not a fastspec spectra file (format attribute {fmt!r})"
@@ -169,9 +146,7 @@ class SpectraWriter:
         return int(self.h5["Z"].shape[0]) if "Z" in self.h5 else 0
 
     def _row_columns(self) -> set[str]:
-        names = []
-        self.h5.visit(lambda k: names.append(k) if isinstance(self.h5[k], h5py.Dataset) else None)
-        return set(names) - {"wave_obs"}
+        return set(datasets(self.h5)) - {"wave_obs"}
 
     def _create(self, name: str, data: np.ndarray):
         row_size = int(np.prod(data.shape[1:])) if data.ndim > 1 else 1
@@ -241,29 +216,29 @@ class SpectraWriter:
         for name, arr in cols.items():
             self._append(name, arr)
 
+    def write_spectra(self, spectra: Spectra):
+        """Append the rows of `spectra` (its extra columns included)."""
+        self.write(spectra.flux, spectra.ivar, spectra.mask, spectra.z, spectra.z_err, spectra.object_id,
+                   spectra.norm, extra=spectra.extra)
+
     def close(self):
+        """Finish the file: synced to disk, then renamed to `path`."""
         if self._closed:
             return
         self._closed = True
         self.h5.flush()
         self.h5.close()
-        # Durable before visible: the rename must not expose a file whose data are still in the page cache.
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp, self.path)
+        self._atomic.__exit__(None, None, None)
 
     def abort(self):
+        """Drop what was written; `path` stays as it was."""
         if self._closed:
             return
         self._closed = True
         try:
             self.h5.close()
         finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self._atomic.__exit__(_Aborted, _Aborted(), None)
 
     def __enter__(self):
         return self
@@ -276,63 +251,7 @@ class SpectraWriter:
         return False
 
 
-@dataclass
-class SpectraBatch:
-    """Rows [start, stop) of a spectra file, native-endian numpy arrays on the instrument grid."""
-
-    flux: np.ndarray  # (n, L) float32
-    ivar: np.ndarray  # (n, L) float32
-    mask: np.ndarray  # (n, L) bool
-    z: np.ndarray  # (n,) float64
-    z_err: np.ndarray  # (n,) float32
-    object_id: np.ndarray  # (n,) uint64 (MMU files: as stored, ints or bytes strings)
-    norm: np.ndarray  # (n,) float32
-    start: int = 0
-    # Problems the reader found while placing rows (file row -> "field: reason"), e.g. MMU rows off the grid.
-    problems: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def weights(self) -> np.ndarray:
-        """ivar with bad pixels zeroed: the loss weights."""
-        return np.where(self.mask, np.float32(0), self.ivar).astype(np.float32)
-
-    def __len__(self) -> int:
-        return int(self.z.shape[0])
-
-
-def _native(a: np.ndarray) -> np.ndarray:
-    # FITS-derived arrays may be big-endian; torch refuses those. Variable-length strings come back as objects.
-    if a.dtype.kind == "O":
-        return np.asarray([v if isinstance(v, bytes) else str(v).encode() for v in a.ravel()],
-                          dtype="S").reshape(a.shape)
-    return a.astype(a.dtype.newbyteorder("=")) if a.dtype.byteorder == ">" else a
-
-
-def _row_range(path: str, start: int, stop: int | None, n: int) -> tuple[int, int]:
-    stop = n if stop is None else min(int(stop), n)
-    start = int(start)
-    if start < 0 or start > stop:
-        raise IndexError(f"{path}: rows [{start}, {stop}) are not a range inside the file's {n} rows")
-    return start, stop
-
-
-class H5Reader:
-    """An open read-only HDF5 file in `self.h5`: close() and use as a context manager."""
-
-    h5: h5py.File
-
-    def close(self):
-        self.h5.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-
-class SpectraFile(H5Reader):
+class SpectraFile(SpectraReader):
     """Read a fastspec spectra file (open it in the process that reads it).
 
     `instrument`, when given, must be the file's. The stored grid must be the instrument's grid
@@ -342,20 +261,11 @@ class SpectraFile(H5Reader):
     kind = "fastspec"
 
     def __init__(self, path, instrument: str | Instrument | None = None, check_grid: bool = True):
-        self.path = os.fspath(path)
-        try:
-            self.h5 = h5py.File(self.path, "r")
-        except OSError as err:
-            raise SpectraFormatError(f"{self.path}: cannot open as HDF5 ({err})") from None
-        try:
-            self._open(instrument, check_grid)
-        except BaseException:
-            self.h5.close()
-            raise
+        super().__init__(path, instrument, check_grid=check_grid)
 
     def _open(self, instrument, check_grid):
         h = self.h5
-        fmt = _decode(h.attrs.get("format"))
+        fmt = attr_str(h.attrs.get("format"))
         if fmt != FORMAT:
             raise SpectraFormatError(f"{self.path}: not a fastspec spectra file (format attribute {fmt!r})")
         try:
@@ -369,7 +279,7 @@ class SpectraFile(H5Reader):
                 f"{self.path}: format_version {self.format_version} is newer than this fastspec ({FORMAT_VERSION})"
             )
         try:
-            self.instrument = get_instrument(_decode(h.attrs.get("instrument")))
+            self.instrument = get_instrument(attr_str(h.attrs.get("instrument")))
         except InstrumentError as err:
             raise SpectraFormatError(f"{self.path}: instrument attribute: {err}") from None
         if instrument is not None and get_instrument(instrument).name != self.instrument.name:
@@ -390,58 +300,23 @@ class SpectraFile(H5Reader):
     def __len__(self) -> int:
         return int(self.h5["Z"].shape[0])
 
-    @property
-    def n(self) -> int:
-        return len(self)
-
-    def columns(self) -> list[str]:
-        out = []
-        self.h5.visit(lambda k: out.append(k) if isinstance(self.h5[k], h5py.Dataset) else None)
-        return out
-
-    def read(self, start: int = 0, stop: int | None = None) -> SpectraBatch:
+    def read(self, start: int = 0, stop: int | None = None) -> Spectra:
         """Contiguous rows [start, stop)."""
-        start, stop = _row_range(self.path, start, stop, len(self))
+        start, stop = row_range(self.path, start, stop, len(self))
         h = self.h5
-        return SpectraBatch(
-            flux=_native(h["spectrum_flux"][start:stop]),
-            ivar=_native(h["spectrum_ivar"][start:stop]),
+        return Spectra(
+            flux=native(h["spectrum_flux"][start:stop]),
+            ivar=native(h["spectrum_ivar"][start:stop]),
             mask=h["spectrum_mask"][start:stop].astype(bool),
-            z=_native(h["Z"][start:stop]).astype(np.float64),
-            z_err=_native(h["Z_ERR"][start:stop]).astype(np.float32),
-            object_id=_native(h["object_id"][start:stop]),
-            norm=_native(h["norm"][start:stop]) if "norm" in h else np.ones(stop - start, np.float32),
+            z=native(h["Z"][start:stop]).astype(np.float64),
+            z_err=native(h["Z_ERR"][start:stop]).astype(np.float32),
+            object_id=native(h["object_id"][start:stop]),
+            norm=native(h["norm"][start:stop]) if "norm" in h else np.ones(stop - start, np.float32),
             start=start,
         )
 
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        if name not in self.h5 or not isinstance(self.h5[name], h5py.Dataset):
-            raise SpectraFormatError(f"{self.path}: no field {name!r}")
-        ds = self.h5[name]
-        if ds.ndim == 0 or name == "wave_obs":
-            return _native(ds[()])
-        start, stop = _row_range(self.path, start, stop, ds.shape[0])
-        return _native(ds[start:stop])
-
-
-
-def open_spectra(path, instrument: str | Instrument | None = None):
-    """Open a fastspec spectra file (SpectraFile) or a Multimodal Universe file (`fastspec.mmu.MMUSpectraFile`),
-    whichever `path` is; both offer the same reading interface."""
-    path = os.fspath(path)
-    try:
-        with h5py.File(path, "r") as h5:
-            fmt = _decode(h5.attrs.get("format"))
-            is_mmu = "spectrum_lambda" in h5
-    except OSError as err:
-        raise SpectraFormatError(f"{path}: cannot open as HDF5 ({err})") from None
-    if fmt == FORMAT:
-        return SpectraFile(path, instrument=instrument)
-    if is_mmu:
-        from .mmu import MMUSpectraFile
-
-        return MMUSpectraFile(path, instrument=instrument)
-    raise SpectraFormatError(
-        f"{path}: neither a fastspec spectra file (format attribute {fmt!r}) "
-        "nor a Multimodal Universe spectra file (no spectrum_lambda field)"
-    )
+        """Any dataset of the file as stored (native byte order); `wave_obs` whole."""
+        if name == "wave_obs" and name in self.h5:
+            return native(self.h5[name][()])
+        return self._stored_column(name, start, stop)

@@ -1,4 +1,4 @@
-"""Read Multimodal Universe (MMU) spectra files with the same interface as `fastspec.h5format.SpectraFile`.
+"""Read Multimodal Universe (MMU) spectra files through the common reader interface (`fastspec.spectra`).
 
 MMU's builders write one HDF5 file per HEALPix pixel, every column a top-level dataset of N rows:
 `spectrum_lambda` (N, Lmax) per row, padded at the end with lambda = −1 (mask True, ivar 0, edge flux
@@ -13,7 +13,7 @@ Reading a row block here:
 * normalises like ingest (MMU flux is not normalised): norm = median flux in the restframe window over pixels
   with nonzero weight; rows without a valid norm keep their raw flux and ivar with norm = NaN, and
   `fastspec.validate.find_bad_rows` reports them ("norm: not finite");
-* rows whose lambdas are not on the grid are left fully masked and reported in `SpectraBatch.problems`.
+* rows whose lambdas are not on the grid are left fully masked and reported in `Spectra.problems`.
 
 object_id is returned as stored: integers as native-endian ints, strings as a bytes array (numpy 'S'; SDSS
 SPECOBJID strings keep their padding). Writing such rows with `SpectraWriter` parses decimal strings to uint64.
@@ -21,14 +21,11 @@ A file without Z_ERR/ZERR reads z_err as NaN.
 """
 from __future__ import annotations
 
-import os
-
-import h5py
 import numpy as np
 
-from .h5format import H5Reader, SpectraBatch, SpectraFormatError, _native, _row_range
 from .instruments import INSTRUMENTS, Instrument, InstrumentError, get_instrument
 from .prep import apply_normalization, bad_pixel_mask, normalization
+from .spectra import Spectra, SpectraFormatError, SpectraReader, native, row_range
 
 # MMU lambdas are float32: ~3e-4 pixel of rounding on these grids, far inside this tolerance.
 SNAP_TOL_PIXELS = 0.05
@@ -63,22 +60,13 @@ def infer_instrument(wave_row, wave_lo: float, wave_hi: float, where: str = "") 
     return max(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
-class MMUSpectraFile(H5Reader):
+class MMUSpectraFile(SpectraReader):
     """Reader for an MMU spectra file; rows come back on the instrument grid, normalised (see module doc)."""
 
     kind = "mmu"
 
     def __init__(self, path, instrument: str | Instrument | None = None):
-        self.path = os.fspath(path)
-        try:
-            self.h5 = h5py.File(self.path, "r")
-        except OSError as err:
-            raise SpectraFormatError(f"{self.path}: cannot open as HDF5 ({err})") from None
-        try:
-            self._open(instrument)
-        except BaseException:
-            self.h5.close()
-            raise
+        super().__init__(path, instrument)
 
     def _open(self, instrument):
         h = self.h5
@@ -115,7 +103,7 @@ class MMUSpectraFile(H5Reader):
     def _first_row_lambdas(self) -> tuple[int, np.ndarray]:
         lam_ds = self.h5["spectrum_lambda"]
         for r in range(min(self._n, 64)):
-            lam = _native(lam_ds[r]).astype(np.float64)
+            lam = native(lam_ds[r]).astype(np.float64)
             lam = lam[_valid_lambda(lam)]
             if lam.size:
                 return r, lam
@@ -132,29 +120,20 @@ class MMUSpectraFile(H5Reader):
             return inst
         # The file's wavelength range from its first and last columns (padding sits at the end of a row).
         lam_ds = self.h5["spectrum_lambda"]
-        ends = np.concatenate([_native(lam_ds[:, 0]), _native(lam_ds[:, -1]), lam[[0, -1]]]).astype(np.float64)
+        ends = np.concatenate([native(lam_ds[:, 0]), native(lam_ds[:, -1]), lam[[0, -1]]]).astype(np.float64)
         ends = ends[_valid_lambda(ends)]
         return infer_instrument(lam, float(ends.min()), float(ends.max()), where=self.path)
 
     def __len__(self) -> int:
         return self._n
 
-    @property
-    def n(self) -> int:
-        return self._n
-
-    def columns(self) -> list[str]:
-        out = []
-        self.h5.visit(lambda k: out.append(k) if isinstance(self.h5[k], h5py.Dataset) else None)
-        return out
-
-    def read(self, start: int = 0, stop: int | None = None) -> SpectraBatch:
+    def read(self, start: int = 0, stop: int | None = None) -> Spectra:
         """Contiguous rows [start, stop) on the instrument grid, normalised."""
-        start, stop = _row_range(self.path, start, stop, self._n)
+        start, stop = row_range(self.path, start, stop, self._n)
         h, inst = self.h5, self.instrument
-        lam = _native(h["spectrum_lambda"][start:stop]).astype(np.float64)
-        flux_in = _native(h["spectrum_flux"][start:stop]).astype(np.float32)
-        ivar_in = _native(h["spectrum_ivar"][start:stop]).astype(np.float32)
+        lam = native(h["spectrum_lambda"][start:stop]).astype(np.float64)
+        flux_in = native(h["spectrum_flux"][start:stop]).astype(np.float32)
+        ivar_in = native(h["spectrum_ivar"][start:stop]).astype(np.float32)
         mask_in = h["spectrum_mask"][start:stop].astype(bool) if "spectrum_mask" in h else None
         n, Lmax = lam.shape
         problems: dict[int, str] = {}
@@ -190,23 +169,23 @@ class MMUSpectraFile(H5Reader):
             problems[start + int(r)] = f"spectrum_lambda: no pixel on the {inst.name} grid"
 
         mask = bad_pixel_mask(ivar, pipe, sky=self._sky)
-        z = _native(h["Z"][start:stop]).astype(np.float64)
+        z = native(h["Z"][start:stop]).astype(np.float64)
         weights = np.where(mask, np.float32(0), ivar)
         norm = normalization(flux, weights, self.wave_obs, z)
         ok = np.isfinite(norm)
         if ok.any():
             flux[ok], ivar[ok] = apply_normalization(flux[ok], ivar[ok], norm[ok])
         if self._zerr_field is not None:
-            z_err = _native(h[self._zerr_field][start:stop]).astype(np.float32)
+            z_err = native(h[self._zerr_field][start:stop]).astype(np.float32)
         else:
             z_err = np.full(n, np.nan, np.float32)
-        return SpectraBatch(
+        return Spectra(
             flux=flux,
             ivar=ivar,
             mask=mask,
             z=z,
             z_err=z_err,
-            object_id=_native(h[self._id_field][start:stop]),
+            object_id=native(h[self._id_field][start:stop]),
             norm=norm.astype(np.float32),
             start=start,
             problems=problems,
@@ -221,14 +200,10 @@ class MMUSpectraFile(H5Reader):
         if name in batch_fields:
             return getattr(self.read(start, stop), batch_fields[name])
         if name == "Z_ERR" and self._zerr_field is None:
-            start, stop = _row_range(self.path, start, stop, self._n)
+            start, stop = row_range(self.path, start, stop, self._n)
             return np.full(stop - start, np.nan, np.float32)
         real = {"Z_ERR": self._zerr_field, "object_id": self._id_field}.get(name, name)
-        if real not in self.h5 or not isinstance(self.h5[real], h5py.Dataset):
+        if real not in self.h5:
             raise SpectraFormatError(f"{self.path}: no field {name!r}")
-        ds = self.h5[real]
-        if ds.ndim == 0:
-            return _native(ds[()])
-        start, stop = _row_range(self.path, start, stop, ds.shape[0])
-        return _native(ds[start:stop])
+        return self._stored_column(real, start, stop)
 

@@ -19,15 +19,17 @@ import functools
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 
 import numba
 import numpy as np
 
 from .errors import FastspecError
+from .h5format import SpectraWriter
 from .instruments import NORM_WINDOW, Instrument, get_instrument
 from .prep import apply_normalization, bad_pixel_mask
+from .spectra import Spectra
 
 C_KMS = 299792.458
 LN10 = math.log(10.0)
@@ -38,6 +40,7 @@ FINE_DLOG = 5e-5  # log10 step of the internal restframe grid (≈35 km/s, half 
 SIGMA_GRID = np.geomspace(30.0, 500.0, 13)
 VDISP_RANGE = (40.0, 450.0)
 TEMPLATE_FILE = "kcorrect-default-v4.fits"
+TRUTH = "truth/"  # the group the ground truth is written to
 
 # Emission lines added to the continuum (vacuum wavelengths, Å: SDSS and DESI spectra are in vacuum, and so
 # are the kcorrect templates — their [O III] 5007 centroid sits at 5008.2 Å).
@@ -342,11 +345,12 @@ def _basis(wave_lo: float, wave_hi: float) -> _Basis:
 
 
 @dataclass
-class MockSpectra:
+class MockSpectra(Spectra):
     """Mock spectra on an instrument grid with their ground truth (all rows share the instrument).
 
     flux, ivar, mask, z, z_err, object_id, norm: as in the HDF5 layout (normalised like ingest).
-    truth: per-row ground truth —
+    The per-row ground truth travels as the extra columns ``truth/<name>`` (so a writer stores it as such);
+    `truth` maps each <name> to its array —
       weights (n, 5)       mixture weights of the kcorrect v4 templates (fractions of the dust-free
                            5300–5850 Å continuum light; they sum to 1)
       line_flux (n, 12)    emission-line fluxes as they appear in the spectrum (after dust), integrated over
@@ -362,19 +366,12 @@ class MockSpectra:
                            observed_truth)
     """
 
-    instrument: Instrument
-    z_max: float
-    flux: np.ndarray
-    ivar: np.ndarray
-    mask: np.ndarray
-    z: np.ndarray
-    z_err: np.ndarray
-    object_id: np.ndarray
-    norm: np.ndarray
-    truth: dict = field(default_factory=dict)
+    instrument: Instrument | None = None
+    z_max: float = 0.5
 
-    def __len__(self) -> int:
-        return int(self.z.shape[0])
+    @property
+    def truth(self) -> dict:
+        return {k[len(TRUTH):]: v for k, v in self.extra.items() if k.startswith(TRUTH)}
 
     @property
     def wave_obs(self) -> np.ndarray:
@@ -383,13 +380,6 @@ class MockSpectra:
     @property
     def wave_rest(self) -> np.ndarray:
         return self.instrument.wave_rest(self.z_max)
-
-    def rows(self, start: int, stop: int) -> MockSpectra:
-        return MockSpectra(
-            self.instrument, self.z_max, self.flux[start:stop], self.ivar[start:stop], self.mask[start:stop],
-            self.z[start:stop], self.z_err[start:stop], self.object_id[start:stop], self.norm[start:stop],
-            {k: v[start:stop] for k, v in self.truth.items()},
-        )
 
 
 def z_limit(instrument) -> float:
@@ -586,8 +576,9 @@ class MockGenerator:
             model *= scale_out32
             truth["model_obs"] = model
         ids = self.id_offset + c * CHUNK + np.arange(M, dtype=np.int64)
-        return MockSpectra(inst, self.z_max, flux, ivar, mask, p["z"], p["z_err"].astype(np.float32),
-                           ids.astype(np.uint64), norm.astype(np.float32), truth)
+        return MockSpectra(flux, ivar, mask, p["z"], p["z_err"].astype(np.float32), ids.astype(np.uint64),
+                           norm.astype(np.float32), extra={TRUTH + k: v for k, v in truth.items()},
+                           start=c * CHUNK, instrument=inst, z_max=self.z_max)
 
     def rows(self, start: int, stop: int):
         """Yield MockSpectra covering rows [start, stop), one (partial) chunk at a time."""
@@ -617,16 +608,7 @@ def make_mock(n: int, instrument="sdss", seed: int = 0, z_max: float = 0.5, z_mi
     n = _check_n(n)
     gen = MockGenerator(instrument, seed, z_max, z_min, z_dist, snr_median, restframe_truth, observed_truth,
                         id_offset)
-    parts = list(gen.rows(0, n))
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    return MockSpectra(
-        first.instrument, first.z_max,
-        *(np.concatenate([getattr(p, f) for p in parts]) for f in
-          ("flux", "ivar", "mask", "z", "z_err", "object_id", "norm")),
-        {k: np.concatenate([p.truth[k] for p in parts]) for k in first.truth},
-    )
+    return MockSpectra.concat(list(gen.rows(0, n)))
 
 
 def write_mock(path, n: int, instrument="sdss", seed: int = 0, z_max: float = 0.5, z_min: float = 0.0,
@@ -639,8 +621,6 @@ def write_mock(path, n: int, instrument="sdss", seed: int = 0, z_max: float = 0.
     (path, n, seconds, spectra_per_s, bytes). object_id runs from `id_offset` (to keep ids unique across files).
     """
     from tqdm import tqdm
-
-    from .h5format import SpectraWriter
 
     n = _check_n(n)
     gen = MockGenerator(instrument, seed, z_max, z_min, z_dist, snr_median, restframe_truth, observed_truth,
@@ -656,8 +636,7 @@ def write_mock(path, n: int, instrument="sdss", seed: int = 0, z_max: float = 0.
     with SpectraWriter(path, inst, attrs=attrs) as w, \
             tqdm(total=n, unit="spec", unit_scale=True, desc="mock", disable=not progress) as bar:
         for part in gen.rows(0, n):
-            extra = {f"truth/{k}": v for k, v in part.truth.items()}
-            w.write(part.flux, part.ivar, part.mask, part.z, part.z_err, part.object_id, part.norm, extra=extra)
+            w.write_spectra(part)
             bar.update(len(part))
         # File-level arrays (marked file_level, which validate honours) go in after the last write: the writer
         # treats every dataset present during a write as a per-row column.

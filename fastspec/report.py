@@ -29,7 +29,7 @@ import torch
 
 from .encode import CHI2_DEFINITION, LatentsFile, encode_arrays, load_model, prepare, weights_sha256
 from .errors import FastspecError
-from .h5format import open_spectra
+from .spectra_io import open_spectra
 
 # Restframe zoom windows (Å, vacuum) and the lines marked in them.
 ZOOMS = [

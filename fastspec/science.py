@@ -164,8 +164,8 @@ def real_sdss_files(real_dir) -> list[str]:
 
 def real_set(real_dir, workdir) -> dict:
     """Ingest the bundled SDSS spectra (fastspec.ingest) and read them back as arrays."""
-    from .h5format import open_spectra
     from .ingest import ingest
+    from .spectra_io import open_spectra
 
     paths = real_sdss_files(real_dir)
     out = os.path.join(workdir, "real-sdss.h5")
@@ -1226,7 +1226,7 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
     # -- PCA baseline
     t0, c0 = time.perf_counter(), _cpu_s()
     _say(cfg, f"weighted restframe PCA with {cfg.n_latent} components on {cfg.n_pca_fit} training spectra")
-    from .h5format import open_spectra
+    from .spectra_io import open_spectra
 
     with open_spectra(train_path) as f:
         b = f.read(0, min(cfg.n_pca_fit, len(f)))

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from .errors import FastspecError
-from .h5format import open_spectra
-from .loader import SpectraLoader, _seed, validation_mask
+from .loader import SpectraLoader, stable_seed, validation_mask
+from .spectra_io import open_spectra
 
 CHECKPOINT_FORMAT = "fastspec-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -306,7 +306,7 @@ class TrainStep(nn.Module):
 
 
 def _shard_generators(seed: int, step: int, shards: list[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(_seed(seed, step, s, 7) & 0x7FFF_FFFF_FFFF_FFFF) for s in shards]
+    return [torch.Generator().manual_seed(stable_seed(seed, step, s, 7) & 0x7FFF_FFFF_FFFF_FFFF) for s in shards]
 
 
 def augment_batch(y, w, z, wave_obs, z_max: float, seed: int, step: int, shards: list[int],

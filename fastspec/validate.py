@@ -14,17 +14,11 @@ from dataclasses import asdict, dataclass, field
 import h5py
 import numpy as np
 
-from .h5format import (
-    FORMAT,
-    FORMAT_VERSION,
-    SPECTRAL_COLUMNS,
-    SpectraBatch,
-    SpectraFile,
-    SpectraFormatError,
-    _decode,
-    grid_mismatch,
-)
+from .h5format import FORMAT_VERSION, SPECTRAL_COLUMNS, SpectraFile, grid_mismatch
 from .instruments import InstrumentError, get_instrument
+from .mmu import MMUSpectraFile
+from .spectra import Spectra, SpectraFormatError, attr_str, datasets, open_hdf5
+from .spectra_io import file_kind
 
 # Rows per block: flux + ivar + mask of ~64 MiB, so a 1M-row file never sits in memory whole.
 BLOCK_BYTES = 64 << 20
@@ -32,7 +26,7 @@ BLOCK_BYTES = 64 << 20
 SNR_ROWS_PER_BLOCK = 256
 
 
-def row_problems(batch: SpectraBatch, z_max: float | None = None, path: str = "") -> list[tuple[int, str, str, str]]:
+def row_problems(batch: Spectra, z_max: float | None = None, path: str = "") -> list[tuple[int, str, str, str]]:
     """Every problem in `batch` as (file row, field, reason key, message), sorted by row.
 
     Vectorised over the whole block; Python touches only the bad rows. The reason key groups rows for the
@@ -96,7 +90,7 @@ def row_problems(batch: SpectraBatch, z_max: float | None = None, path: str = ""
     return [(batch.start + r, fld, key, msg) for r, fld, key, msg in out]
 
 
-def find_bad_rows(batch: SpectraBatch, z_max: float | None = None, path: str = "") -> dict[int, str]:
+def find_bad_rows(batch: Spectra, z_max: float | None = None, path: str = "") -> dict[int, str]:
     """File row index -> reason naming the field(s), e.g. "Z: 0.73 outside the model's range [0, 0.5]";
     several problems in a row are joined with "; ". Clean rows are absent."""
     bad: dict[int, str] = {}
@@ -221,7 +215,7 @@ def _check_fastspec_structure(h5: h5py.File, rep: ValidationReport, instrument) 
         rep._file_problem("format_version", "missing" if version is None else f"{version!r} is not an integer")
     inst = None
     try:
-        inst = get_instrument(_decode(h5.attrs.get("instrument")))
+        inst = get_instrument(attr_str(h5.attrs.get("instrument")))
         rep.instrument = inst.name
     except InstrumentError as err:
         rep._file_problem("instrument", str(err))
@@ -257,9 +251,7 @@ def _check_fastspec_structure(h5: h5py.File, rep: ValidationReport, instrument) 
         if ds.dtype.kind not in kinds:
             rep._file_problem(name, f"has dtype {ds.dtype}, expected {'bool' if kinds == 'b' else kinds + ' kind'}")
             readable = False
-    extra: list[str] = []
-    h5.visit(lambda k: extra.append(k) if isinstance(h5[k], h5py.Dataset) else None)
-    for name in sorted(set(extra) - set(expect) - {"Z", "wave_obs"}):
+    for name in sorted(set(datasets(h5)) - set(expect) - {"Z", "wave_obs"}):
         ds = h5[name]
         if ds.attrs.get("file_level", False):  # marked file-level arrays (a mock's truth_wave_rest), not rows
             continue
@@ -268,21 +260,26 @@ def _check_fastspec_structure(h5: h5py.File, rep: ValidationReport, instrument) 
     return readable
 
 
+def _after_path(msg: str, path: str) -> str:
+    """An error message without the file name it starts with (the report names the file once)."""
+    return msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg
+
+
 def _open_reader(path: str, rep: ValidationReport, instrument):
     """Structure checks, then a reader for the rows (None when they cannot be read)."""
     try:
-        h5 = h5py.File(path, "r")
-    except OSError as err:
-        rep._file_problem("file", f"cannot open as HDF5 ({err})")
+        h5 = open_hdf5(path)
+    except SpectraFormatError as err:
+        rep._file_problem("file", _after_path(str(err), path))
         return None
     with h5:
-        fmt = _decode(h5.attrs.get("format"))
-        if fmt == FORMAT:
-            rep.kind = "fastspec"
+        rep.kind = file_kind(h5) or ""
+        if rep.kind == "fastspec":
             readable = _check_fastspec_structure(h5, rep, instrument)
-        elif "spectrum_lambda" in h5:
-            rep.kind, readable = "mmu", True
+        elif rep.kind == "mmu":
+            readable = True
         else:
+            fmt = attr_str(h5.attrs.get("format"))
             rep._file_problem(
                 "format", f"attribute {fmt!r}: not a fastspec spectra file, and no spectrum_lambda (not an MMU file)")
             return None
@@ -291,14 +288,11 @@ def _open_reader(path: str, rep: ValidationReport, instrument):
     try:
         if rep.kind == "fastspec":
             return SpectraFile(path, check_grid=False)
-        from .mmu import MMUSpectraFile
-
         reader = MMUSpectraFile(path, instrument=instrument)
         rep.instrument = reader.instrument.name
         return reader
     except (SpectraFormatError, InstrumentError) as err:
-        msg = str(err)
-        msg = msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg
+        msg = _after_path(str(err), path)
         m = re.match(r"(row \d+: )?([\w/]+): (.*)$", msg, re.S)
         if m:
             rep._file_problem(m.group(2), (m.group(1) or "") + m.group(3))

@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastspec.h5format import (
-    FORMAT,
-    FORMAT_VERSION,
-    SpectraFile,
-    SpectraFormatError,
-    SpectraWriter,
-    open_spectra,
-)
+from fastspec.h5format import FORMAT, FORMAT_VERSION, SpectraFile, SpectraWriter
+from fastspec.spectra import SpectraFormatError
+from fastspec.spectra_io import open_spectra
 
 L_SDSS = 3921
 

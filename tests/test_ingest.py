@@ -12,8 +12,10 @@ import pytest
 from astropy.io import fits
 
 from fastspec import cli
-from fastspec.ingest import ingest, read_desi, read_sdss
+from fastspec.ingest import ingest
 from fastspec.instruments import SKY_LINES
+from fastspec.surveys.desi import read_desi
+from fastspec.surveys.sdss import read_sdss
 
 # Grids as DESIGN §1 states them (not taken from fastspec.instruments, to keep the expectation independent).
 GRIDS = {

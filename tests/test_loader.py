@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastspec.h5format import SpectraFormatError, SpectraWriter
+from fastspec.h5format import SpectraWriter
 from fastspec.instruments import get_instrument
 from fastspec.loader import SpectraLoader, stable_fraction, validation_mask
+from fastspec.spectra import SpectraFormatError
 
 L = get_instrument("sdss").L
 
@@ -118,20 +119,20 @@ def test_skip_batches_resumes_mid_epoch_and_skips_reading(files, monkeypatch):
     full = order(SpectraLoader(files, **kw), 1)
     loader = SpectraLoader(files, **kw)
     reads = []
-    from fastspec import loader as loader_mod
+    from fastspec.loader.reader import ChunkReader
 
-    orig = loader_mod._ChunkReader._read_block
+    orig = ChunkReader.read_block
 
     def counting_read(self, fi, start, stop, dest, *out):
         reads.append((fi, start, stop, int((dest >= 0).sum())))
         return orig(self, fi, start, stop, dest, *out)
 
-    monkeypatch.setattr(loader_mod._ChunkReader, "_read_block", counting_read)
+    monkeypatch.setattr(ChunkReader, "read_block", counting_read)
     tail = order(loader, 1, skip=13)
     np.testing.assert_array_equal(tail, full[13 * 16 :])
     # whole blocks of block_rows contiguous rows, and the chunks before the resume point not at all
     assert all(stop - start <= 16 for _, start, stop, _ in reads)
-    assert len(reads) < len(loader._blocks)
+    assert len(reads) < len(loader.plan.blocks)
     assert sum(k for *_, k in reads) < 320 - 13 * 16 + 2 * 16  # at most the partly used chunk extra
 
 
@@ -251,7 +252,7 @@ def test_memory_mapped_reads_match_plain_h5py_at_any_chunk_alignment(tmp_path):
     named by file, row and field. Files the map cannot read as they are (compressed, big-endian) go
     through h5py and give the same batches."""
     from fastspec.h5format import SpectraFile
-    from fastspec.loader import _MappedFile
+    from fastspec.loader.mapped import MappedFile
 
     rng = np.random.default_rng(4)
     path = tmp_path / "appended.h5"
@@ -264,7 +265,7 @@ def test_memory_mapped_reads_match_plain_h5py_at_any_chunk_alignment(tmp_path):
             mask[::7, 300] = True
             wr.write(flux, ivar, mask, rng.uniform(0, 0.5, k), np.full(k, 1e-4), np.arange(k))
     with SpectraFile(path) as f:
-        mapped = _MappedFile.open(f)
+        mapped = MappedFile.open(f)
         assert mapped is not None
         offsets = np.concatenate([c[3] for c in mapped.columns[:2]])
         mapped.close()
@@ -300,7 +301,7 @@ def test_memory_mapped_reads_match_plain_h5py_at_any_chunk_alignment(tmp_path):
                 else:
                     src.copy(key, dst)
         with SpectraFile(other) as f:
-            assert _MappedFile.open(f) is None
+            assert MappedFile.open(f) is None
         check(other)
 
     # a weighted NaN past the first chunk: the message names the file's row, not the row within a chunk
@@ -315,11 +316,11 @@ def test_memory_mapped_reads_match_plain_h5py_at_any_chunk_alignment(tmp_path):
 def test_batches_spanning_chunks_are_views_not_copies(files):
     """Consecutive chunks of a shard write into one allocation, so a batch that takes rows from two chunks is
     a view of it: the batches inside the first slab share one storage, and the rows are still the file's."""
-    from fastspec.loader import _SLAB_CHUNKS
+    from fastspec.loader.stream import SLAB_CHUNKS
 
     y_ref, _, _ = reference(files)
     loader = SpectraLoader(files, batch_size=24, block_rows=32, shuffle_blocks=1, seed=1, num_workers=0)
-    sizes = [c.n_out for c in loader._plan(0, 0)][:_SLAB_CHUNKS]
+    sizes = [c.n_out for c in loader.plan.chunks(0, 0)][:SLAB_CHUNKS]
     inside = sum(sizes) // 24  # batches wholly inside the first slab
     ends = np.cumsum(sizes)[:-1]
     assert inside >= 2 and any(t * 24 < e < (t + 1) * 24 for e in ends for t in range(inside))  # some span

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from fastspec.h5format import SpectraFile, SpectraFormatError, SpectraWriter, open_spectra
+from fastspec.h5format import SpectraFile, SpectraWriter
 from fastspec.instruments import SKY_LINES
 from fastspec.mmu import MMUSpectraFile
+from fastspec.spectra import SpectraFormatError
+from fastspec.spectra_io import open_spectra
 
 SDSS_L, BOSS_L, DESI_L = 3921, 4685, 7781
 

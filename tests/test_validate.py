@@ -10,7 +10,8 @@ import pytest
 from astropy.io import fits
 
 from fastspec import cli
-from fastspec.h5format import SpectraBatch, SpectraFile, SpectraFormatError, SpectraWriter
+from fastspec.h5format import SpectraFile, SpectraWriter
+from fastspec.spectra import Spectra, SpectraFormatError
 from fastspec.validate import find_bad_rows, validate_file
 
 L = 3921
@@ -47,8 +48,8 @@ def _spoil(r):
 
 
 def _batch(r, start=0, problems=None):
-    return SpectraBatch(r["flux"], r["ivar"], r["mask"], r["z"], r["z_err"], r["object_id"], r["norm"],
-                        start=start, problems=problems or {})
+    return Spectra(r["flux"], r["ivar"], r["mask"], r["z"], r["z_err"], r["object_id"], r["norm"],
+                   start=start, problems=problems or {})
 
 
 def _write(path, r, instrument="sdss"):

@@ -2,7 +2,6 @@
 exit 1 when any problem is found."""
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -60,10 +59,9 @@ def run(args) -> int:
     if len(reports) > 1:
         print(_overview(reports))
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump([r.to_dict() for r in reports], fh, indent=1)
-        os.replace(tmp, args.json)
+        from ..atomic import write_json
+
+        write_json(args.json, [r.to_dict() for r in reports], indent=1)
     n_bad = sum(not r.ok for r in reports)
     print(f"{len(reports) - n_bad} of {len(reports)} file(s) clean" + ("" if not n_bad else f"; {n_bad} with problems"))
     return 1 if n_bad else 0
