@@ -7,8 +7,10 @@ every spectrum is snapped onto the instrument grid by an integer pixel offset (n
 restframe window (DESIGN §1) and written through `fastspec.h5format.SpectraWriter`. A file that cannot be read,
 or a spectrum that cannot be used, is skipped with its reason in the report; nothing is dropped silently.
 
-Public API: `ingest(paths, output, ...) -> IngestReport`, `plan`, `classify`, `expand_paths`, `format_summary`,
-`IngestError`, `FileReport`.
+Spectra held as arrays take the same path without a file: `from_arrays(wave, flux, ivar, z, ...)`.
+
+Public API: `ingest(paths, output, ...) -> IngestReport`, `from_arrays`, `plan`, `classify`, `expand_paths`,
+`format_summary`, `IngestError`, `FileReport`.
 """
 from __future__ import annotations
 
@@ -21,10 +23,20 @@ import numpy as np
 from .atomic import write_json
 from .fits import FitsError, open_fits
 from .h5format import SpectraWriter
-from .instruments import get_instrument
-from .spectra import Spectra
+from .instruments import InstrumentError, get_instrument, infer_instrument
+from .prep import bad_pixel_mask
+from .spectra import Spectra, SpectraFormatError, as_object_id
 from .surveys import SURVEYS, survey_of
-from .surveys.base import DEFAULT_SPECTYPES, FileReport, IngestError, IngestTask
+from .surveys.base import (
+    DEFAULT_SPECTYPES,
+    FileReport,
+    IngestError,
+    IngestTask,
+    normalised,
+    sky_mask,
+    source_columns,
+)
+from .surveys.other import describe
 
 FITS_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fts")
 # What a file that cannot be used raises; the worker turns it into the file's error in the report.
@@ -66,7 +78,7 @@ def expand_paths(paths) -> list[str]:
 
 def classify(path: str, reader: str = "fast") -> tuple[str, str | None]:
     """(kind, instrument guess) of a file, by its name, else by its FITS headers; each survey decides
-    (`fastspec.surveys`). IngestError when no survey recognises it."""
+    (`fastspec.surveys`). IngestError saying what the file looks like when no survey recognises it."""
     name = os.path.basename(path)
     for s in SURVEYS:
         hit = s.recognise_name(name)
@@ -77,8 +89,8 @@ def classify(path: str, reader: str = "fast") -> tuple[str, str | None]:
             hit = s.recognise(f)
             if hit:
                 return hit
-        names = f.names
-    raise IngestError(f"{path}: not an SDSS/BOSS spec file nor a DESI coadd/redrock file (HDUs: {', '.join(names)})")
+        what = describe(f)
+    raise IngestError(f"{path}: {what}")
 
 
 def _auto_instrument(readable) -> str | None:
@@ -263,6 +275,94 @@ def ingest(paths, output, instrument="auto", jobs=None, spectypes=DEFAULT_SPECTY
         writer.close()
     files = [reports[id(e)] if isinstance(e, IngestTask) else e for e in entries]
     return IngestReport(output=output, instrument=inst_name, files=files, written=writer is not None)
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+
+
+def _first_bad(source: str, name: str, arr: np.ndarray, nonneg: bool = False) -> None:
+    bad = ~np.isfinite(arr) | (arr < 0) if nonneg else ~np.isfinite(arr)
+    if bad.any():
+        where = np.unravel_index(int(np.argmax(bad)), arr.shape)
+        at = f"row {where[0]}: field {name}: pixel {where[1]}" if arr.ndim == 2 else f"field {name}: element {where[0]}"
+        what = "negative or not finite" if nonneg else "not finite"
+        raise IngestError(f"{source}: {at} is {arr[where]} ({what}; {int(bad.sum())} such value(s))")
+
+
+def from_arrays(wave, flux, ivar, z, z_err=None, object_id=None, mask=None, instrument=None, output=None,
+                append: bool = False, source: str = "arrays"):
+    """Spectra already held as arrays → (Spectra or None, FileReport): put on an instrument grid with the checks,
+    masks and normalisation ingest applies to survey files, and written to `output` when given (atomically;
+    ``append=True`` extends an existing file of the same instrument, e.g. an ingest output).
+
+    wave: (L_in,) shared by every row, or (N, L_in), vacuum Å on an instrument's lattice (SDSS/BOSS: steps of
+        1e-4 in log10, DESI: 0.8 Å): pixels are snapped by an integer offset and never interpolated, pixels off
+        the grid are dropped, grid pixels without data are masked.
+    flux, ivar: (N, L_in), or (L_in,) for one spectrum; ivar ≥ 0. mask: optional, nonzero = bad pixel.
+    z: (N,). z_err: (N,), default NaN (unknown). object_id: (N,) integers ≥ 0, default the row numbers (pass
+        real ids: the validation split hashes them).
+    instrument: "sdss", "boss" or "desi"; None infers it from the wavelengths as for MMU files.
+    source: names the arrays in messages, the report and the `source/file` column.
+    Raises IngestError naming `source`, the row and the field. Rows without a finite z or a valid normalisation
+    are skipped with their reason in the report.
+    """
+    flux = np.atleast_2d(np.asarray(flux, np.float64))
+    n, length = flux.shape
+    ivar = np.atleast_2d(np.asarray(ivar, np.float64))
+    wave = np.asarray(wave, np.float64)
+    z = np.atleast_1d(np.asarray(z, np.float64))
+    z_err = np.full(n, np.nan) if z_err is None else np.atleast_1d(np.asarray(z_err, np.float64))
+    pipe = np.zeros((n, length), np.int64) if mask is None else np.atleast_2d(np.asarray(mask)).astype(np.int64)
+    for name, arr, shapes in (("ivar", ivar, [(n, length)]), ("mask", pipe, [(n, length)]),
+                              ("wave", wave, [(length,), (n, length)]), ("z", z, [(n,)]), ("z_err", z_err, [(n,)])):
+        if arr.shape not in shapes:
+            raise IngestError(f"{source}: field {name} has shape {arr.shape}, expected "
+                              f"{' or '.join(map(str, shapes))} (from flux {flux.shape})")
+    try:
+        ids = as_object_id(np.arange(n) if object_id is None else np.atleast_1d(object_id), source)
+    except SpectraFormatError as err:
+        raise IngestError(str(err)) from None
+    if ids.shape != (n,):
+        raise IngestError(f"{source}: field object_id has shape {ids.shape}, expected ({n},)")
+    _first_bad(source, "wave", wave)
+    _first_bad(source, "flux", flux)
+    _first_bad(source, "ivar", ivar, nonneg=True)
+    waves = np.broadcast_to(wave, (n, length))
+    try:
+        inst = get_instrument(instrument) if instrument is not None else \
+            infer_instrument(waves[0], float(waves.min()), float(waves.max()), f"{source}: row 0: field wave")
+    except InstrumentError as err:
+        raise IngestError(str(err)) from None
+    report = FileReport(file=source, kind="arrays", instrument=inst.name, n_spectra=n)
+
+    raw_flux = np.zeros((n, inst.L))
+    raw_ivar = np.zeros((n, inst.L))
+    raw_pipe = np.ones((n, inst.L), np.int64)  # grid pixels without data count as masked
+    for r in range(n) if wave.ndim == 2 else [slice(None)]:
+        try:
+            offset = inst.snap_offset(waves[r if wave.ndim == 2 else 0],
+                                      where=f"{source}: {f'row {r}: ' if wave.ndim == 2 else ''}field wave")
+        except InstrumentError as err:
+            raise IngestError(f"{err}; fastspec never interpolates (it would correlate the noise): resample the "
+                              f"spectra onto the {inst.name} grid first") from None
+        idx = offset + np.arange(length)
+        keep = (idx >= 0) & (idx < inst.L)
+        raw_flux[r, idx[keep]] = flux[r][..., keep]
+        raw_ivar[r, idx[keep]] = ivar[r][..., keep]
+        raw_pipe[r, idx[keep]] = pipe[r][..., keep]
+    bad = bad_pixel_mask(raw_ivar, raw_pipe, sky_mask(inst.name)[None, :])
+
+    rows = np.flatnonzero(np.isfinite(z))
+    for r in np.flatnonzero(~np.isfinite(z)):
+        report.skipped.append({"row": int(r), "object_id": int(ids[r]), "reason": f"z is {z[r]}"})
+    extra = source_columns(rows, -1, -1, -1, [""] * rows.size, -1)
+    extra["source/file"] = np.array([source.encode()] * rows.size, dtype=object)
+    spectra = normalised(report, inst, raw_flux[rows], raw_ivar[rows], bad[rows], z[rows], z_err[rows], ids[rows],
+                         rows, extra)
+    if spectra is not None and output is not None:
+        with SpectraWriter(output, inst, append=append, attrs={"source": "fastspec.ingest.from_arrays"}) as w:
+            w.write_spectra(spectra)
+    return spectra, report
 
 
 def _short(path: str) -> str:

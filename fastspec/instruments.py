@@ -119,6 +119,27 @@ def get_instrument(name: str | Instrument) -> Instrument:
     return INSTRUMENTS[key]
 
 
+def infer_instrument(wave_row, wave_lo: float, wave_hi: float, where: str = "", tol: float = 0.05) -> Instrument:
+    """The instrument for wavelengths of unknown origin: `wave_row` (one spectrum's valid wavelengths) must lie on
+    its grid, and of those grids the smallest that covers [wave_lo, wave_hi] (≥ 99 % of it, in pixels) wins —
+    SDSS rows also lie on the BOSS grid (same log step), so coverage tells the two apart."""
+    candidates = []
+    for inst in INSTRUMENTS.values():
+        try:
+            inst.snap_offset(wave_row, tol=tol)
+        except InstrumentError:
+            continue
+        lo, hi = inst.coordinate([wave_lo, wave_hi])
+        covered = (min(hi, inst.L - 1) - max(lo, 0)) / max(hi - lo, 1e-9)
+        candidates.append((covered >= 0.99, -inst.L if covered >= 0.99 else covered, inst))
+    if not candidates:
+        raise InstrumentError(
+            f"{where}: wavelengths {wave_row[0]:.2f}–{wave_row[-1]:.2f} Å lie on no known "
+            f"instrument grid ({', '.join(INSTRUMENTS)}); pass instrument= if they should"
+        )
+    return max(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
 def instrument_for_grid(wave_obs, tol: float = 0.05) -> Instrument:
     """The instrument whose grid `wave_obs` equals (same length, same first pixel)."""
     wave_obs = np.asarray(wave_obs, dtype=np.float64)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .instruments import INSTRUMENTS, Instrument, InstrumentError, get_instrument
+from .instruments import Instrument, InstrumentError, get_instrument, infer_instrument
 from .prep import apply_normalization, bad_pixel_mask, normalization
 from .spectra import Spectra, SpectraFormatError, SpectraReader, native, row_range
 
@@ -37,27 +37,6 @@ _ZERR_FIELDS = ("Z_ERR", "ZERR")
 def _valid_lambda(lam: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         return np.isfinite(lam) & (lam > 0)
-
-
-def infer_instrument(wave_row, wave_lo: float, wave_hi: float, where: str = "") -> Instrument:
-    """The instrument for MMU lambdas: `wave_row` (one row's valid lambdas) must lie on its grid, and of those
-    grids the smallest that covers [wave_lo, wave_hi] (≥ 99 % of it, in pixels) wins — SDSS rows also lie on
-    the BOSS grid (same log step), so coverage tells the two apart."""
-    candidates = []
-    for inst in INSTRUMENTS.values():
-        try:
-            inst.snap_offset(wave_row, tol=SNAP_TOL_PIXELS)
-        except InstrumentError:
-            continue
-        lo, hi = inst.coordinate([wave_lo, wave_hi])
-        covered = (min(hi, inst.L - 1) - max(lo, 0)) / max(hi - lo, 1e-9)
-        candidates.append((covered >= 0.99, -inst.L if covered >= 0.99 else covered, inst))
-    if not candidates:
-        raise SpectraFormatError(
-            f"{where}: spectrum_lambda: wavelengths {wave_row[0]:.2f}–{wave_row[-1]:.2f} Å lie on no known "
-            f"instrument grid ({', '.join(INSTRUMENTS)}); pass instrument= if they should"
-        )
-    return max(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
 class MMUSpectraFile(SpectraReader):
@@ -122,7 +101,11 @@ class MMUSpectraFile(SpectraReader):
         lam_ds = self.h5["spectrum_lambda"]
         ends = np.concatenate([native(lam_ds[:, 0]), native(lam_ds[:, -1]), lam[[0, -1]]]).astype(np.float64)
         ends = ends[_valid_lambda(ends)]
-        return infer_instrument(lam, float(ends.min()), float(ends.max()), where=self.path)
+        try:
+            return infer_instrument(lam, float(ends.min()), float(ends.max()), f"{self.path}: spectrum_lambda",
+                                    SNAP_TOL_PIXELS)
+        except InstrumentError as err:
+            raise SpectraFormatError(str(err)) from None
 
     def __len__(self) -> int:
         return self._n

@@ -395,3 +395,185 @@ def test_gzipped_file_and_instrument_mismatch(real_data_dir, tmp_path):
     assert "truncated" in rep.files[1].error
     assert "the output instrument is sdss" in rep.files[2].error
     check_sdss_row(read_h5(tmp_path / "o.h5"), 0, sdss_expected(src, "sdss"), "sdss")
+
+
+# ------------------------------------------------------------------------------------------- SDSS DR7 spSpec
+
+EMLINE, BRIGHTSKY = 1 << 30, 1 << 23
+
+
+def make_spspec(real_data_dir, tmp_path, name="spSpec-51602-0266-001.fit", rows=5):
+    """A DR7 spSpec file built from the published layout (DR7 data model): a primary image whose rows are flux,
+    continuum-subtracted flux, error (sigma), mask, [...]; the grid in COEFF0/COEFF1; redshift and ids in the
+    header; binary tables after it (HDU 1: emission-line fits with columns wave, waveErr, ...). The values are
+    those of the DR16 file of the same plate/MJD/fiber, with mask bits and bad errors added."""
+    src = real_data_dir / "sdss" / "spec-0266-51602-0001.fits"
+    with fits.open(src) as h:
+        d, meta = h[1].data, h[2].data[0]
+        loglam = np.asarray(d["loglam"], np.float64)
+        flux = np.asarray(d["flux"], np.float32)
+        ivar = np.asarray(d["ivar"], np.float64)
+        mask = np.asarray(d["and_mask"], np.int64)
+        z, z_err = float(meta["Z"]), float(meta["Z_ERR"])
+    err = np.where(ivar > 0, 1 / np.sqrt(np.where(ivar > 0, ivar, 1)), 0.0).astype(np.float32)
+    err[100:105] = -1.0  # error ≤ 0: no information
+    mask[2000:2040] |= EMLINE  # an emission line: informational, not bad
+    mask[2100:2110] |= BRIGHTSKY  # bad
+    image = np.zeros((rows, flux.size), np.float32)
+    image[0], image[1], image[2], image[3] = flux, flux - np.median(flux), err, mask.astype(np.float32)
+    hdu = fits.PrimaryHDU(image)
+    coeff0 = round(float(loglam[0]), 4)
+    assert abs(coeff0 - loglam[0]) < 1e-6
+    for k, v in dict(COEFF0=coeff0, COEFF1=1e-4, CRVAL1=coeff0, CD1_1=1e-4, Z=z, Z_ERR=z_err, Z_CONF=0.99,
+                     Z_STATUS=4, Z_WARNIN=0, SPEC_CLN=2, PLATEID=266, MJD=51602, FIBERID=1,
+                     OBJID="587722 40 2 176 147", NAME="51602-0266-001", VACUUM=True).items():
+        hdu.header[k] = v
+    lines = fits.BinTableHDU.from_columns([fits.Column(name=n, format="E", array=np.zeros(3, np.float32))
+                                           for n in ("wave", "waveErr", "waveMin", "height", "sigma")])
+    path = tmp_path / name
+    fits.HDUList([hdu, lines]).writeto(path)
+    return path, src
+
+
+def spspec_expected(path, grid):
+    """Independent astropy read of the spSpec file, placed on `grid` by rounding the pixel coordinate."""
+    with fits.open(path) as h:
+        data, head = np.asarray(h[0].data, np.float64), h[0].header
+        wave_log = head["COEFF0"] + head["COEFF1"] * np.arange(data.shape[1])
+        z, z_err = head["Z"], head["Z_ERR"]
+    g = GRIDS[grid]
+    idx = np.rint((wave_log - g["start"]) / g["step"]).astype(int)
+    mask = data[3].astype(np.int64)
+    good = (data[2] > 0) & ((mask & ~EMLINE) == 0)
+    ivar = np.where(good, 1 / np.where(good, data[2], 1) ** 2, 0.0)
+    return dict(idx=idx, flux=data[0], ivar=ivar, and_mask=(~good).astype(int), z=z, z_err=z_err)
+
+
+@pytest.mark.parametrize("reader", ["fast", "astropy"])
+def test_sdss_dr7_spspec_matches_astropy(real_data_dir, tmp_path, reader):
+    path, dr16 = make_spspec(real_data_dir, tmp_path)
+    renamed, _ = make_spspec(real_data_dir, tmp_path, name="galaxy.fits", rows=4)  # recognised by its header
+    rep = ingest([str(path), str(renamed)], tmp_path / "dr7.h5", jobs=1, progress=False, reader=reader)
+    assert [f.error for f in rep.files] == [None, None] and rep.n_ingested == 2
+    assert rep.instrument == "sdss" and rep.files[0].kind == "sdss-dr7-spspec"
+    h5 = read_h5(tmp_path / "dr7.h5")
+    e = spspec_expected(path, "sdss")
+    with fits.open(dr16) as h:
+        e["object_id"] = int(h[2].data["SPECOBJID"][0])  # DR16's SPECOBJID of the same plate/MJD/fiber
+    for i in range(2):
+        check_sdss_row(h5, i, e, "sdss")
+    sdss_px = e["idx"]
+    assert h5["spectrum_mask"][0][sdss_px[2100:2110]].all()  # BRIGHTSKY: bad
+    assert h5["spectrum_mask"][0][sdss_px[100:105]].all()  # error ≤ 0: bad, ivar 0
+    assert (h5["spectrum_ivar"][0][sdss_px[100:105]] == 0).all()
+    line = sdss_px[2000:2040]
+    assert not h5["spectrum_mask"][0][line][~sky_mask(grid_wave("sdss"))[line]].any()  # EMLINE: kept
+    with h5py.File(tmp_path / "dr7.h5") as h:
+        assert h["source/plate"][0] == 266 and h["source/mjd"][0] == 51602 and h["source/fiber"][0] == 1
+        assert h["source/class"][0] == b"GALAXY"
+
+
+def test_sdss_dr7_class_and_missing_card(real_data_dir, tmp_path):
+    path, _ = make_spspec(real_data_dir, tmp_path)
+    rep = ingest([str(path)], tmp_path / "o.h5", jobs=1, progress=False, spectypes=["QSO"])
+    assert rep.n_ingested == 0 and "SPEC_CLN GALAXY not in QSO" in rep.files[0].skipped[0]["reason"]
+    with fits.open(path, mode="update") as h:
+        del h[0].header["Z"]
+    rep = ingest([str(path)], tmp_path / "o.h5", jobs=1, progress=False)
+    assert rep.files[0].error == f"{path}: HDU 0 (primary) header has no Z card"
+
+
+# ------------------------------------------------------------------------------------------- unknown files
+
+
+def _unknown_files(d):
+    """Files no survey reads, one of each kind fastspec should name."""
+    out = {}
+    cube = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((5, 4, 4), np.float32), name="FLUX"),
+                         fits.ImageHDU(np.zeros((5, 4, 4), np.float32), name="IVAR"),
+                         fits.ImageHDU(np.zeros((5, 4, 4), np.int32), name="MASK"),
+                         fits.ImageHDU(np.arange(5.0), name="WAVE")])
+    out["manga-7443-12703-LOGCUBE.fits"] = (cube, "a MaNGA data cube")
+    iraf = fits.PrimaryHDU(np.ones(100, np.float32))
+    iraf.header.update(CRVAL1=3.6, CDELT1=1e-4, DC_FLAG=1, CTYPE1="LINEAR")
+    out["ngc1234.fits"] = (fits.HDUList([iraf]), "an IRAF 1-D spectrum image (shape (100,)")
+    eso_head = fits.PrimaryHDU()
+    eso_head.header["PRODCATG"] = "SCIENCE.SPECTRUM"
+    eso_tab = fits.BinTableHDU.from_columns([fits.Column(name=n, format="10E", array=np.zeros((1, 10)))
+                                             for n in ("WAVE", "FLUX", "ERR")])
+    out["ADP.2017-01-01T00:00:00.000.fits"] = (fits.HDUList([eso_head, eso_tab]), "an ESO Phase 3 spectrum")
+    tab = fits.BinTableHDU.from_columns([fits.Column(name=n, format="E", array=np.zeros(3)) for n in ("ra", "dec")])
+    out["catalog.fits"] = (fits.HDUList([fits.PrimaryHDU(), tab]), "a table with columns ra, dec (HDU 1)")
+    for name, (hdul, _) in out.items():
+        hdul.writeto(d / name)
+    return {d / name: what for name, (_, what) in out.items()}
+
+
+@pytest.mark.parametrize("reader", ["fast", "astropy"])
+def test_unknown_files_are_named_with_what_would_be_needed(tmp_path, reader):
+    files = _unknown_files(tmp_path)
+    rep = ingest([str(p) for p in files], tmp_path / "o.h5", jobs=1, progress=False, reader=reader)
+    assert rep.n_ingested == 0 and not (tmp_path / "o.h5").exists()
+    for f, (p, what) in zip(rep.files, files.items()):
+        assert f.error.startswith(f"{p}: {what}"), f.error
+        assert "fastspec.ingest.from_arrays" in f.error
+
+
+# ------------------------------------------------------------------------------------------- arrays
+
+
+def test_from_arrays_writes_what_ingest_writes(real_data_dir, tmp_path):
+    """Arrays read with astropy go through the same placement, masks and normalisation as the file: the two
+    outputs hold the same numbers, and the arrays' rows can be appended to an ingest output."""
+    from fastspec.ingest import from_arrays
+
+    files = [real_data_dir / "sdss" / n for n in ("spec-0266-51602-0001.fits", "spec-1045-52725-0628.fits")]
+    ingest([str(f) for f in files], tmp_path / "files.h5", instrument="sdss", jobs=1, progress=False)
+    e = [sdss_expected(f, "sdss") for f in files]
+    with fits.open(files[0]) as h0, fits.open(files[1]) as h1:
+        loglam = [np.asarray(h[1].data["loglam"], np.float64) for h in (h0, h1)]
+        mask = [np.asarray(h[1].data["and_mask"]) for h in (h0, h1)]
+    n = min(x.size for x in loglam)  # a common length, each row with its own wavelengths
+    spectra, rep = from_arrays(np.stack([10 ** x[:n] for x in loglam]), np.stack([x["flux"][:n] for x in e]),
+                               np.stack([x["ivar"][:n] for x in e]), [x["z"] for x in e],
+                               z_err=[x["z_err"] for x in e], object_id=[x["object_id"] for x in e],
+                               mask=np.stack([m[:n] for m in mask]), output=tmp_path / "arrays.h5")
+    assert rep.instrument == "sdss" and rep.n_ingested == 2 and rep.error is None  # inferred from the grid
+    a, b = read_h5(tmp_path / "files.h5"), read_h5(tmp_path / "arrays.h5")
+    for i, x in enumerate(e):
+        x = {k: (v[:n] if isinstance(v, np.ndarray) else v) for k, v in x.items()}
+        check_sdss_row(b, i, x, "sdss")
+        covered = np.zeros(GRIDS["sdss"]["L"], bool)
+        covered[x["idx"]] = True
+        np.testing.assert_array_equal(a["spectrum_flux"][i][covered], b["spectrum_flux"][i][covered])
+    np.testing.assert_array_equal(a["object_id"], b["object_id"])
+    from_arrays(10 ** loglam[0], e[0]["flux"], e[0]["ivar"], e[0]["z"], z_err=e[0]["z_err"], instrument="sdss",
+                mask=mask[0], object_id=[e[0]["object_id"]], output=tmp_path / "files.h5", append=True,
+                source="my-arrays")
+    c = read_h5(tmp_path / "files.h5")
+    assert c["file"][-1] == "my-arrays" and len(c["Z"]) == 3
+    for k in ("spectrum_flux", "spectrum_ivar", "spectrum_mask", "norm", "Z", "Z_ERR", "object_id"):
+        np.testing.assert_array_equal(c[k][2], a[k][0], err_msg=k)
+
+
+def test_from_arrays_checks_name_row_and_field(tmp_path):
+    from fastspec.ingest import IngestError, from_arrays
+
+    wave = 10 ** (3.6 + 1e-4 * np.arange(3000))
+    rng = np.random.default_rng(1)
+    flux = rng.normal(5, 1, (3, 3000))
+    ivar = np.full((3, 3000), 4.0)
+    flux[1, 7] = np.nan
+    with pytest.raises(IngestError, match=r"^cube: row 1: field flux: pixel 7 is nan \(not finite"):
+        from_arrays(wave, flux, ivar, [0.1, 0.1, 0.1], source="cube")
+    flux[1, 7] = 1.0
+    with pytest.raises(IngestError, match=r"field ivar has shape \(3, 10\), expected \(3, 3000\)"):
+        from_arrays(wave, flux, ivar[:, :10], [0.1, 0.1, 0.1])
+    with pytest.raises(IngestError, match=r"field wave: wavelengths are not on the sdss grid .* never interpolates"):
+        from_arrays(wave * 1.0001, flux, ivar, [0.1, 0.1, 0.1], instrument="sdss")
+    with pytest.raises(IngestError, match=r"lie on no known instrument grid"):
+        from_arrays(np.linspace(4000, 8000, 3000), flux, ivar, [0.1, 0.1, 0.1])
+    spectra, rep = from_arrays(wave, flux, ivar, [0.1, np.nan, 0.1], object_id=[5, 6, 7])
+    assert rep.n_ingested == 2 and list(spectra.object_id) == [5, 7]
+    assert rep.skipped == [{"row": 1, "object_id": 6, "reason": "z is nan"}]
+    assert spectra.extra["source/row"].tolist() == [0, 2]

@@ -1,4 +1,5 @@
-"""`fastspec ingest`: SDSS/BOSS spec(-lite) and DESI coadd + redrock FITS files → one HDF5 spectra file."""
+"""`fastspec ingest`: SDSS/BOSS spec(-lite), SDSS DR7 spSpec and DESI coadd + redrock FITS files → one HDF5 spectra
+file."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,7 @@ import sys
 def register(sub):
     p = sub.add_parser(
         "ingest",
-        help="read SDSS/BOSS spec(-lite) and DESI coadd+redrock FITS files into one HDF5 file",
+        help="read SDSS/BOSS spec(-lite), SDSS DR7 spSpec and DESI coadd+redrock FITS files into one HDF5 file",
         description=(
             "Snap every spectrum onto the instrument grid (integer pixel offset, no interpolation), mask "
             "pipeline-flagged pixels, ivar <= 0 and bright sky lines, normalise by the median flux in the "

@@ -4,11 +4,11 @@ Adding a survey is adding its module and naming it in `SURVEYS`.
 """
 from __future__ import annotations
 
-from . import desi, sdss
+from . import desi, sdss, sdss_dr7
 
 # Asked in this order whether they recognise a file (the first that does reads it). With instrument "auto",
 # a tie between grid families goes to the family of the earlier survey.
-SURVEYS = (sdss, desi)
+SURVEYS = (sdss_dr7, sdss, desi)
 
 
 def survey_of(kind: str):

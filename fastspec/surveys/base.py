@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import FastspecError
 from ..instruments import NORM_WINDOW, Instrument, InstrumentError, get_instrument
-from ..prep import apply_normalization, normalization
+from ..prep import apply_normalization, bad_pixel_mask, normalization
 from ..spectra import Spectra
 
 DEFAULT_SPECTYPES = ("GALAXY",)
@@ -144,6 +144,24 @@ def dropped_note(inst: Instrument, keep: np.ndarray, ivar: np.ndarray) -> str:
     n_good = int(((ivar > 0) & ~keep).sum())
     return (f"{int((~keep).sum())} pixels outside the {inst.name} grid ({inst.wave_min:.0f}–{inst.wave_max:.0f} Å) "
             f"dropped ({n_good} with ivar > 0)")
+
+
+def on_grid(report: FileReport, inst, wave, flux, ivar, pipeline_mask, path: str, label: str):
+    """One spectrum's pixels on the grid as (1, L) raw flux, raw ivar and bad-pixel mask (pipeline mask,
+    ivar ≤ 0, sky lines, grid pixels without data); pixels off the grid are dropped with a note."""
+    idx, keep = snap(inst, wave, path, label)
+    if not keep.all():
+        report.notes.append(dropped_note(inst, keep, ivar))
+    if idx.size == 0:
+        raise IngestError(f"{path}: no pixel of the spectrum lies on the {inst.name} grid")
+    L = inst.L
+    raw_flux = np.zeros((1, L), np.float64)
+    raw_ivar = np.zeros((1, L), np.float64)
+    pipe = np.ones((1, L), np.int64)  # grid pixels without data count as pipeline-masked
+    raw_flux[0, idx] = flux[keep]
+    raw_ivar[0, idx] = ivar[keep]
+    pipe[0, idx] = pipeline_mask[keep]
+    return raw_flux, raw_ivar, bad_pixel_mask(raw_ivar, pipe, sky_mask(inst.name)[None, :])
 
 
 def skip_reason(spectype: str, zwarn: int, spectypes, zwarn_zero: bool, class_field: str, zwarn_field: str):

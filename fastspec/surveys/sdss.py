@@ -10,20 +10,17 @@ import numpy as np
 
 from ..fits import FitsError, open_fits
 from ..instruments import get_instrument
-from ..prep import bad_pixel_mask
 from .base import (
     DEFAULT_SPECTYPES,
     FileReport,
     IngestError,
     IngestTask,
     check_finite,
-    dropped_note,
     hdu_index,
     normalised,
+    on_grid,
     parse_object_id,
     skip_reason,
-    sky_mask,
-    snap,
     source_columns,
     text,
 )
@@ -49,10 +46,11 @@ def recognise_name(name: str):
 
 
 def recognise(f):
-    """A COADD HDU, or the PLATEID card of the spectro pipeline; BOSS when RUN2D is a v5 reduction, the plate
-    is a BOSS plate, or the grid starts blueward of the SDSS grid."""
+    """A COADD HDU, or the PLATEID card of the spectro pipeline with a loglam table in HDU 1; BOSS when RUN2D is
+    a v5 reduction, the plate is a BOSS plate, or the grid starts blueward of the SDSS grid."""
     head = f.header(0)
-    if "COADD" not in f.names and "PLATEID" not in head:
+    coadd_table = len(f.names) > 1 and "loglam" in (c.lower() for c in f.columns(1))
+    if "COADD" not in f.names and not ("PLATEID" in head and coadd_table):
         return None
     run2d = text(head.get("RUN2D", ""))
     if run2d:
@@ -116,21 +114,3 @@ def read_sdss(path, instrument="sdss", spectypes=DEFAULT_SPECTYPES, zwarn_zero=F
     extra = source_columns([0], row["PLATE"], row["MJD"], row["FIBERID"], spectype, row["ZWARNING"])
     return report, normalised(report, inst, raw_flux, raw_ivar, bad, [z], [float(row["Z_ERR"])], [object_id],
                               [0], extra)
-
-
-def on_grid(report: FileReport, inst, wave, flux, ivar, pipeline_mask, path: str, label: str):
-    """One spectrum's pixels on the grid as (1, L) raw flux, raw ivar and bad-pixel mask (pipeline mask,
-    ivar ≤ 0, sky lines, grid pixels without data); pixels off the grid are dropped with a note."""
-    idx, keep = snap(inst, wave, path, label)
-    if not keep.all():
-        report.notes.append(dropped_note(inst, keep, ivar))
-    if idx.size == 0:
-        raise IngestError(f"{path}: no pixel of the spectrum lies on the {inst.name} grid")
-    L = inst.L
-    raw_flux = np.zeros((1, L), np.float64)
-    raw_ivar = np.zeros((1, L), np.float64)
-    pipe = np.ones((1, L), np.int64)  # grid pixels without data count as pipeline-masked
-    raw_flux[0, idx] = flux[keep]
-    raw_ivar[0, idx] = ivar[keep]
-    pipe[0, idx] = pipeline_mask[keep]
-    return raw_flux, raw_ivar, bad_pixel_mask(raw_ivar, pipe, sky_mask(inst.name)[None, :])
