@@ -28,7 +28,7 @@ import numpy as np
 from .errors import FastspecError
 from .h5format import SpectraWriter
 from .instruments import NORM_WINDOW, Instrument, get_instrument
-from .prep import apply_normalization, bad_pixel_mask
+from .prep import apply_normalization, bad_pixel_mask, normalization
 from .spectra import Spectra
 
 C_KMS = 299792.458
@@ -215,30 +215,6 @@ def _median_snr(model, shape2, sky2, sky_ratio, stride):
     f = model[:, ::stride].astype(np.float64)
     b = sky_ratio[:, None]
     return np.median(f / np.sqrt(shape2[::stride] * (np.maximum(f, 0.0) + b * sky2[::stride]) / (1.0 + b)), axis=1)
-
-
-def window_median(flux, ivar, wave_obs, z, window=NORM_WINDOW) -> np.ndarray:
-    """`fastspec.prep.normalization` for float32 spectra, vectorised over rows; the same values bit for bit.
-
-    prep's per-row np.median costs ~30 µs of Python per spectrum, more than making the spectrum. Here each
-    row's window is sorted with unused pixels pushed to +inf and the middle element(s) picked; for an even
-    count the mean of the two middle float32 values is formed in float32, as np.median does."""
-    flux = np.asarray(flux, dtype=np.float32)
-    z = np.asarray(z, dtype=np.float64)
-    wave_obs = np.asarray(wave_obs, dtype=np.float64)
-    # Only columns that can hold the window for some row of this batch.
-    lo = max(int(np.searchsorted(wave_obs, window[0] * (1 + z.min()))) - 2, 0)
-    hi = min(int(np.searchsorted(wave_obs, window[1] * (1 + z.max()))) + 2, wave_obs.size)
-    wave_rest = wave_obs[None, lo:hi] / (1.0 + z[:, None])
-    f = flux[:, lo:hi]
-    sel = (wave_rest >= window[0]) & (wave_rest <= window[1]) & (ivar[:, lo:hi] > 0) & np.isfinite(f)
-    vals = np.sort(np.where(sel, f, np.float32(np.inf)), axis=1)
-    cnt = sel.sum(axis=1)
-    rows = np.arange(f.shape[0])
-    upper = vals[rows, np.minimum(cnt // 2, vals.shape[1] - 1)]
-    lower = vals[rows, np.maximum((cnt - 1) // 2, 0)]
-    med = ((lower + upper) / np.float32(2)).astype(np.float64)
-    return np.where((cnt > 0) & (med > 0), med, np.nan)
 
 
 def _template_path():
@@ -552,7 +528,7 @@ class MockGenerator:
         flux_raw[bad] = 0.0
         ivar_raw[bad] = 0.0
 
-        norm = window_median(flux_raw, ivar_raw, self.wave_obs, p["z"])
+        norm = normalization(flux_raw, ivar_raw, self.wave_obs, p["z"])
         if not np.all(np.isfinite(norm)):
             n = int(np.flatnonzero(~np.isfinite(norm))[0])
             raise RuntimeError(f"mock chunk {c} row {n}: no valid normalisation (z={p['z'][n]:.4f}); a bug")

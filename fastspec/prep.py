@@ -7,23 +7,43 @@ from .instruments import NORM_WINDOW
 
 
 def normalization(flux, ivar, wave_obs, z, window=NORM_WINDOW) -> np.ndarray:
-    """Median flux in the restframe `window` over pixels with ivar > 0, per spectrum.
+    """Median flux in the restframe `window` over pixels with ivar > 0 and finite flux, per spectrum.
 
-    flux, ivar: (N, L); wave_obs: (L,); z: (N,). Returns (N,) float64; NaN where the window holds no
+    flux, ivar: (N, L); wave_obs: (L,), ascending; z: (N,). Returns (N,) float64; NaN where the window holds no
     valid pixel or the median is not positive (such spectra are rejected by the caller, with a reason).
+
+    Vectorised over rows: a per-row np.median costs ~30 µs of Python per spectrum, more than making a mock
+    spectrum. Each row's window is sorted with unused pixels pushed to +inf and the middle element(s) picked;
+    for an even count the two middle values are averaged in the flux's own precision, as np.median does, so
+    the numbers are np.median's bit for bit (float32 and float64 alike).
     """
     flux = np.atleast_2d(np.asarray(flux))
+    if flux.dtype.kind != "f":
+        flux = flux.astype(np.float64)
     ivar = np.atleast_2d(np.asarray(ivar))
-    z = np.atleast_1d(np.asarray(z, dtype=np.float64))
-    wave_rest = np.asarray(wave_obs, dtype=np.float64)[None, :] / (1.0 + z[:, None])
-    sel = (wave_rest >= window[0]) & (wave_rest <= window[1]) & (ivar > 0) & np.isfinite(flux)
-    norm = np.full(flux.shape[0], np.nan)
-    for n in range(flux.shape[0]):
-        if sel[n].any():
-            m = float(np.median(flux[n, sel[n]]))
-            if m > 0:
-                norm[n] = m
-    return norm
+    n = flux.shape[0]
+    z = np.broadcast_to(np.atleast_1d(np.asarray(z, dtype=np.float64)), (n,))
+    wave_obs = np.asarray(wave_obs, dtype=np.float64)
+    norm = np.full(n, np.nan)
+    z_ok = z[np.isfinite(z)]
+    if z_ok.size == 0:
+        return norm
+    # Only columns that can hold the window for some row.
+    lo = max(int(np.searchsorted(wave_obs, window[0] * (1 + z_ok.min()))) - 2, 0)
+    hi = min(int(np.searchsorted(wave_obs, window[1] * (1 + z_ok.max()))) + 2, wave_obs.size)
+    if hi <= lo:
+        return norm
+    wave_rest = wave_obs[None, lo:hi] / (1.0 + z[:, None])
+    f = flux[:, lo:hi]
+    with np.errstate(invalid="ignore"):
+        sel = (wave_rest >= window[0]) & (wave_rest <= window[1]) & (ivar[:, lo:hi] > 0) & np.isfinite(f)
+    vals = np.sort(np.where(sel, f, f.dtype.type(np.inf)), axis=1)
+    cnt = sel.sum(axis=1)
+    rows = np.arange(n)
+    upper = vals[rows, np.minimum(cnt // 2, vals.shape[1] - 1)]
+    lower = vals[rows, np.maximum((cnt - 1) // 2, 0)]
+    med = ((lower + upper) / f.dtype.type(2)).astype(np.float64)
+    return np.where((cnt > 0) & (med > 0), med, norm)
 
 
 def apply_normalization(flux, ivar, norm):
