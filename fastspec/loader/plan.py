@@ -81,15 +81,7 @@ class EpochPlan:
                  shuffle: bool, seed: int, rank: int, world_size: int, shards: int | None, drop_last: bool,
                  rows: Sequence[np.ndarray | None] | None = None):
         self.files = files
-        self.shards = int(shards or world_size)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-        if self.shards % world_size:
-            raise ValueError(f"shards ({self.shards}) must be a multiple of world_size ({world_size})")
-        if batch_size < 1 or batch_size % self.shards:
-            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of shards ({self.shards})")
-        if block_rows < 1 or shuffle_blocks < 1:
-            raise ValueError("block_rows and shuffle_blocks must be positive")
+        self.shards = self.check(batch_size, block_rows, shuffle_blocks, rank, world_size, shards)
         self.batch_size = int(batch_size)
         self.shard_batch = self.batch_size // self.shards
         self.block_rows = int(block_rows)
@@ -102,6 +94,21 @@ class EpochPlan:
         self.selection = self._normalise_rows(rows)
         self.blocks = self._make_blocks()
         self.n_rows = int(sum(b[3] for b in self.blocks))
+
+    @staticmethod
+    def check(batch_size: int, block_rows: int, shuffle_blocks: int, rank: int, world_size: int,
+              shards: int | None) -> int:
+        """ValueError for a layout no plan can follow; the number of shards otherwise."""
+        shards = int(shards or world_size)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        if shards % world_size:
+            raise ValueError(f"shards ({shards}) must be a multiple of world_size ({world_size})")
+        if batch_size < 1 or batch_size % shards:
+            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of shards ({shards})")
+        if block_rows < 1 or shuffle_blocks < 1:
+            raise ValueError("block_rows and shuffle_blocks must be positive")
+        return shards
 
     def _normalise_rows(self, rows) -> list[np.ndarray | None]:
         if rows is None:

@@ -85,8 +85,7 @@ class SpectraLoader:
         self.paths = [os.fspath(p) for p in paths]
         if not self.paths:
             raise ValueError("SpectraLoader needs at least one file")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        EpochPlan.check(batch_size, block_rows, shuffle_blocks, rank, world_size, shards)  # before opening files
         self.num_workers = int(num_workers)
         self.prefetch = int(prefetch)
         self.device = torch.device(device) if device is not None else None
@@ -103,7 +102,8 @@ class SpectraLoader:
         self.instrument = self.files[0].instrument
         self.plan = EpochPlan(self.files, batch_size, block_rows, shuffle_blocks, shuffle, seed, rank, world_size,
                               shards, drop_last, rows)
-        self.batch_size, self.shard_batch, self.my_shards = batch_size, self.plan.shard_batch, self.plan.my_shards
+        self.batch_size, self.shard_batch, self.my_shards = self.plan.batch_size, self.plan.shard_batch, \
+            self.plan.my_shards
         self.selection, self.n_rows = self.plan.selection, self.plan.n_rows
         self._pool = BufferPool()
         self._reader = self._new_reader()
