@@ -2,6 +2,7 @@
 weights of one process that trains on the same global batches (same data shards), within float tolerance."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,7 +52,11 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     for (name, p), q, p0 in zip(a.state_dict().items(), b.state_dict().values(), init.state_dict().values()):
         # Adam divides by √v: where a gradient is near 0, the rounding-level difference of the all-reduce's
         # summation order moves a weight by up to ~4e-5 here (measured, old and new kernels alike); a wrong
-        # shard or average moves weights by ~lr = 3e-3 a step.
+        # shard or average moves weights by ~lr = 3e-3 a step. A conv bias in front of InstanceNorm has an
+        # exact gradient of 0 (the norm subtracts it again), so Adam steps it by lr-sized amounts in the
+        # direction of pure rounding noise: those parameters carry no information about the sharding.
+        if re.fullmatch(r"encoder\.blocks\.\d+\.conv\.bias", name):
+            continue
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
         moved = max(moved, float((q - p0).abs().max()))
     assert moved > 1e-3  # training did move the weights: the comparison is not between two initial models
