@@ -1,4 +1,4 @@
-"""Plain-torch references for the redshift-resample ops (the 'torch' backend, tests and benchmarks).
+"""Plain-torch references of the redshift-resample ops (the 'torch' backend, tests and benchmarks).
 
 Two formulations, kept independent on purpose:
 
@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half inputs are computed in fp32, like the kernels; float64 stays float64 (gradcheck).
-    return torch.promote_types(dtype, torch.float32)
+from .core import acc_dtype
 
 
 def _interp_index(x, c, a, b):
@@ -29,7 +26,7 @@ def _interp_index(x, c, a, b):
     valid = (u >= 0) & (u <= R - 1) & (a[:, None] > 0)
     us = torch.where(valid, u, torch.zeros((), dtype=u.dtype, device=u.device))
     i = us.detach().floor().to(torch.int64).clamp_(max=R - 2)
-    cd = _compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     t = (us - i).to(cd)
     xf = x.to(cd)
     x0 = xf.gather(1, i)
