@@ -4,7 +4,7 @@ custom ops.
 
 Public API:
     resample(spec_rest, z, wave_rest, wave_obs) -> (spec_obs, valid)
-    resample_loss(spec_rest, z, wave_rest, wave_obs, y, w) -> (N,)
+    resample_loss(spec_rest, z, wave_rest, wave_obs, y, w, return_weight=False) -> (N,) [, (N,)]
     redshift_observed(spec_obs, z, z_new, wave_obs) -> (spec_new, valid)     # augmentation
     attention_pool(h, k) -> (N, C)
     instance_norm_prelu_pool(x, weight, pool=1, padding=0, eps=1e-5) -> (N, C, L_out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,15 @@ class Grid:
     start: float
     step: float
     c: torch.Tensor
+    _log_coords: dict = field(default_factory=dict, repr=False)
+
+    def log_coords(self, start: float, step: float) -> torch.Tensor:
+        """(log10 λ − start)/step for a grid whose `c` is λ (linear or monotone), float64 on the device: the
+        fractional pixel index of each λ on a log-linear grid (start, step). Cached per (start, step)."""
+        c = self._log_coords.get((start, step))
+        if c is None:
+            c = self._log_coords[start, step] = (torch.log10(self.c) - start) / step
+        return c
 
 
 _CACHE: dict = {}
@@ -108,9 +117,22 @@ def make_grid(arr, name, fn, device, kind, min_len) -> Grid:
 # ---- under torch.compile: tensor ops only (no validation, no host sync) --------------------------------
 
 
+def traced_wave(arr, device) -> torch.Tensor:
+    """The grid as a float64 tensor on the device."""
+    return torch.as_tensor(arr, device=device).detach().to(torch.float64)
+
+
+def traced_fit(coord: torch.Tensor):
+    """(start, step, worst deviation in steps) of the straight line through the end points, as tensors."""
+    start = coord[0]
+    step = (coord[-1] - coord[0]) / (coord.shape[0] - 1)
+    line = start + step * torch.arange(coord.shape[0], device=coord.device, dtype=coord.dtype)
+    return start, step, ((coord - line).abs() / step.abs()).amax()
+
+
 def traced_grid(arr, device, loglinear: bool):
     """(start, step, c) of a grid of known type, as tensors."""
-    wave = torch.as_tensor(arr, device=device).detach().to(torch.float64)
+    wave = traced_wave(arr, device)
     coord = torch.log10(wave) if loglinear else wave
     start = coord[0]
     step = (coord[-1] - coord[0]) / (coord.shape[0] - 1)

@@ -3,7 +3,8 @@
 The generic op samples row n of a source spectrum on a uniform grid at the fractional source index
 ``u[n, l] = c[l]·a[n] + b[n]``; c depends on the grids only, a and b on the redshifts:
 
-* resample, linear restframe grid λ0 + jΔ:             c = λ_obs,  a = 1/((1+z)Δ),  b = −λ0/Δ
+* resample, linear restframe grid λ0 + jΔ:             c = λ_obs,                 a = 1/((1+z)Δ),  b = −λ0/Δ
+* resample, log-linear restframe grid 10^(ξ0 + jΔξ):   c = (log10 λ_obs − ξ0)/Δξ, a = 1,  b = −log10(1+z)/Δξ
 * redshift_observed on a log-linear grid (SDSS/BOSS):  c = (log10 λ − ξ0)/Δξ (= pixel index), a = 1,
                                                         b = log10((1+z)/(1+z_new))/Δξ
 * redshift_observed on a linear grid (DESI):           c = λ,  a = (1+z)/((1+z_new)Δ),  b = −λ0/Δ
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 # Which public op and grid type (shared with resample_numba.coefficients).
-REST_LIN, OBS_LOG, OBS_LIN = 0, 1, 2
+REST_LIN, REST_LOG, OBS_LOG, OBS_LIN = 0, 1, 2, 3
 
 
 class Coeffs(NamedTuple):
@@ -62,6 +63,11 @@ def coefficients(mode: int, z, z_new, start, step, derivs: bool) -> Coeffs:
         co = dict(a=a, b=(-start / step) * ones)
         if derivs:
             co.update(a_z=torch.where(ok, -a / (1.0 + zs), 0.0))
+    elif mode == REST_LOG:  # u = c − log10(1+z)/Δξ
+        k = 1.0 / (math.log(10.0) * step)
+        co = dict(a=ones, b=-torch.log1p(zs) * k)
+        if derivs:
+            co.update(b_z=torch.where(ok, -k / (1.0 + zs), 0.0))
     elif mode == OBS_LOG:  # u = l + log10((1+z)/(1+z_new))/Δξ
         k = 1.0 / (math.log(10.0) * step)
         co = dict(a=ones, b=(torch.log1p(zs) - torch.log1p(zns)) * k)

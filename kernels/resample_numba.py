@@ -16,7 +16,7 @@ import torch
 
 from .core import acc_dtype
 from .numba_utils import FASTMATH
-from .resample_coeffs import OBS_LIN, OBS_LOG, REST_LIN
+from .resample_coeffs import OBS_LIN, OBS_LOG, REST_LIN, REST_LOG
 
 _jit = numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
@@ -131,9 +131,12 @@ def _bwd(g, x, c, a, b, gx, gab, need_ab, nchunk):
 
 
 @_jit
-def _loss_fwd(x, c, a, b, y, w, out, nchunk):
+def _loss_fwd(x, c, a, b, y, w, out, wout, nchunk):
+    """out[n] = Σ_l w·valid·(y − ŷ)²; and, when wout is not empty, wout[n] = Σ_l w·valid (the loss's
+    denominator, a second independent sum chain in the same walk: it costs nothing next to the gathers)."""
     N, R = x.shape
     L = c.shape[0]
+    weight = wout.shape[0] > 0
     for k in numba.prange(nchunk):
         ib = np.empty(BLOCK, np.int32)
         tb = np.empty(BLOCK, x.dtype)
@@ -143,6 +146,7 @@ def _loss_fwd(x, c, a, b, y, w, out, nchunk):
             yr = y[n]
             wr = w[n]
             s = 0.0
+            sw = 0.0
             for l0 in range(0, L, BLOCK):
                 l1 = min(l0 + BLOCK, L)
                 _coords(c, l0, l1, a[n], b[n], R, ib, tb)
@@ -155,7 +159,10 @@ def _loss_fwd(x, c, a, b, y, w, out, nchunk):
                         x0 = xr[i]
                         r = yb[j] - (x0 + tb[j] * (xr[i + 1] - x0))
                         s += wl * r * r
+                        sw += wl
             out[n] = s
+            if weight:
+                wout[n] = sw
 
 
 @numba.njit(fastmath=FASTMATH, inline="always")
@@ -220,33 +227,41 @@ def _loss_bwd(gl, x, c, a, b, y, w, gx, gab, need_ab, nchunk):
 
 # The jitted code below bakes these in, and numba's cache is keyed on this file only: an edit of the numbers
 # in resample_coeffs alone would leave stale compiled coefficients behind. This guard makes it an edit here.
-assert (REST_LIN, OBS_LOG, OBS_LIN) == (0, 1, 2), "edit coefficients() with the mode numbers"
+assert (REST_LIN, REST_LOG, OBS_LOG, OBS_LIN) == (0, 1, 2, 3), "edit coefficients() with the mode numbers"
 
 
 @numba.njit(cache=True)
 def coefficients(mode, z, z_new, p0, p1):
     """Six float64 (N,) arrays a, b, ∂a/∂z, ∂b/∂z, ∂a/∂z_new, ∂b/∂z_new for the redshifts z (and z_new).
 
-    mode (resample_coeffs): REST_LIN (resample; p0 = λ0, p1 = Δ of the restframe grid; z_new unused), OBS_LOG
-    (redshift_observed on a log-linear grid; p1 = Δlog10λ), OBS_LIN (on a linear grid; p0 = λ0, p1 = Δ). A row whose z or z_new is
+    mode (resample_coeffs): REST_LIN (resample; p0 = λ0, p1 = Δ of the restframe grid; z_new unused), REST_LOG
+    (resample on a log-linear restframe grid; p1 = Δlog10λ; z_new unused), OBS_LOG (redshift_observed on a
+    log-linear grid; p1 = Δlog10λ), OBS_LIN (on a linear grid; p0 = λ0, p1 = Δ). A row whose z or z_new is
     not finite or ≤ −1 gets a = NaN (no valid pixel) and zero derivatives. One call instead of a dozen small
     array operations: the eager path's coefficients cost ~2 µs.
     """
     N = z.shape[0]
     out = np.zeros((6, N))
+    rest = mode == REST_LIN or mode == REST_LOG
+    log = mode == REST_LOG or mode == OBS_LOG
     for n in range(N):
         zz = np.float64(z[n])  # float32 redshifts are widened here, not copied beforehand
-        zq = 0.0 if mode == REST_LIN else np.float64(z_new[n])
+        zq = 0.0 if rest else np.float64(z_new[n])
         ok = np.isfinite(zz) and zz > -1.0 and np.isfinite(zq) and zq > -1.0
         if not ok:
             out[0, n] = np.nan
-            out[1, n] = 0.0 if mode == OBS_LOG else -p0 / p1
+            out[1, n] = 0.0 if log else -p0 / p1
             continue
         if mode == REST_LIN:  # u = λ_obs/((1+z)Δ) − λ0/Δ
             a = 1.0 / ((1.0 + zz) * p1)
             out[0, n] = a
             out[1, n] = -p0 / p1
             out[2, n] = -a / (1.0 + zz)
+        elif mode == REST_LOG:  # u = c − log10(1+z)/Δ
+            k = 1.0 / (np.log(10.0) * p1)
+            out[0, n] = 1.0
+            out[1, n] = -np.log1p(zz) * k
+            out[3, n] = -k / (1.0 + zz)
         elif mode == OBS_LOG:  # u = l + log10((1+z)/(1+z_new))/Δ
             k = 1.0 / (np.log(10.0) * p1)
             out[0, n] = 1.0
@@ -325,14 +340,19 @@ def resample_bwd(g, x, c, a, b, need_ab: bool, deterministic: bool = True):
     return _as_dtype(gx, x.dtype), torch.from_numpy(gab)
 
 
-def resample_loss_fwd(x, c, a, b, y, w):
+_NO_WEIGHT = np.empty(0)
+
+
+def resample_loss_fwd(x, c, a, b, y, w, weight: bool = False):
+    """(loss (N,), Σ w·valid (N,) when `weight`, else None), in the accumulation dtype."""
     N = x.shape[0]
     cd = acc_dtype(x.dtype)
     out = np.zeros(N)
+    wout = np.zeros(N) if weight else _NO_WEIGHT
     if N and c.shape[0]:
         _loss_fwd(_np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
-                  _np(y, cd), _np(w, cd), out, _nchunk(N))
-    return _as_dtype(out, cd)
+                  _np(y, cd), _np(w, cd), out, wout, _nchunk(N))
+    return _as_dtype(out, cd), (_as_dtype(wout, cd) if weight else None)
 
 
 def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool, deterministic: bool = True):

@@ -8,7 +8,8 @@ Row offsets are int64 (`n.to(tl.int64) * stride`): N·L passes 2³¹ at survey s
 
 Kernels:
 * `_fwd_kernel`            ŷ and valid, grid (N, cdiv(L, BLOCK_L)).
-* `_loss_fwd_kernel`       per-block partial Σ w·(y−ŷ)², summed per row on the host side (deterministic).
+* `_loss_fwd_kernel`       per-block partial Σ w·(y−ŷ)² and Σ w over the used pixels, summed per row on the
+                           host side (deterministic).
 * `_bwd_scatter_kernel`    backward by scatter with fp32 atomics (fast, order of adds not fixed); the
                            gradients to a, b as per-block partials.
 * `_bwd_gather_kernel`     deterministic backward: one program per block of rest pixels j gathers the
@@ -92,7 +93,7 @@ def _fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, out_ptr, valid_ptr,  # out: (N, L) i
 
 @triton.jit
 def _loss_fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr,  # y, w: (N, L) data and weights
-                     part_ptr,  # (N, n_blocks) ACC: per-block Σ w·(y − ŷ)² over used pixels
+                     part_ptr,  # (N, 2, n_blocks) ACC: per-block Σ w·(y − ŷ)² and Σ w over used pixels
                      R, L, stride_x, stride_y, stride_w, n_blocks,
                      ACC: tl.constexpr, BLOCK_L: tl.constexpr):  # grid (N, n_blocks)
     n = tl.program_id(0).to(tl.int64)
@@ -101,7 +102,10 @@ def _loss_fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr,  # y, w: (N, L) d
     m, c, inside, i, t, x0, x1 = _sample(x_ptr, c_ptr, a_ptr, b_ptr, n, offs, R, L, stride_x, ACC, True)
     use, wl, r = _residual(y_ptr, w_ptr, n, offs, stride_y, stride_w, inside, x0 + t * (x1 - x0), ACC)
     r = tl.where(use, r, 0.0)
-    tl.store(part_ptr + n * n_blocks + blk, tl.sum(tl.where(use, wl, 0.0) * r * r, axis=0))
+    wl = tl.where(use, wl, 0.0)
+    base = part_ptr + n * 2 * n_blocks + blk
+    tl.store(base, tl.sum(wl * r * r, axis=0))
+    tl.store(base + n_blocks, tl.sum(wl, axis=0))
 
 
 @triton.jit
@@ -253,8 +257,8 @@ def resample_fwd(x, c, a, b, out=None, valid=None):
     return out, valid
 
 
-def resample_loss_fwd(x, c, a, b, y, w):
-    """Σ_l w·valid·(y − ŷ)² (N,) in the accumulation dtype."""
+def resample_loss_fwd(x, c, a, b, y, w, weight: bool = False):
+    """(Σ_l w·valid·(y − ŷ)² (N,), Σ_l w·valid (N,) when `weight`, else None), in the accumulation dtype."""
     x, c, a, b = _grid_args(x, c, a, b)
     y = y.contiguous()
     w = w.contiguous()
@@ -262,14 +266,16 @@ def resample_loss_fwd(x, c, a, b, y, w):
     L = c.shape[0]
     acc = acc_dtype(x.dtype)
     if N == 0 or L == 0:
-        return torch.zeros(N, dtype=acc, device=x.device)
+        zero = torch.zeros(N, dtype=acc, device=x.device)
+        return zero, (zero.clone() if weight else None)
     BLOCK_L = block_size(L, MAX_BLOCK_L)
     nb = triton.cdiv(L, BLOCK_L)
-    part = torch.empty((N, nb), dtype=acc, device=x.device)
+    part = torch.empty((N, 2, nb), dtype=acc, device=x.device)
     with device_guard(x):
         _loss_fwd_kernel[(N, nb)](x, c, a, b, y, w, part, R, L, x.stride(0), y.stride(0), w.stride(0), nb,
                                   ACC=tl_acc_dtype(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
-    return part.sum(1, dtype=torch.float64).to(acc)
+    loss = part[:, 0].sum(1, dtype=torch.float64).to(acc)
+    return loss, (part[:, 1].sum(1, dtype=torch.float64).to(acc) if weight else None)
 
 
 def _bwd(g, gl, x, c, a, b, y, w, need_ab, deterministic, loss):

@@ -31,8 +31,8 @@ import torch
 
 from . import resample_ref as ref
 from .core import acc_dtype, backend_for, check_device, check_tensor, compiling, kernel_module
-from .grids import grid, traced_grid
-from .resample_coeffs import OBS_LIN, OBS_LOG, REST_LIN, Coeffs, coefficients
+from .grids import grid, traced_fit, traced_grid, traced_wave
+from .resample_coeffs import OBS_LIN, OBS_LOG, REST_LIN, REST_LOG, Coeffs, coefficients
 
 __all__ = ["resample", "resample_loss", "redshift_observed"]
 
@@ -65,9 +65,10 @@ def _bwd(grad: torch.Tensor, x: torch.Tensor, c: torch.Tensor, a: torch.Tensor, 
 
 
 def _loss_fwd(x: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
-              w: torch.Tensor, impl: str, deterministic: bool) -> torch.Tensor:
+              w: torch.Tensor, impl: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ w·valid·(y − ŷ)², Σ w·valid) per spectrum; the second is not differentiable."""
     _check_op_args(x, c, a, b)
-    return kernel_module("resample", impl).resample_loss_fwd(x, c, a, b, y, w)
+    return kernel_module("resample", impl).resample_loss_fwd(x, c, a, b, y, w, True)
 
 
 def _loss_bwd(grad: torch.Tensor, x: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -116,7 +117,8 @@ def _(grad, x, c, a, b, need_ab, impl, deterministic):
 
 @_resample_loss_fwd.register_fake
 def _(x, c, a, b, y, w, impl, deterministic):
-    return x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype))
+    acc = acc_dtype(x.dtype)
+    return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((x.shape[0],), dtype=acc)
 
 
 @_resample_loss_bwd.register_fake
@@ -151,9 +153,10 @@ def _setup_loss(ctx, inputs, output):
     x, c, a, b, y, w, impl, deterministic = inputs
     ctx.save_for_backward(x, c, a, b, y, w)
     ctx.impl, ctx.deterministic = impl, deterministic
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward_loss(ctx, grad):
+def _backward_loss(ctx, grad, grad_wsum):
     x, c, a, b, y, w = ctx.saved_tensors
     need_x, _, need_a, need_b, need_y, need_w = ctx.needs_input_grad[:6]
     gx = ga = gb = gy = gw = None
@@ -259,17 +262,21 @@ class _EagerResample(torch.autograd.Function):
 
 
 class _EagerResampleLoss(torch.autograd.Function):
-    """resample_loss on the eager route: the loss, gradients to x, z, y and w."""
+    """resample_loss on the eager route: the loss (and, with `weight`, Σ w·valid, not differentiable),
+    gradients to x, z, y and w."""
 
     @staticmethod
-    def forward(ctx, x, z, y, w, c, co, impl, deterministic):
-        loss = kernel_module("resample", impl).resample_loss_fwd(x, c, co.a, co.b, y, w)
+    def forward(ctx, x, z, y, w, c, co, impl, deterministic, weight):
+        loss, wsum = kernel_module("resample", impl).resample_loss_fwd(x, c, co.a, co.b, y, w, weight)
         ctx.save_for_backward(x, y, w)
         ctx.c, ctx.co, ctx.impl, ctx.deterministic, ctx.z_dtype = c, co, impl, deterministic, z.dtype
-        return loss
+        if not weight:
+            return loss
+        ctx.mark_non_differentiable(wsum)
+        return loss, wsum
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_wsum=None):
         x, y, w = ctx.saved_tensors
         need_x, need_z, need_y, need_w = ctx.needs_input_grad[:4]
         c, co = ctx.c, ctx.co
@@ -281,7 +288,7 @@ class _EagerResampleLoss(torch.autograd.Function):
         if need_y or need_w:
             yhat, valid = mod.resample_fwd(x, c, co.a, co.b)
             gy, gw = _loss_data_grads(grad, yhat, valid, x, y, w, need_y, need_w)
-        return gx if need_x else None, gz, gy, gw, None, None, None, None
+        return gx if need_x else None, gz, gy, gw, None, None, None, None, None
 
 
 # ---- argument checks and the generic op's arguments ----------------------------------------------------
@@ -330,22 +337,39 @@ def _rest_call(fn, spec_rest, z, wave_rest, wave_obs, deterministic):
 
 
 def _rest_args(x, z, wave_rest, wave_obs, fn, backend):
-    """(c, a, b, None) of the generic op for restframe → observed on the linear restframe grid, or
+    """(c, a, b, None) of the generic op for restframe → observed on a linear or log-linear restframe grid, or
     (c, None, None, coefficients) on the eager kernel route."""
     R = x.shape[1]
     if len(wave_rest) != R:
         raise ValueError(f"{fn}: spec_rest has {R} pixels per spectrum but wave_rest has {len(wave_rest)}")
     if compiling():
-        start, step, _ = traced_grid(wave_rest, x.device, loglinear=False)
-        c = torch.as_tensor(wave_obs, device=x.device).detach().to(torch.float64)
-        co = coefficients(REST_LIN, z.to(torch.float64), None, start, step, derivs=False)
-        return c, co.a, co.b, None
-    rest = grid(wave_rest, "wave_rest", fn, x.device, "linear", 2, "spec_rest")
-    c = grid(wave_obs, "wave_obs", fn, x.device, "monotone", 1, "spec_rest").c
+        return (*_rest_args_traced(x, z, wave_rest, wave_obs), None)
+    rest = grid(wave_rest, "wave_rest", fn, x.device, "auto", 2, "spec_rest")
+    obs = grid(wave_obs, "wave_obs", fn, x.device, "monotone", 1, "spec_rest")
+    if rest.loglinear:
+        mode, c = REST_LOG, obs.log_coords(rest.start, rest.step)
+    else:
+        mode, c = REST_LIN, obs.c
     if backend == "torch":
-        co = coefficients(REST_LIN, z.to(torch.float64), None, rest.start, rest.step, derivs=False)
+        co = coefficients(mode, z.to(torch.float64), None, rest.start, rest.step, derivs=False)
         return c, co.a, co.b, None
-    return _eager_grid(backend, c), None, None, _eager_coeffs(backend, REST_LIN, z, None, rest.start, rest.step)
+    return _eager_grid(backend, c), None, None, _eager_coeffs(backend, mode, z, None, rest.start, rest.step)
+
+
+def _rest_args_traced(x, z, wave_rest, wave_obs):
+    """(c, a, b) under torch.compile, by tensor ops only: the restframe grid's type is read from its
+    deviations from a straight line in λ and in log10 λ (as the eager route's validation picks it), and c,
+    a, b are selected between the two forms on the device, without a host sync."""
+    rest = traced_wave(wave_rest, x.device)
+    obs = traced_wave(wave_obs, x.device)
+    lin_start, lin_step, lin_dev = traced_fit(rest)
+    log_start, log_step, log_dev = traced_fit(torch.log10(rest))
+    is_log = log_dev < lin_dev
+    z64 = z.to(torch.float64)
+    lin = coefficients(REST_LIN, z64, None, lin_start, lin_step, derivs=False)
+    log = coefficients(REST_LOG, z64, None, log_start, log_step, derivs=False)
+    c = torch.where(is_log, (torch.log10(obs) - log_start) / log_step, obs)
+    return c, torch.where(is_log, log.a, lin.a), torch.where(is_log, log.b, lin.b)
 
 
 def _obs_args(x, z, z_new, wave_obs, loglinear, fn, backend):
@@ -375,15 +399,16 @@ def _obs_args(x, z, z_new, wave_obs, loglinear, fn, backend):
 def resample(spec_rest, z, wave_rest, wave_obs, *, deterministic=None):
     """Redshift restframe model spectra and sample them on the observed grid.
 
-    spec_obs[n, l] = spec_rest[n](wave_obs[l] / (1 + z[n])), linear interpolation on the linear restframe grid;
-    0 and valid False where wave_obs[l]/(1+z[n]) falls outside [wave_rest[0], wave_rest[-1]] (both ends
-    included), or z[n] ≤ −1, NaN or ±inf.
+    spec_obs[n, l] = spec_rest[n](wave_obs[l] / (1 + z[n])), linear interpolation on the restframe grid — in λ
+    on a linear grid, in log λ on a log-linear one (detected from the grid); 0 and valid False where
+    wave_obs[l]/(1+z[n]) falls outside [wave_rest[0], wave_rest[-1]] (both ends included), or z[n] ≤ −1, NaN
+    or ±inf.
 
     Parameters
     ----------
     spec_rest : (N, R) tensor, float16/bfloat16/float32/float64 — restframe spectra (any strides).
     z : (N,) tensor (or a scalar) — redshifts, on the same device; gradients flow to it.
-    wave_rest : (R,) linear grid (tensor on the same device, or array), Å.
+    wave_rest : (R,) linear or log-linear grid (tensor on the same device, or array), Å.
     wave_obs : (L,) strictly increasing observed grid (tensor or array), Å.
     deterministic : bool, optional — Triton backward without atomics (default:
         torch.are_deterministic_algorithms_enabled()). numba and torch are always deterministic.
@@ -400,13 +425,16 @@ def resample(spec_rest, z, wave_rest, wave_obs, *, deterministic=None):
     return torch.ops.fastspec.resample_fwd(x, c, a, b, backend, det)
 
 
-def resample_loss(spec_rest, z, wave_rest, wave_obs, y, w, *, deterministic=None):
+def resample_loss(spec_rest, z, wave_rest, wave_obs, y, w, *, deterministic=None, return_weight=False):
     """Per-spectrum weighted squared residual of the resampled model, without materialising it.
 
     loss[n] = Σ_l w[n,l]·valid[n,l]·(y[n,l] − spec_obs[n,l])² with (spec_obs, valid) = resample(...);
     pixels with w = 0 are skipped even where y is NaN. Returns (N,) float32 (float64 for float64 spec_rest).
     Gradients flow to spec_rest and z (and to y, w if they require them). Arguments as in `resample`; y and w
     are (N, L) on the observed grid.
+
+    return_weight : also return wsum[n] = Σ_l w[n,l]·valid[n,l] (the denominator of the paper's loss), from
+        the same kernel pass, without gradient: returns (loss, wsum).
     """
     fn = "resample_loss"
     x, z, backend, det, c, a, b, co = _rest_call(fn, spec_rest, z, wave_rest, wave_obs, deterministic)
@@ -414,10 +442,11 @@ def resample_loss(spec_rest, z, wave_rest, wave_obs, y, w, *, deterministic=None
     y = _check_data(y, "y", fn, x, L)
     w = _check_data(w, "w", fn, x, L)
     if co is not None:
-        return _EagerResampleLoss.apply(x, z, y, w, c, co, backend, det)
+        return _EagerResampleLoss.apply(x, z, y, w, c, co, backend, det, bool(return_weight))
     if backend == "torch":
-        return ref.resample_loss_index(x, c, a, b, y, w)
-    return torch.ops.fastspec.resample_loss_fwd(x, c, a, b, y, w, backend, det)
+        return ref.resample_loss_index(x, c, a, b, y, w, bool(return_weight))
+    loss, wsum = torch.ops.fastspec.resample_loss_fwd(x, c, a, b, y, w, backend, det)
+    return (loss, wsum) if return_weight else loss
 
 
 def redshift_observed(spec_obs, z, z_new, wave_obs, *, loglinear=None, deterministic=None):

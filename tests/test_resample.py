@@ -36,10 +36,35 @@ def small_triton_blocks(monkeypatch):
     monkeypatch.setattr(resample_triton, "MAX_BLOCK_J", 64)
 
 
-def grids(inst=MINI, device="cpu"):
+def grids(inst=MINI, device="cpu", rest="linear"):
+    """(wave_rest, wave_obs) float64 tensors: the instrument's observed grid and a restframe grid for
+    z_max = 0.5, linear (spender's) or log-linear."""
     wave_obs = torch.as_tensor(inst.wave_obs, device=device)
-    wave_rest = torch.as_tensor(inst.wave_rest(0.5), device=device)
+    wave_rest = torch.as_tensor(inst.wave_rest(0.5) if rest == "linear" else log_rest_grid(inst), device=device)
     return wave_rest, wave_obs
+
+
+def log_rest_grid(inst, z_max=0.5, step=5e-4):
+    """A log-linear restframe grid 10**(ξ0 + j·step) from below wave_min/(1+z_max) to past wave_max; ξ0 is
+    offset from the observed grid's pixels so that samples do not land on restframe pixels (kinks)."""
+    xi0 = np.log10(inst.wave_min / (1 + z_max)) - 0.37 * step
+    R = int(np.ceil((np.log10(inst.wave_max) - xi0) / step)) + 2
+    return 10.0 ** (xi0 + step * np.arange(R))
+
+
+def interp_log(x, z, wave_rest, wave_obs):
+    """Independent float64 reference for a log-linear restframe grid: np.interp in log λ, row by row, and the
+    valid mask (both ends included); rows with unusable z are all invalid."""
+    x, z = np.asarray(x, np.float64), np.asarray(z, np.float64)
+    lr, lo = np.log10(np.asarray(wave_rest)), np.log10(np.asarray(wave_obs))
+    out, valid = np.zeros((len(z), len(lo))), np.zeros((len(z), len(lo)), bool)
+    for n in range(len(z)):
+        if not (np.isfinite(z[n]) and z[n] > -1):
+            continue
+        u = lo - np.log10(1 + z[n])
+        valid[n] = (u >= lr[0]) & (u <= lr[-1])
+        out[n] = np.where(valid[n], np.interp(u, lr, x[n]), 0.0)
+    return torch.from_numpy(out), torch.from_numpy(valid)
 
 
 def smooth_spectra(N, n, seed=0, dtype=torch.float32, device="cpu"):
@@ -117,12 +142,14 @@ def test_resample_analytic_linear_spectrum_real_grid(backend, device):
     assert_close(z.grad, dz, 1e-5, what="analytic z-gradient")
 
 
+@pytest.mark.parametrize("inst,rest", [(MINI, "linear"), (MINI, "log"), (MINI_DESI, "log")],
+                         ids=["linear-rest", "log-rest-log-obs", "log-rest-linear-obs"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_resample_gradcheck_float64(backend, device):
-    wave_rest, wave_obs = grids(device=device)
-    wave_rest, wave_obs = wave_rest[::4].contiguous(), wave_obs[::5].contiguous()  # L = 32, R = 60
+def test_resample_gradcheck_float64(backend, device, inst, rest):
+    wave_rest, wave_obs = grids(inst, device, rest)
+    wave_rest, wave_obs = wave_rest[::4].contiguous(), wave_obs[::5].contiguous()  # L = 32, R = 60 (linear)
     x = smooth_spectra(2, wave_rest.numel(), dtype=torch.float64, device=device).requires_grad_()
-    z = torch.tensor([0.07, 0.31], dtype=torch.float64, device=device, requires_grad=True)
+    z = torch.tensor([0.0713, 0.3137], dtype=torch.float64, device=device, requires_grad=True)
     y = smooth_spectra(2, wave_obs.numel(), seed=3, dtype=torch.float64, device=device)
     w = torch.rand(2, wave_obs.numel(), dtype=torch.float64, device=device)
     dets = [False, True] if backend == "triton" else [False]
@@ -261,9 +288,10 @@ def test_redshift_observed_there_and_back_real_grid():
 # ---- edge cases --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rest", ["linear", "log"])
 @pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
-def test_unusable_redshifts_are_masked_with_zero_gradients(backend, device):
-    wave_rest, wave_obs = grids(device=device)
+def test_unusable_redshifts_are_masked_with_zero_gradients(backend, device, rest):
+    wave_rest, wave_obs = grids(device=device, rest=rest)
     z = torch.tensor([float("nan"), -1.0, -3.0, float("inf"), 0.1], device=device, requires_grad=True)
     x = smooth_spectra(5, wave_rest.numel(), device=device).requires_grad_()
     y = torch.ones(5, wave_obs.numel(), device=device)
@@ -373,8 +401,8 @@ def test_bad_input_errors():
         resample(torch.ones(R), z, wave_rest, wave_obs)
     with pytest.raises(TypeError, match="spec_rest must be float16, bfloat16, float32 or float64; got torch.int64"):
         resample(torch.ones(2, R, dtype=torch.int64), z, wave_rest, wave_obs)
-    with pytest.raises(ValueError, match="wave_rest is not a linear grid"):
-        resample(x, z, torch.logspace(3.3, 4.0, R, dtype=torch.float64), wave_obs)
+    with pytest.raises(ValueError, match="wave_rest is not a linear or log-linear grid"):
+        resample(x, z, torch.as_tensor(np.sort(np.random.default_rng(1).uniform(2500, 9000, R))), wave_obs)
     with pytest.raises(ValueError, match=r"wave_obs must increase strictly.*wave_obs\[6\]"):
         resample(x, z, wave_rest, torch.cat([wave_obs[:6], wave_obs[5:-1]]))
     with pytest.raises(ValueError, match=r"wave_obs\[0\] = nan is not a positive finite wavelength"):
@@ -428,6 +456,157 @@ def test_triton_launchers_stay_in_bounds():
         assert torch.isfinite(gx).all() and torch.isfinite(gab).all()
 
 
+# ---- log-linear restframe grids ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inst", [MINI, MINI_DESI], ids=["obs-loglinear", "obs-linear"])
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_resample_loglinear_rest_vs_float64(backend, device, inst):
+    """On a log-linear restframe grid the interpolation is linear in log λ: values against np.interp in log λ,
+    gradients against spender's searchsorted formulation in log λ (float64, autograd), for a log-linear
+    (SDSS-like) and a linear (DESI-like) observed grid."""
+    wave_rest, wave_obs = grids(inst, device, rest="log")
+    N, R, L = len(Z), wave_rest.numel(), wave_obs.numel()
+    x = smooth_spectra(N, R, device=device).requires_grad_()
+    z = torch.tensor([-0.0513, 0.0, 0.2137, 0.4871, 2.0], dtype=torch.float32, device=device, requires_grad=True)
+    g = torch.randn(N, L, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    y_np, valid_np = interp_log(x.detach().cpu(), z.detach().cpu(), wave_rest.cpu(), wave_obs.cpu())
+
+    x64, z64 = x.detach().double().requires_grad_(), z.detach().double().requires_grad_()
+    y_ref, valid_ref = ref.resample_searchsorted(x64, z64, wave_rest, wave_obs, loglinear=True)
+    gx_ref, gz_ref = torch.autograd.grad((y_ref * g).sum(), (x64, z64))
+    dydz = jvp_z(lambda zz: ref.resample_searchsorted(x64.detach(), zz, wave_rest, wave_obs, True)[0], z64.detach())
+    assert torch.equal(valid_ref.cpu(), valid_np) and torch.allclose(y_ref.detach().cpu(), y_np, atol=1e-12)
+
+    with use_backend(backend):
+        y, valid = resample(x, z, wave_rest, wave_obs)
+        gx, gz = torch.autograd.grad((y.double() * g).sum(), (x, z))
+    assert torch.equal(valid.cpu(), valid_np)
+    assert valid[0].any() and not valid[0].all() and not valid[-1].any()
+    assert_close(y, y_np, torch.float32, what="spec_obs")
+    assert_close(gx, gx_ref, torch.float32, scale=g.abs().max() * 2, what="grad spec_rest")
+    assert_close(gz, gz_ref, torch.float32, scale=(g.abs() * dydz.abs()).sum(1).max(), what="grad z")
+
+
+@pytest.mark.parametrize("inst", [MINI, MINI_DESI], ids=["obs-loglinear", "obs-linear"])
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_resample_loss_loglinear_rest_vs_float64(backend, device, inst):
+    wave_rest, wave_obs = grids(inst, device, rest="log")
+    N, R, L = len(Z), wave_rest.numel(), wave_obs.numel()
+    x = smooth_spectra(N, R, device=device).requires_grad_()
+    z = torch.tensor([-0.0513, 0.0, 0.2137, 0.4871, 2.0], dtype=torch.float64, device=device, requires_grad=True)
+    gen = torch.Generator().manual_seed(5)
+    y = (smooth_spectra(N, L, seed=2) + 0.1 * torch.randn(N, L, generator=gen)).to(device)
+    w = torch.rand(N, L, generator=gen).to(device)
+    w[:, ::7] = 0
+    y[:, ::7] = float("nan")
+    gl = torch.tensor([1.0, -0.5, 2.0, 0.3, 1.0], device=device)
+    y_np, valid_np = interp_log(x.detach().cpu(), z.detach().cpu(), wave_rest.cpu(), wave_obs.cpu())
+    m = valid_np & (w.cpu() != 0)
+    loss_np = torch.where(m, w.cpu().double() * (y.cpu().double() - y_np) ** 2, 0.0).sum(1)
+
+    x64, z64 = x.detach().double().requires_grad_(), z.detach().clone().requires_grad_()
+    loss_ref = ref.resample_loss_searchsorted(x64, z64, wave_rest, wave_obs, y.double(), w.double(), True)
+    gx_ref, gz_ref = torch.autograd.grad((loss_ref * gl).sum(), (x64, z64))
+    with use_backend(backend):
+        loss, wsum = resample_loss(x, z, wave_rest, wave_obs, y, w, return_weight=True)
+        gx, gz = torch.autograd.grad((loss * gl).sum(), (x, z))
+    assert_close(loss, loss_np, torch.float32, what="loss")
+    assert_close(wsum, torch.where(m, w.cpu().double(), 0.0).sum(1), torch.float32, what="Σ w·valid")
+    assert_close(gx, gx_ref, torch.float32, what="grad spec_rest")
+    assert_close(gz, gz_ref, 10 * TOLERANCE[torch.float32], what="grad z")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_loglinear_rest_analytic_real_grid(backend, device):
+    """On the SDSS grid with a restframe grid of the same log step, (1+z) = 10**(k·1e-4) shifts by exactly
+    k pixels, and a spectrum linear in log λ is interpolated exactly with an analytic z-gradient."""
+    inst = get_instrument("sdss")
+    j0 = 500
+    wave_rest = 10.0 ** (inst.start - j0 * inst.step + inst.step * np.arange(inst.L + j0))  # numpy grids too
+    k = torch.tensor([7.0, 120.0, 333.0], dtype=torch.float64, device=device)
+    z = (10 ** (k * inst.step) - 1).requires_grad_()
+    alpha, beta = -11.4, 3.0  # centred on the grid: fp32 differences of neighbouring pixels keep their digits
+    x = (alpha + beta * torch.log10(torch.as_tensor(wave_rest, device=device))).expand(3, -1).float()
+    x.requires_grad_()
+    with use_backend(backend):
+        y, valid = resample(x, z, wave_rest, inst.wave_obs)
+    assert valid.all()
+    lo = torch.log10(torch.as_tensor(inst.wave_obs, device=device))
+    expected = alpha + beta * (lo[None, :] - torch.log10(1 + z.detach())[:, None])
+    assert_close(y, expected, 1e-6, what="spectrum linear in log λ")
+    y.sum().backward()
+    dz = -beta * inst.L / (np.log(10) * (1 + z.detach()))
+    assert_close(z.grad, dz, 1e-5, scale=dz.abs().max(), what="analytic z-gradient")
+
+
+@pytest.mark.parametrize("mode", ["REST_LIN", "REST_LOG", "OBS_LOG", "OBS_LIN"])
+def test_numba_coefficients_match_torch(mode):
+    """The numba eager route's coefficients and z-derivatives (one jitted call) equal the torch formulas the
+    other routes use, for every op and grid type, unusable redshifts included."""
+    from fastspec.kernels import resample_coeffs, resample_numba
+
+    m = getattr(resample_coeffs, mode)
+    start, step = (3.4, 5e-4) if "LOG" in mode else (2523.0, 1.16)
+    z = torch.tensor([0.1, -0.5, 2.0, float("nan"), -1.0, float("inf"), 0.3], dtype=torch.float64)
+    zn = torch.tensor([0.3, 0.0, 0.1, 0.2, 0.5, 0.1, -2.0], dtype=torch.float64)
+    want = resample_coeffs.coefficients(m, z, None if "REST" in mode else zn, start, step, derivs=True)
+    got = resample_numba.coefficients(m, z.numpy(), zn.numpy(), start, step)
+    for name, a, b in zip(want._fields, got, want):
+        b = torch.zeros_like(z) if b is None else b
+        assert torch.allclose(torch.from_numpy(a), b, rtol=1e-14, atol=0, equal_nan=True), name
+
+
+# ---- Σ w·valid from the fused loss -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rest", ["linear", "log"])
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_resample_loss_return_weight(backend, device, rest):
+    """return_weight=True adds Σ_l w·valid from the same call: against the valid mask of spender's
+    searchsorted formulation (independent of the kernels), with w = 0 pixels holding NaN data and an unusable
+    redshift; it carries no gradient, and the loss is the default call's."""
+    wave_rest, wave_obs = grids(MINI, device, rest=rest)
+    N, R, L = 6, wave_rest.numel(), wave_obs.numel()
+    gen = torch.Generator().manual_seed(8)
+    x = smooth_spectra(N, R, device=device).requires_grad_()
+    z = torch.tensor([-0.05, 0.0, 0.2, 0.5, 2.0, float("nan")], device=device, requires_grad=True)
+    y = smooth_spectra(N, L, seed=2, device=device)
+    w = (torch.rand(N, L, generator=gen) * 3).to(device)
+    w[:, ::5] = 0
+    y[:, ::5] = float("nan")
+    zs = torch.where(torch.isfinite(z), z, 0.0).detach().double()
+    _, valid_ref = ref.resample_searchsorted(x.detach().double(), zs, wave_rest, wave_obs, rest == "log")
+    valid_ref[-1] = False
+    wsum_ref = (w.double() * valid_ref).sum(1)
+    with use_backend(backend):
+        loss, wsum = resample_loss(x, z, wave_rest, wave_obs, y, w, return_weight=True)
+        plain = resample_loss(x, z, wave_rest, wave_obs, y, w)
+        (loss.sum() + wsum.sum()).backward()
+    assert not wsum.requires_grad and wsum.dtype == loss.dtype == torch.float32 and wsum.shape == (N,)
+    assert torch.equal(loss, plain)
+    assert_close(wsum, wsum_ref, torch.float32, scale=wsum_ref.abs().max(), what="Σ w·valid")
+    assert wsum[-2] == 0 and wsum[-1] == 0, "no valid pixel, unusable z: 0"
+    assert torch.isfinite(x.grad).all() and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_TORCH)
+def test_return_weight_empty_batch_and_float64(backend, device):
+    wave_rest, wave_obs = grids(device=device)
+    x = torch.zeros(0, wave_rest.numel(), device=device)
+    y = torch.zeros(0, wave_obs.numel(), device=device)
+    with use_backend(backend):
+        loss, wsum = resample_loss(x, torch.zeros(0, device=device), wave_rest, wave_obs, y, y, return_weight=True)
+        assert loss.shape == wsum.shape == (0,)
+        x64 = smooth_spectra(2, wave_rest.numel(), dtype=torch.float64, device=device)
+        w = torch.rand(2, wave_obs.numel(), dtype=torch.float64, device=device)
+        _, wsum = resample_loss(x64, torch.tensor([0.1, 0.3], device=device), wave_rest, wave_obs, x64[:, :1].expand(
+            2, wave_obs.numel()), w, return_weight=True)
+        _, valid = resample(x64, torch.tensor([0.1, 0.3], device=device), wave_rest, wave_obs)
+    assert wsum.dtype == torch.float64
+    assert_close(wsum, (w * valid).sum(1), 1e-12, scale=wsum.abs().max(), what="Σ w·valid, float64")
+
+
 # ---- torch.library / torch.compile -------------------------------------------------------------------------
 
 
@@ -454,33 +633,36 @@ def test_opcheck(impl, device):
 def test_compiled_route_matches_eager_route(backend, device):
     """Eager calls run the kernels through autograd.Functions (chain rule to the redshifts done inside);
     torch.compile goes through the torch.library custom ops (fake tensors, autograd over the z → (a, b)
-    arithmetic). Both routes give the same values and gradients, for all three ops and both grid types
-    (aot_eager: the compiled route without inductor's code generation)."""
+    arithmetic). Both routes give the same values and gradients, for all three ops, linear and log-linear grids
+    and Σ w·valid (aot_eager: the compiled route without inductor's code generation)."""
     wave_rest, wave_obs = grids(device=device)
-    desi_obs = torch.as_tensor(MINI_DESI.wave_obs, device=device)
+    log_rest, desi_obs = grids(MINI_DESI, device, rest="log")
     N, R, L = 4, wave_rest.numel(), wave_obs.numel()
     gen = torch.Generator().manual_seed(5)
     x0 = smooth_spectra(N, R, device=device)
+    xl0 = smooth_spectra(N, log_rest.numel(), seed=6, device=device)
     s0 = smooth_spectra(N, L, seed=2, device=device)
     z0 = torch.tensor([0.05, 0.2, float("nan"), 0.4], device=device)
     zn0 = torch.tensor([0.3, 0.0, 0.1, 0.2], device=device)
     y0, w0 = smooth_spectra(N, L, seed=3, device=device), torch.rand(N, L, generator=gen).to(device)
     g = torch.randn(N, L, generator=gen).to(device)
 
-    def step(x, s, z, zn, y, w):
+    def step(x, xl, s, z, zn, y, w):
         out, valid = resample(x, z, wave_rest, wave_obs)
         loss = resample_loss(x, z, wave_rest, wave_obs, y, w)
+        out_log, valid_log = resample(xl, z, log_rest, desi_obs)
+        loss_log, wsum = resample_loss(xl, z, log_rest, desi_obs, y, w, return_weight=True)
         moved, mvalid = redshift_observed(s, z, zn, wave_obs, loglinear=True)
         moved_lin, _ = redshift_observed(s, z, zn, desi_obs, loglinear=False)
-        return out, valid, loss, moved, mvalid, moved_lin
+        return out, valid, loss, out_log, valid_log, loss_log, wsum, moved, mvalid, moved_lin
 
     def run(fn):
-        x, s, z, zn, y, w = (t.clone().requires_grad_() for t in (x0, s0, z0, zn0, y0, w0))
+        x, xl, s, z, zn, y, w = (t.clone().requires_grad_() for t in (x0, xl0, s0, z0, zn0, y0, w0))
         with use_backend(backend):
-            vals = fn(x, s, z, zn, y, w)
-            out, _, loss, moved, _, moved_lin = vals
-            total = ((out + moved + moved_lin) * g).sum() + loss.sum()
-            grads = torch.autograd.grad(total, (x, s, z, zn, y, w))
+            vals = fn(x, xl, s, z, zn, y, w)
+            out, _, loss, out_log, _, loss_log, _, moved, _, moved_lin = vals
+            total = ((out + out_log + moved + moved_lin) * g).sum() + loss.sum() + loss_log.sum()
+            grads = torch.autograd.grad(total, (x, xl, s, z, zn, y, w))
         return vals, grads
 
     vals_e, grads_e = run(step)
@@ -488,32 +670,37 @@ def test_compiled_route_matches_eager_route(backend, device):
     vals_c, grads_c = run(torch.compile(step, backend="aot_eager", fullgraph=True))
     for a, b in zip(vals_e, vals_c):
         assert torch.equal(a, b)
-    for name, a, b in zip(["spec_rest", "spec_obs", "z", "z_new", "y", "w"], grads_e, grads_c):
+    for name, a, b in zip(["spec_rest", "spec_rest (log)", "spec_obs", "z", "z_new", "y", "w"], grads_e, grads_c):
         assert torch.isfinite(a).all(), name
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max())), name
-    assert grads_e[2][2] == 0 and grads_e[3][2] == 0, "unusable redshift: zero gradient"
+    assert grads_e[3][2] == 0 and grads_e[4][2] == 0, "unusable redshift: zero gradient"
 
 
 def test_torch_compile_cpu():
-    """All three ops (forward and backward) in one compiled graph, no graph breaks, same numbers as eager."""
+    """All three ops (forward and backward), linear and log-linear restframe grids and the loss over Σ w·valid
+    in one compiled graph, no graph breaks, same numbers as eager."""
     wave_rest, wave_obs = grids()
+    log_rest, _ = grids(rest="log")
     N, R, L = 3, wave_rest.numel(), wave_obs.numel()
 
-    def step(x, z, y, w, z_new):
+    def step(x, xl, z, y, w, z_new):
         out, valid = resample(x, z, wave_rest, wave_obs)
         loss = resample_loss(x, z, wave_rest, wave_obs, y, w)
+        chi2, wsum = resample_loss(xl, z, log_rest, wave_obs, y, w, return_weight=True)
         moved, mvalid = redshift_observed(y, z, z_new, wave_obs, loglinear=True)
-        return (out * valid).square().sum() + loss.sum() + (moved * mvalid).sum()
+        return (out * valid).square().sum() + loss.sum() + (chi2 / wsum).sum() + (moved * mvalid).sum()
 
     x = smooth_spectra(N, R).requires_grad_()
+    xl = smooth_spectra(N, log_rest.numel(), seed=4).requires_grad_()
     z = torch.tensor([0.05, 0.2, 0.4], requires_grad=True)
     y, w = smooth_spectra(N, L, seed=2), torch.rand(N, L)
     z_new = torch.tensor([0.3, 0.0, 0.1])
     with use_backend("numba"):
         compiled = torch.compile(step, fullgraph=True)
-        val = compiled(x, z, y, w, z_new)
-        gx, gz = torch.autograd.grad(val, (x, z))
-        val_e = step(x, z, y, w, z_new)
-        gx_e, gz_e = torch.autograd.grad(val_e, (x, z))
+        val = compiled(x, xl, z, y, w, z_new)
+        gx, gxl, gz = torch.autograd.grad(val, (x, xl, z))
+        val_e = step(x, xl, z, y, w, z_new)
+        gx_e, gxl_e, gz_e = torch.autograd.grad(val_e, (x, xl, z))
     assert torch.allclose(val, val_e, rtol=1e-5)
     assert torch.allclose(gx, gx_e, rtol=1e-5, atol=1e-6) and torch.allclose(gz, gz_e, rtol=1e-5)
+    assert torch.allclose(gxl, gxl_e, rtol=1e-5, atol=1e-6)
