@@ -1,4 +1,4 @@
-"""The public attention-pooling op of the encoder and its dispatch: e[n, c] = Σ_t h[n, c, t] · softmax_t(k[n, c, :])[t].
+"""The encoder's attention-pooling op and its dispatch: e[n, c] = Σ_t h[n, c, t] · softmax_t(k[n, c, :])[t].
 
 `attention_pool(h, k) -> e` (N, C) for h, k of shape (N, C, T), in the input dtype, differentiable.
 Backward (per row, a = softmax_t(k), g = ∂L/∂e): ∂h = g·a, ∂k = a ⊙ (g·h − Σ_t a g h) = g·a ⊙ (h − e).

@@ -57,7 +57,6 @@ def coefficients(mode: int, z, z_new, start, step, derivs: bool) -> Coeffs:
     ok, zs, zns = _usable(z, z_new)
     nan = float("nan")
     ones = torch.ones_like(z)
-    co = {}
     if mode == REST_LIN:  # u = λ_obs/((1+z)Δ) − λ0/Δ
         a = 1.0 / ((1.0 + zs) * step)
         co = dict(a=a, b=(-start / step) * ones)
