@@ -1,4 +1,5 @@
-"""numba CPU kernels for attention pooling, e[n, c] = Σ_t h[n, c, t] · softmax_t(k[n, c, :])[t].
+"""numba CPU kernels for attention pooling, e[n, c] = Σ_t h[n, c, t] · softmax_t(k[n, c, :])[t], and their
+torch-facing wrappers (the CPU implementation).
 
 The kernels take flat 1-D buffers plus element offsets and (n, c) strides, with unit stride along t, so
 one compiled version per dtype serves contiguous inputs and channel-sliced views alike (the encoder passes
@@ -15,22 +16,22 @@ Semantics shared with the Triton kernels and the torch reference:
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
+import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .numba_utils import f32_from_bits
-
-# fastmath without nnan/ninf: the NaN and -inf checks below must survive optimisation.
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+from .core import acc_dtype
+from .numba_utils import FASTMATH, f32_from_bits, flat_buffer
 
 
 def _exp_nonpos(x):  # pragma: no cover - replaced by the overload below inside numba code
     return math.exp(x)
 
 
-@overload(_exp_nonpos, fastmath=_FASTMATH)
+@overload(_exp_nonpos, fastmath=FASTMATH)
 def _exp_nonpos_impl(x):
     """exp(x) for x <= 0, -inf or NaN (x = key - row max).
 
@@ -62,13 +63,11 @@ def _exp_nonpos_impl(x):
     return lambda x: math.exp(x)
 
 
-
-
 def _row_max(krow):  # pragma: no cover - replaced by the overload below inside numba code
     return krow.max()
 
 
-@overload(_row_max, fastmath=_FASTMATH)
+@overload(_row_max, fastmath=FASTMATH)
 def _row_max_impl(krow):
     """Largest key of a contiguous row; NaN keys may be skipped (the exp loop turns them into NaN anyway).
 
@@ -98,7 +97,7 @@ def _row_max_impl(krow):
     return impl_scalar
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=FASTMATH)
 def _shift(krow):
     """The softmax shift: the row max, or 0 when every key is -inf (then all weights are exactly 0)."""
     m = _row_max(krow)
@@ -107,8 +106,8 @@ def _shift(krow):
     return m
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def attention_pool_fwd_numba(hb, h_off, h_sn, h_sc, kb, k_off, k_sn, k_sc, C, T, e):
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _fwd_kernel(hb, h_off, h_sn, h_sc, kb, k_off, k_sn, k_sc, C, T, e):
     """e[r] for rows r = n·C + c; e is a contiguous (N·C,) buffer of hb's dtype."""
     zero = hb.dtype.type(0.0)
     for r in prange(e.shape[0]):
@@ -128,9 +127,8 @@ def attention_pool_fwd_numba(hb, h_off, h_sn, h_sc, kb, k_off, k_sn, k_sc, C, T,
         e[r] = zero if s == zero else acc / s
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def attention_pool_bwd_numba(gb, g_off, g_sn, g_sc, hb, h_off, h_sn, h_sc, kb, k_off, k_sn, k_sc, C, T,
-                             dh, dk):
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _bwd_kernel(gb, g_off, g_sn, g_sc, hb, h_off, h_sn, h_sc, kb, k_off, k_sn, k_sc, C, T, dh, dk):
     """dh = g·a and dk = g·a·(h − e), a = softmax_t(k), e = Σ_t a h; dh, dk contiguous (N·C·T,) buffers."""
     zero = hb.dtype.type(0.0)
     one = hb.dtype.type(1.0)
@@ -160,3 +158,78 @@ def attention_pool_bwd_numba(gb, g_off, g_sn, g_sc, hb, h_off, h_sn, h_sc, kb, k
             ga = g * dhrow[t]
             dhrow[t] = ga
             dkrow[t] = ga * (hrow[t] - e)
+
+
+# ---- torch-facing wrappers (CPU tensors in, CPU tensors out) ----------------------------------------------
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+_madvise = None
+
+
+def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, with large buffers marked for transparent huge pages before their first touch.
+
+    A fresh 4 KiB-page buffer costs one page fault per page when the kernel first writes it; for the
+    backward's dh and dk (N×C×T each) those faults took longer than the kernel itself on the 2-core
+    development machine (75 MB: ~110 ms with 4 KiB pages, ~30 ms with 2 MiB pages). Linux only; a no-op
+    elsewhere or when THP is disabled."""
+    global _madvise
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 2 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return t
+    if _madvise is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise = libc.madvise
+        except (OSError, AttributeError):
+            _madvise = False
+    if _madvise:
+        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        end = (t.data_ptr() + nbytes) & ~(_HUGE_PAGE - 1)
+        if end > start:
+            _madvise(start, end - start, _MADV_HUGEPAGE)  # advisory: failure just means 4 KiB pages
+    return t
+
+
+def _operand(t: torch.Tensor, acc: torch.dtype):
+    """(flat numpy buffer, stride_n, stride_c) of t, in place when possible: the kernels want unit stride
+    along the last dim (anything else, rare, is copied) and fp32/fp64 (half types are upcast: numba has no
+    float16/bfloat16); numpy views see raw memory, not a lazy negation bit, so that is resolved first."""
+    t = t.detach().resolve_neg().to(acc)
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return flat_buffer(t), t.stride(0), t.stride(1)
+
+
+def attention_pool_fwd(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """e (N, C) in h's dtype. Inputs are assumed checked (same shape, device and float dtype)."""
+    N, C, T = h.shape
+    if N * C == 0 or T == 0:
+        return torch.zeros((N, C), dtype=h.dtype)
+    acc = acc_dtype(h.dtype)
+    hb, h_sn, h_sc = _operand(h, acc)
+    kb, k_sn, k_sc = _operand(k, acc)
+    e = torch.empty((N, C), dtype=acc)
+    _fwd_kernel(hb, 0, h_sn, h_sc, kb, 0, k_sn, k_sc, C, T, e.view(-1).numpy())
+    return e.to(h.dtype)
+
+
+def attention_pool_bwd(g: torch.Tensor, h: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, dk), contiguous (N, C, T) in h's dtype, for the upstream gradient g (N, C)."""
+    N, C, T = h.shape
+    if N * C * T == 0:
+        return torch.zeros((N, C, T), dtype=h.dtype), torch.zeros((N, C, T), dtype=h.dtype)
+    acc = acc_dtype(h.dtype)
+    g = g.detach().resolve_neg().to(acc)
+    hb, h_sn, h_sc = _operand(h, acc)
+    kb, k_sn, k_sc = _operand(k, acc)
+    dh = _empty((N, C, T), acc)
+    dk = _empty((N, C, T), acc)
+    _bwd_kernel(flat_buffer(g), 0, g.stride(0), g.stride(1), hb, 0, h_sn, h_sc, kb, 0, k_sn, k_sc, C, T,
+                dh.view(-1).numpy(), dk.view(-1).numpy())
+    return dh.to(h.dtype), dk.to(h.dtype)

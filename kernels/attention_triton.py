@@ -1,4 +1,5 @@
-"""Triton kernels for attention pooling, e[n, c] = Σ_t h[n, c, t] · softmax_t(k[n, c, :])[t], and backward.
+"""Triton kernels for attention pooling, e[n, c] = Σ_t h[n, c, t] · softmax_t(k[n, c, :])[t], forward and
+backward, and their launchers (the CUDA implementation).
 
 One program handles BLOCK_R rows r = n·C + c and walks t in chunks of BLOCK_T with an online softmax
 (running max, rescaled sum and weighted sum), so any T works; when T fits one chunk (T = 72 for SDSS) the
@@ -15,17 +16,56 @@ imported (tests). `triton_compile_specs` lists the kernels with concrete signatu
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter costs ~1.4 ms per program instance whatever its size: give it few, large programs.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_GPU_TILE = 2048  # elements per program tile (rows × t-chunk) on a GPU; 4 warps -> 16 per thread per tensor
-_INTERPRET_TILE = 16384
+from .triton_utils import GPU_TILE, INTERPRET, TILE, device_guard, spec_dtype, tl_acc_dtype
+
 _MAX_BLOCK_T = 128  # longer rows are walked in chunks
+
+
+@triton.jit
+def _tile(ptr, row, st, t, mask, other, ACC_DTYPE: tl.constexpr):
+    """The [BLOCK_R, BLOCK_T] tile of rows starting at element offsets `row`, positions t (stride st), upcast
+    to the accumulation dtype at once (bf16 arithmetic is silently wrong in the interpreter)."""
+    return tl.load(ptr + (row[:, None] + t[None, :] * st), mask=mask, other=other).to(ACC_DTYPE)
+
+
+@triton.jit
+def _online_softmax(h_ptr, k_ptr, h_row, k_row, h_st, k_st, row_ok, T: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_T: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(m, s, acc) of BLOCK_R rows, walked in chunks of BLOCK_T: the keys' max, s = Σ_t exp(k − shift) and
+    acc = Σ_t exp(k − shift)·h, rescaled chunk by chunk to shift = the final max (0 where all keys are -inf)."""
+    m = tl.full([BLOCK_R], float("-inf"), ACC_DTYPE)
+    s = tl.zeros([BLOCK_R], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_R], ACC_DTYPE)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask = row_ok[:, None] & (t < T)[None, :]
+        kv = _tile(k_ptr, k_row, k_st, t, mask, float("-inf"), ACC_DTYPE)
+        hv = _tile(h_ptr, h_row, h_st, t, mask, 0.0, ACC_DTYPE)
+        m_new = tl.maximum(m, tl.max(kv, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: every weight is exactly 0
+        rescale = tl.exp(m - shift)
+        p = tl.exp(kv - shift[:, None])
+        s = s * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale + tl.sum(p * hv, axis=1)
+        m = m_new
+    return m, s, acc
+
+
+@triton.jit
+def _rows(R, C, h_sn, h_sc, k_sn, k_sc, ROW_ALIGN: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's rows r = n·C + c: (rows, in range, n, c, h row offsets, k row offsets)."""
+    # int64 rows: offsets n·sn + c·sc + t reach N·C·T, which overflows int32 at survey scale.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n = rows // C
+    c = rows - n * C
+    h_row = tl.multiple_of(n * h_sn + c * h_sc, ROW_ALIGN)
+    k_row = tl.multiple_of(n * k_sn + c * k_sc, ROW_ALIGN)
+    return rows, rows < R, n, c, h_row, k_row
 
 
 @triton.jit
@@ -35,30 +75,11 @@ def attention_pool_fwd_kernel(
     h_sn, h_sc, h_st, k_sn, k_sc, k_st,  # element strides
     T: tl.constexpr,  # constexpr: the t mask's alignment is then known and loads can be vectorised
     ROW_ALIGN: tl.constexpr,  # every row offset (n·sn + c·sc) is a multiple of this (vectorisation hint)
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,  # rows per program, positions per chunk
+    ACC_DTYPE: tl.constexpr,  # fp32; fp64 for fp64 inputs
 ):
-    # int64 rows: offsets n·sn + c·sc + t reach N·C·T, which overflows int32 at survey scale.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    n = rows // C
-    c = rows - n * C
-    h_row = tl.multiple_of(n * h_sn + c * h_sc, ROW_ALIGN)
-    k_row = tl.multiple_of(n * k_sn + c * k_sc, ROW_ALIGN)
-    m = tl.full([BLOCK_R], float("-inf"), ACC_DTYPE)
-    s = tl.zeros([BLOCK_R], ACC_DTYPE)
-    acc = tl.zeros([BLOCK_R], ACC_DTYPE)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        mask = row_ok[:, None] & (t < T)[None, :]
-        kv = tl.load(k_ptr + (k_row[:, None] + t[None, :] * k_st), mask=mask, other=float("-inf")).to(ACC_DTYPE)
-        hv = tl.load(h_ptr + (h_row[:, None] + t[None, :] * h_st), mask=mask, other=0.0).to(ACC_DTYPE)
-        m_new = tl.maximum(m, tl.max(kv, axis=1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: every weight is exactly 0
-        rescale = tl.exp(m - shift)
-        p = tl.exp(kv - shift[:, None])
-        s = s * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale + tl.sum(p * hv, axis=1)
-        m = m_new
+    rows, row_ok, n, c, h_row, k_row = _rows(R, C, h_sn, h_sc, k_sn, k_sc, ROW_ALIGN, BLOCK_R)
+    m, s, acc = _online_softmax(h_ptr, k_ptr, h_row, k_row, h_st, k_st, row_ok, T, BLOCK_R, BLOCK_T, ACC_DTYPE)
     e = tl.where(s == 0.0, 0.0, acc / tl.where(s == 0.0, 1.0, s))
     tl.store(e_ptr + rows, e.to(e_ptr.dtype.element_ty), mask=row_ok)
 
@@ -69,22 +90,17 @@ def attention_pool_bwd_kernel(
     R, C,
     g_sn, g_sc, h_sn, h_sc, h_st, k_sn, k_sc, k_st,
     T: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, ACC_DTYPE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # BLOCK_T ≥ T: the row is kept in registers and h, k are read once
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    n = rows // C
-    c = rows - n * C
-    h_row = tl.multiple_of(n * h_sn + c * h_sc, ROW_ALIGN)
-    k_row = tl.multiple_of(n * k_sn + c * k_sc, ROW_ALIGN)
+    rows, row_ok, n, c, h_row, k_row = _rows(R, C, h_sn, h_sc, k_sn, k_sc, ROW_ALIGN, BLOCK_R)
     out_row = tl.multiple_of(rows * T, ROW_ALIGN)
     g = tl.load(g_ptr + (n * g_sn + c * g_sc), mask=row_ok, other=0.0).to(ACC_DTYPE)
     if ONE_CHUNK:
-        # The whole row is in registers: h and k are read once.
         t = tl.arange(0, BLOCK_T).to(tl.int64)
         mask = row_ok[:, None] & (t < T)[None, :]
-        kv = tl.load(k_ptr + (k_row[:, None] + t[None, :] * k_st), mask=mask, other=float("-inf")).to(ACC_DTYPE)
-        hv = tl.load(h_ptr + (h_row[:, None] + t[None, :] * h_st), mask=mask, other=0.0).to(ACC_DTYPE)
+        kv = _tile(k_ptr, k_row, k_st, t, mask, float("-inf"), ACC_DTYPE)
+        hv = _tile(h_ptr, h_row, h_st, t, mask, 0.0, ACC_DTYPE)
         m = tl.max(kv, axis=1)
         shift = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp(kv - shift[:, None])
@@ -97,22 +113,8 @@ def attention_pool_bwd_kernel(
         tl.store(dk_ptr + out, (ga * (hv - e[:, None])).to(dk_ptr.dtype.element_ty), mask=mask)
     else:
         # Pass 1: online softmax statistics; pass 2: recompute the weights chunk by chunk and write.
-        m = tl.full([BLOCK_R], float("-inf"), ACC_DTYPE)
-        s = tl.zeros([BLOCK_R], ACC_DTYPE)
-        acc = tl.zeros([BLOCK_R], ACC_DTYPE)
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-            mask = row_ok[:, None] & (t < T)[None, :]
-            kv = tl.load(k_ptr + (k_row[:, None] + t[None, :] * k_st), mask=mask,
-                         other=float("-inf")).to(ACC_DTYPE)
-            hv = tl.load(h_ptr + (h_row[:, None] + t[None, :] * h_st), mask=mask, other=0.0).to(ACC_DTYPE)
-            m_new = tl.maximum(m, tl.max(kv, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            rescale = tl.exp(m - shift)
-            p = tl.exp(kv - shift[:, None])
-            s = s * rescale + tl.sum(p, axis=1)
-            acc = acc * rescale + tl.sum(p * hv, axis=1)
-            m = m_new
+        m, s, acc = _online_softmax(h_ptr, k_ptr, h_row, k_row, h_st, k_st, row_ok, T, BLOCK_R, BLOCK_T,
+                                    ACC_DTYPE)
         shift = tl.where(m == float("-inf"), 0.0, m)
         inv_s = tl.where(s == 0.0, 0.0, 1.0 / tl.where(s == 0.0, 1.0, s))
         e = acc * inv_s
@@ -120,28 +122,22 @@ def attention_pool_bwd_kernel(
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
             mask = row_ok[:, None] & (t < T)[None, :]
-            kv = tl.load(k_ptr + (k_row[:, None] + t[None, :] * k_st), mask=mask,
-                         other=float("-inf")).to(ACC_DTYPE)
-            hv = tl.load(h_ptr + (h_row[:, None] + t[None, :] * h_st), mask=mask, other=0.0).to(ACC_DTYPE)
+            kv = _tile(k_ptr, k_row, k_st, t, mask, float("-inf"), ACC_DTYPE)
+            hv = _tile(h_ptr, h_row, h_st, t, mask, 0.0, ACC_DTYPE)
             ga = tl.exp(kv - shift[:, None]) * g_inv_s[:, None]
             out = out_row[:, None] + t[None, :]
             tl.store(dh_ptr + out, ga.to(dh_ptr.dtype.element_ty), mask=mask)
             tl.store(dk_ptr + out, (ga * (hv - e[:, None])).to(dk_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _blocks(R: int, T: int, block_r: int | None, block_t: int | None) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_T), powers of two; explicit values (tests) override the heuristic."""
     if block_t is None:
         block_t = triton.next_power_of_2(max(T, 16))
-        if not _INTERPRET:
+        if not INTERPRET:
             block_t = min(block_t, _MAX_BLOCK_T)
     if block_r is None:
-        tile = _INTERPRET_TILE if _INTERPRET else _GPU_TILE
-        block_r = max(1, min(tile // block_t, triton.next_power_of_2(max(R, 1))))
+        block_r = max(1, min(TILE // block_t, triton.next_power_of_2(max(R, 1))))
     return block_r, block_t
 
 
@@ -159,14 +155,8 @@ def _row_align(T: int, *tensors: torch.Tensor) -> int:
     return align
 
 
-def _device_guard(t: torch.Tensor):
-    import contextlib
-
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def attention_pool_fwd_triton(h: torch.Tensor, k: torch.Tensor, block_r: int | None = None,
-                              block_t: int | None = None) -> torch.Tensor:
+def attention_pool_fwd(h: torch.Tensor, k: torch.Tensor, block_r: int | None = None,
+                       block_t: int | None = None) -> torch.Tensor:
     """e (N, C) in h's dtype. Inputs are assumed checked (same shape, device and float dtype)."""
     h, k = h.resolve_neg(), k.resolve_neg()  # a lazily negated view: the kernel reads raw memory
     N, C, T = h.shape
@@ -177,16 +167,16 @@ def attention_pool_fwd_triton(h: torch.Tensor, k: torch.Tensor, block_r: int | N
     if T == 0:
         return e.zero_()
     BLOCK_R, BLOCK_T = _blocks(R, T, block_r, block_t)
-    with _device_guard(h):
+    with device_guard(h):
         attention_pool_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](
             h, k, e, R, C, *h.stride(), *k.stride(), T=T, ROW_ALIGN=_row_align(T, h, k),
-            BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T, ACC_DTYPE=_acc_dtype(h.dtype), num_warps=4,
+            BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T, ACC_DTYPE=tl_acc_dtype(h.dtype), num_warps=4,
         )
     return e
 
 
-def attention_pool_bwd_triton(g: torch.Tensor, h: torch.Tensor, k: torch.Tensor, block_r: int | None = None,
-                              block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_pool_bwd(g: torch.Tensor, h: torch.Tensor, k: torch.Tensor, block_r: int | None = None,
+                       block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh, dk), contiguous (N, C, T) in h's dtype, for the upstream gradient g (N, C)."""
     g, h, k = g.resolve_neg(), h.resolve_neg(), k.resolve_neg()
     N, C, T = h.shape
@@ -196,26 +186,20 @@ def attention_pool_bwd_triton(g: torch.Tensor, h: torch.Tensor, k: torch.Tensor,
     if R * T == 0:
         return dh, dk
     BLOCK_R, BLOCK_T = _blocks(R, T, block_r, block_t)
-    with _device_guard(h):
+    with device_guard(h):
         attention_pool_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](
             g, h, k, dh, dk, R, C, *g.stride(), *h.stride(), *k.stride(), T=T, ROW_ALIGN=_row_align(T, h, k),
-            BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T, ACC_DTYPE=_acc_dtype(h.dtype), ONE_CHUNK=BLOCK_T >= T,
+            BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T, ACC_DTYPE=tl_acc_dtype(h.dtype), ONE_CHUNK=BLOCK_T >= T,
             num_warps=4,
         )
     return dh, dk
-
-
-_TL_NAMES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp64": "fp64"}
 
 
 def triton_compile_specs(dtype: str) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, signature, constexprs) for `triton.compiler.ASTSource`, one per kernel variant, for
     inputs of `dtype` ('fp32', 'fp16', 'bf16'; 'fp64' too) at the encoder's shape (T = 72 in one chunk, unit
     t stride as the JIT specialises it) and a long-row variant (T walked in chunks)."""
-    if dtype not in _TL_NAMES:
-        raise ValueError(f"triton_compile_specs: dtype must be one of {', '.join(_TL_NAMES)}, got {dtype!r}")
-    ptr = "*" + _TL_NAMES[dtype]
-    acc = tl.float64 if dtype == "fp64" else tl.float32
+    ptr, _, acc, size = spec_dtype(dtype, "attention_triton.triton_compile_specs")
     sizes = {"R": "i64", "C": "i32"}
     strides_hk = {"h_sn": "i64", "h_sc": "i64", "h_st": "constexpr", "k_sn": "i64", "k_sc": "i64",
                   "k_st": "constexpr"}
@@ -225,10 +209,10 @@ def triton_compile_specs(dtype: str) -> list[tuple[str, object, dict, dict]]:
                "g_sn": "i64", "g_sc": "i64", **strides_hk, "T": "constexpr", "ROW_ALIGN": "constexpr",
                "BLOCK_R": "constexpr", "BLOCK_T": "constexpr", "ACC_DTYPE": "constexpr", "ONE_CHUNK": "constexpr"}
     # SDSS: T = 72, rows of (N, 512, 72) halves start every 72 elements; a long-row case for the chunked path.
-    align = 16 // {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}[dtype]
+    align = 16 // size
     unit = {"h_st": 1, "k_st": 1, "ROW_ALIGN": math.gcd(72, align), "ACC_DTYPE": acc}
-    one_chunk = {**unit, "T": 72, "BLOCK_R": _GPU_TILE // 128, "BLOCK_T": 128}
-    chunked = {**unit, "T": 1000, "BLOCK_R": _GPU_TILE // _MAX_BLOCK_T, "BLOCK_T": _MAX_BLOCK_T}
+    one_chunk = {**unit, "T": 72, "BLOCK_R": GPU_TILE // 128, "BLOCK_T": 128}
+    chunked = {**unit, "T": 1000, "BLOCK_R": GPU_TILE // _MAX_BLOCK_T, "BLOCK_T": _MAX_BLOCK_T}
     return [
         ("attention_pool_fwd", attention_pool_fwd_kernel, fwd_sig, one_chunk),
         ("attention_pool_bwd_one_chunk", attention_pool_bwd_kernel, bwd_sig, {**one_chunk, "ONE_CHUNK": True}),

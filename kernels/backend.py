@@ -1,8 +1,9 @@
-"""Which implementation the kernel ops run: 'auto', 'triton', 'numba' or 'torch'.
+"""The backend switch: which implementation the kernel ops run, 'auto', 'triton', 'numba' or 'torch'.
 
 'auto' picks Triton for CUDA tensors and numba for CPU tensors. 'triton' on CPU tensors runs the Triton
 interpreter (only when TRITON_INTERPRET=1 was set before the kernels were imported) — that is how the
 tests hold the Triton kernels to the same reference without a GPU. 'torch' runs the plain-torch reference.
+The ops ask `core.backend_for(device)`, which reads this switch (once, at trace time, under torch.compile).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def use_backend(name: str):
 
 
 def triton_interpreting() -> bool:
+    """Whether TRITON_INTERPRET=1 is set: @triton.jit reads it when a kernel is defined."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -58,9 +60,9 @@ def triton_available() -> bool:
 
 
 def resolve(device) -> str:
-    """The concrete backend ('triton', 'numba' or 'torch') for tensors on `device`."""
+    """The concrete backend ('triton', 'numba' or 'torch') for tensors on `device` (a torch.device or str)."""
     name = get_backend()
-    is_cuda = getattr(device, "type", str(device)).startswith("cuda")
+    is_cuda = (device if isinstance(device, str) else device.type).startswith("cuda")
     if name == "auto":
         if is_cuda:
             return "triton" if triton_available() else "torch"

@@ -1,4 +1,5 @@
-"""The element-wise work around each encoder convolution, fused: InstanceNorm1d → PReLU → MaxPool1d.
+"""The public conv-block ops of the encoder and their dispatch: the element-wise work around each convolution,
+fused — InstanceNorm1d → PReLU → MaxPool1d — and, for the first block, the conv on the spectra in front.
 
 Public: `instance_norm_prelu_pool(x, weight, pool=1, padding=0, eps=1e-5) -> y` for x (N, C, L):
 InstanceNorm1d without affine parameters or running statistics (each (n, c) row normalised by its own mean
@@ -13,14 +14,14 @@ dozen times and keep three copies of it (plus int64 pooling indices) for the bac
 x once for the statistics and once for the output and keeps only x and two numbers per row; the backward
 recomputes the normalised values and window argmaxes from them (see conv_block_numba).
 
-Implementations, chosen by `fastspec.kernels.backend.resolve(device)` as for attention_pool:
+Routes, by the backend `core.backend_for` picks:
   * 'torch'  -> `instance_norm_prelu_pool_reference`, plain torch ops (autograd by torch);
-  * 'numba'  -> the custom op `fastspec::instance_norm_prelu_pool_fwd` (CPU kernel: numba; backward: the
-                custom op `fastspec::instance_norm_prelu_pool_bwd`), usable under autograd, autocast,
-                torch.compile and opcheck;
-  * 'triton' -> on CUDA the same custom ops, whose CUDA kernels are the Triton launchers; on CPU tensors
-                (tests, TRITON_INTERPRET=1) a torch.autograd.Function calling the Triton launchers in the
-                interpreter with the same forward/backward formula.
+  * 'numba', and 'triton' on CUDA -> the custom op `fastspec::instance_norm_prelu_pool_fwd` (CPU kernel:
+                conv_block_numba; CUDA kernel: conv_block_triton; backward: the custom op
+                `fastspec::instance_norm_prelu_pool_bwd`), usable under autograd, autocast, torch.compile and
+                opcheck;
+  * 'triton' on CPU tensors, eager (tests, TRITON_INTERPRET=1) -> `_EagerConvBlock`, an autograd.Function
+                calling the Triton launchers in the interpreter with the custom ops' forward/backward formula.
 
 Precision: accumulation in fp32 (fp64 for fp64 inputs). bf16 is read and written as is by every kernel
 (under CPU autocast the conv outputs stay bf16 end to end); fp16 is upcast to an fp32 copy for numba only
@@ -33,12 +34,11 @@ from __future__ import annotations
 
 import torch
 
-from .backend import resolve
+from .core import acc_dtype, backend_for, check_device, check_tensor, compiling, kernel_module
 
 __all__ = ["instance_norm_prelu_pool", "instance_norm_prelu_pool_reference", "spectrum_conv_block",
-           "pooled_length", "triton_compile_specs"]
+           "pooled_length"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _WHERE = "instance_norm_prelu_pool"
 
 
@@ -48,23 +48,13 @@ def pooled_length(L: int, pool: int, padding: int) -> int:
 
 
 def _check_inputs(x, weight, pool, padding, eps, where: str = _WHERE) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{where}: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{where}: x must have shape (N, C, L), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where}: x must be float16, bfloat16, float32 or float64; got {x.dtype}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where}: weight must be float16, bfloat16, float32 or float64; got {weight.dtype}")
+    check_tensor(x, "x", where, 3, "(N, C, L)")
+    check_tensor(weight, "weight", where)
     C = x.shape[1]
     if weight.dim() != 1 or weight.shape[0] not in (1, C):
         raise ValueError(f"{where}: weight (the PReLU slopes) must have shape ({C},) or (1,) for x with C={C} "
                          f"channels, got shape {tuple(weight.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"{where}: x and weight must be on the same device; got x on {x.device} and weight on "
-                         f"{weight.device}")
+    check_device(weight, "weight", x, "x", where)
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
         raise ValueError(f"{where}: pool must be an integer ≥ 1, got {pool!r}")
     if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= pool // 2:
@@ -79,105 +69,17 @@ def _check_inputs(x, weight, pool, padding, eps, where: str = _WHERE) -> None:
                          f"padding={padding})")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def instance_norm_prelu_pool_reference(x: torch.Tensor, weight: torch.Tensor, pool: int = 1, padding: int = 0,
                                        eps: float = 1e-5) -> torch.Tensor:
     """The op as plain torch functions (F.instance_norm, F.prelu, F.max_pool1d) in fp32 (fp64 for fp64)."""
     _check_inputs(x, weight, pool, padding, eps, "instance_norm_prelu_pool_reference")
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
         y = torch.nn.functional.instance_norm(x.to(acc), eps=eps)
         y = torch.nn.functional.prelu(y, weight.to(acc))
         if pool > 1:
             y = torch.nn.functional.max_pool1d(y, pool, stride=pool, padding=padding)
     return y.to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------- numba (CPU)
-
-def _rows_per_chunk(R: int) -> int:
-    # A few chunks per thread balance the load; chunks, not rows, because each allocates a row of scratch.
-    import numba
-
-    return max(1, -(-R // (4 * numba.get_num_threads())))
-
-
-def _numba_buffer(t: torch.Tensor):
-    """t's elements as a flat numpy array starting at t[0, 0, 0] (in place): bf16 as its uint16 bits."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    flat = torch.as_strided(t, (span,), (1,), t.storage_offset())
-    if t.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view("uint16")
-    return flat.numpy()
-
-
-def _numba_operand(t: torch.Tensor) -> torch.Tensor:
-    """t detached, with unit stride along its last dim (copied if not) and fp16, which numba cannot read,
-    upcast; bf16 stays bf16 (read as bits)."""
-    t = t.detach()
-    if t.dtype == torch.float16:
-        t = t.float()
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t
-
-
-def _numba_fwd(x, weight, pool, padding, eps):
-    from .conv_block_numba import conv_block_fwd_numba
-
-    N, C, L = x.shape
-    L_out = pooled_length(L, pool, padding)
-    acc = _acc_dtype(x.dtype)
-    out = torch.empty((N, C, L_out), dtype=x.dtype)
-    mean = torch.empty((N, C), dtype=acc)
-    rstd = torch.empty((N, C), dtype=acc)
-    if N * C == 0:
-        return out, mean, rstd
-    xo = _numba_operand(x)
-    w = weight.detach().to(acc).contiguous()
-    # fp16 x computes into an fp32 output (numba has no float16), cast back below
-    out_k = out if out.dtype != torch.float16 else torch.empty((N, C, L_out), dtype=torch.float32)
-    xb = _numba_buffer(xo)
-    ob = _numba_buffer(out_k)
-    conv_block_fwd_numba(xb, 0, xo.stride(0), xo.stride(1), C, L, w.numpy(), 1 if w.shape[0] > 1 else 0,
-                         pool, padding, L_out, float(eps), ob, mean.view(-1).numpy(), rstd.view(-1).numpy(),
-                         _rows_per_chunk(N * C))
-    if out_k is not out:
-        out.copy_(out_k)
-    return out, mean, rstd
-
-
-def _numba_bwd(g, x, weight, mean, rstd, pool, padding):
-    from .conv_block_numba import conv_block_bwd_numba
-
-    N, C, L = x.shape
-    L_out = pooled_length(L, pool, padding)
-    acc = _acc_dtype(x.dtype)
-    dx = torch.empty((N, C, L), dtype=x.dtype)
-    if N * C == 0:
-        return dx, torch.zeros_like(weight)
-    xo = _numba_operand(x)
-    go = _numba_operand(g)  # unit stride along L_out (an expanded gradient is copied)
-    if go.dtype != xo.dtype:
-        go = go.to(xo.dtype)  # the kernel reads g with x's decoder (bf16 bits or floats)
-    w = weight.detach().to(acc).contiguous()
-    dx_k = dx if dx.dtype != torch.float16 else torch.empty((N, C, L), dtype=torch.float32)
-    dw_rows = torch.empty((N, C), dtype=acc)
-    xb = _numba_buffer(xo)
-    gb = _numba_buffer(go)
-    dxb = _numba_buffer(dx_k)
-    conv_block_bwd_numba(gb, 0, go.stride(0), go.stride(1), xb, 0, xo.stride(0), xo.stride(1), C,
-                         L, w.numpy(), 1 if w.shape[0] > 1 else 0, pool, padding, L_out,
-                         mean.detach().to(acc).contiguous().view(-1).numpy(),
-                         rstd.detach().to(acc).contiguous().view(-1).numpy(), dxb, dw_rows.view(-1).numpy(),
-                         _rows_per_chunk(N * C))
-    if dx_k is not dx:
-        dx.copy_(dx_k)
-    dw = dw_rows.sum(0) if weight.shape[0] > 1 else dw_rows.sum().reshape(1)
-    return dx, dw.to(weight.dtype)
 
 
 # ------------------------------------------------------------------------------------------ custom ops
@@ -190,8 +92,7 @@ def _check_saved(g, x, mean, rstd, pool, padding, where):
     for name, t in (("mean", mean), ("rstd", rstd)):
         if tuple(t.shape) != (N, C):
             raise ValueError(f"{where}: {name} must have shape (N, C) = {(N, C)}, got {tuple(t.shape)}")
-    if g.device != x.device:
-        raise ValueError(f"{where}: g must be on {x.device}, got {g.device}")
+    check_device(g, "g", x, "x", where)
 
 
 @torch.library.custom_op("fastspec::instance_norm_prelu_pool_fwd", mutates_args=(), device_types="cpu")
@@ -199,22 +100,20 @@ def instance_norm_prelu_pool_fwd(x: torch.Tensor, weight: torch.Tensor, pool: in
                                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (N, C, L_out) in x's dtype, mean (N, C), rstd (N, C)); CPU kernel: numba, CUDA kernel: Triton."""
     _check_inputs(x, weight, pool, padding, eps, "fastspec::instance_norm_prelu_pool_fwd")
-    return _numba_fwd(x, weight, pool, padding, eps)
+    return kernel_module("conv_block", "numba").conv_block_fwd(x, weight, pool, padding, eps)
 
 
 @instance_norm_prelu_pool_fwd.register_kernel("cuda")
-def _fwd_cuda(x, weight, pool, padding, eps):
+def _(x, weight, pool, padding, eps):
     _check_inputs(x, weight, pool, padding, eps, "fastspec::instance_norm_prelu_pool_fwd")
-    from .conv_block_triton import conv_block_fwd_triton
-
-    return conv_block_fwd_triton(x, weight, pool, padding, eps)
+    return kernel_module("conv_block", "triton").conv_block_fwd(x, weight, pool, padding, eps)
 
 
 @instance_norm_prelu_pool_fwd.register_fake
-def _fwd_fake(x, weight, pool, padding, eps):
+def _(x, weight, pool, padding, eps):
     _check_inputs(x, weight, pool, padding, eps, "fastspec::instance_norm_prelu_pool_fwd")
     N, C, L = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (x.new_empty((N, C, pooled_length(L, pool, padding))), x.new_empty((N, C), dtype=acc),
             x.new_empty((N, C), dtype=acc))
 
@@ -226,21 +125,19 @@ def instance_norm_prelu_pool_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch
     where = "fastspec::instance_norm_prelu_pool_bwd"
     _check_inputs(x, weight, pool, padding, 1.0, where)
     _check_saved(g, x, mean, rstd, pool, padding, where)
-    return _numba_bwd(g, x, weight, mean, rstd, pool, padding)
+    return kernel_module("conv_block", "numba").conv_block_bwd(g, x, weight, mean, rstd, pool, padding)
 
 
 @instance_norm_prelu_pool_bwd.register_kernel("cuda")
-def _bwd_cuda(g, x, weight, mean, rstd, pool, padding):
+def _(g, x, weight, mean, rstd, pool, padding):
     where = "fastspec::instance_norm_prelu_pool_bwd"
     _check_inputs(x, weight, pool, padding, 1.0, where)
     _check_saved(g, x, mean, rstd, pool, padding, where)
-    from .conv_block_triton import conv_block_bwd_triton
-
-    return conv_block_bwd_triton(g, x, weight, mean, rstd, pool, padding)
+    return kernel_module("conv_block", "triton").conv_block_bwd(g, x, weight, mean, rstd, pool, padding)
 
 
 @instance_norm_prelu_pool_bwd.register_fake
-def _bwd_fake(g, x, weight, mean, rstd, pool, padding):
+def _(g, x, weight, mean, rstd, pool, padding):
     where = "fastspec::instance_norm_prelu_pool_bwd"
     _check_inputs(x, weight, pool, padding, 1.0, where)
     _check_saved(g, x, mean, rstd, pool, padding, where)
@@ -266,43 +163,32 @@ def _backward(ctx, g, _g_mean, _g_rstd):
 instance_norm_prelu_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _TritonInterpreted(torch.autograd.Function):
-    """The Triton launchers on CPU tensors (interpreter), with the custom ops' forward/backward formula."""
+class _EagerConvBlock(torch.autograd.Function):
+    """The kernel module's launchers without the custom-op dispatch, with the custom ops' forward/backward
+    formula (for 'triton' on CPU tensors: the custom op's CPU kernel is numba)."""
 
     @staticmethod
-    def forward(ctx, x, weight, pool, padding, eps):
-        from .conv_block_triton import conv_block_fwd_triton
-
-        y, mean, rstd = conv_block_fwd_triton(x, weight, pool, padding, eps)
+    def forward(ctx, x, weight, pool, padding, eps, impl):
+        y, mean, rstd = kernel_module("conv_block", impl).conv_block_fwd(x, weight, pool, padding, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.pool, ctx.padding = pool, padding
+        ctx.pool, ctx.padding, ctx.impl = pool, padding, impl
         return y
 
     @staticmethod
     def backward(ctx, g):
-        from .conv_block_triton import conv_block_bwd_triton
-
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw = conv_block_bwd_triton(g, x, weight, mean, rstd, ctx.pool, ctx.padding)
-        return dx, dw, None, None, None
+        dx, dw = kernel_module("conv_block", ctx.impl).conv_block_bwd(g, x, weight, mean, rstd, ctx.pool,
+                                                                      ctx.padding)
+        return dx, dw, None, None, None, None
 
 
 # --------------------------------------------------- the first block: one-input-channel conv fused in front
 
 def _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, eps, where):
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{where}: y must be a torch.Tensor, got {type(y).__name__}")
-    if y.dim() != 2:
-        raise ValueError(f"{where}: y must have shape (N, L), got shape {tuple(y.shape)}")
-    if y.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where}: y must be float16, bfloat16, float32 or float64; got {y.dtype}")
+    check_tensor(y, "y", where, 2, "(N, L)")
     for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{where}: {name} must be a float tensor, got {t.dtype}")
-        if t.device != y.device:
-            raise ValueError(f"{where}: {name} must be on y's device {y.device}, got {t.device}")
+        check_tensor(t, name, where)
+        check_device(t, name, y, "y", where)
     if conv_weight.dim() != 3 or conv_weight.shape[1] != 1:
         raise ValueError(f"{where}: conv_weight must have shape (C, 1, K) (one input channel), got shape "
                          f"{tuple(conv_weight.shape)}")
@@ -320,39 +206,17 @@ def spectrum_block_fwd(y: torch.Tensor, conv_weight: torch.Tensor, conv_bias: to
                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (N, C, L_out) in out_dtype, mean (N, C), rstd (N, C)) of the fused first block; CPU only."""
     _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, eps, "fastspec::spectrum_block_fwd")
-    from .conv_block_numba import spectrum_block_fwd_numba
-
-    N, L_in = y.shape
-    C, _, K = conv_weight.shape
-    cpad = K // 2
-    L = L_in + 2 * cpad - K + 1
-    L_out = pooled_length(L, pool, padding)
-    acc = _acc_dtype(y.dtype)
-    out = torch.empty((N, C, L_out), dtype=out_dtype)
-    mean = torch.empty((N, C), dtype=acc)
-    rstd = torch.empty((N, C), dtype=acc)
-    if N * C == 0:
-        return out, mean, rstd
-    yo = y.detach().to(acc).contiguous()
-    out_k = out if out_dtype in (acc, torch.bfloat16) else torch.empty((N, C, L_out), dtype=acc)
-    spectrum_block_fwd_numba(yo.view(-1).numpy(), 0, L_in, L_in,
-                             conv_weight.detach().to(acc).reshape(C, K).contiguous().numpy(),
-                             conv_bias.detach().to(acc).contiguous().numpy(), cpad, C, L,
-                             weight.detach().to(acc).contiguous().numpy(), 1 if weight.shape[0] > 1 else 0,
-                             pool, padding, L_out, float(eps), _numba_buffer(out_k), mean.view(-1).numpy(),
-                             rstd.view(-1).numpy(), _rows_per_chunk(N * C))
-    if out_k is not out:
-        out.copy_(out_k)
-    return out, mean, rstd
+    return kernel_module("conv_block", "numba").spectrum_block_fwd(y, conv_weight, conv_bias, weight, pool, padding,
+                                                                   eps, out_dtype)
 
 
 @spectrum_block_fwd.register_fake
-def _spectrum_fwd_fake(y, conv_weight, conv_bias, weight, pool, padding, eps, out_dtype):
+def _(y, conv_weight, conv_bias, weight, pool, padding, eps, out_dtype):
     _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, eps, "fastspec::spectrum_block_fwd")
     N, L_in = y.shape
     C, _, K = conv_weight.shape
     L_out = pooled_length(L_in + 2 * (K // 2) - K + 1, pool, padding)
-    acc = _acc_dtype(y.dtype)
+    acc = acc_dtype(y.dtype)
     return (y.new_empty((N, C, L_out), dtype=out_dtype), y.new_empty((N, C), dtype=acc),
             y.new_empty((N, C), dtype=acc))
 
@@ -364,39 +228,17 @@ def spectrum_block_bwd(g: torch.Tensor, y: torch.Tensor, conv_weight: torch.Tens
     """(d conv_weight, d conv_bias, d weight), each in its parameter's dtype, for the upstream gradient g."""
     where = "fastspec::spectrum_block_bwd"
     _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, 1.0, where)
-    from .conv_block_numba import spectrum_block_bwd_numba
-
     N, L_in = y.shape
     C, _, K = conv_weight.shape
-    cpad = K // 2
-    L = L_in + 2 * cpad - K + 1
-    L_out = pooled_length(L, pool, padding)
+    L_out = pooled_length(L_in + 2 * (K // 2) - K + 1, pool, padding)
     if tuple(g.shape) != (N, C, L_out):
         raise ValueError(f"{where}: g must have shape (N, C, L_out) = {(N, C, L_out)}, got {tuple(g.shape)}")
-    acc = _acc_dtype(y.dtype)
-    dcw = torch.zeros((N, C, K), dtype=acc)
-    dcb = torch.zeros((N, C), dtype=acc)
-    dw = torch.zeros((N, C), dtype=acc)
-    if N * C:
-        yo = y.detach().to(acc).contiguous()
-        go = _numba_operand(g)
-        if go.dtype not in (acc, torch.bfloat16):
-            go = go.to(acc)
-        spectrum_block_bwd_numba(_numba_buffer(go), 0, go.stride(0), go.stride(1),
-                                 yo.view(-1).numpy(), 0, L_in, L_in,
-                                 conv_weight.detach().to(acc).reshape(C, K).contiguous().numpy(),
-                                 conv_bias.detach().to(acc).contiguous().numpy(), cpad, C, L,
-                                 weight.detach().to(acc).contiguous().numpy(), 1 if weight.shape[0] > 1 else 0,
-                                 pool, padding, L_out, mean.detach().to(acc).contiguous().view(-1).numpy(),
-                                 rstd.detach().to(acc).contiguous().view(-1).numpy(), dcw.view(N * C, K).numpy(),
-                                 dcb.view(-1).numpy(), dw.view(-1).numpy(), _rows_per_chunk(N * C))
-    dw = dw.sum(0) if weight.shape[0] > 1 else dw.sum().reshape(1)
-    return (dcw.sum(0).reshape(conv_weight.shape).to(conv_weight.dtype), dcb.sum(0).to(conv_bias.dtype),
-            dw.to(weight.dtype))
+    return kernel_module("conv_block", "numba").spectrum_block_bwd(g, y, conv_weight, conv_bias, weight, mean, rstd,
+                                                                   pool, padding)
 
 
 @spectrum_block_bwd.register_fake
-def _spectrum_bwd_fake(g, y, conv_weight, conv_bias, weight, mean, rstd, pool, padding):
+def _(g, y, conv_weight, conv_bias, weight, mean, rstd, pool, padding):
     return conv_weight.new_empty(conv_weight.shape), conv_bias.new_empty(conv_bias.shape), weight.new_empty(weight.shape)
 
 
@@ -425,11 +267,6 @@ spectrum_block_fwd.register_autograd(_spectrum_backward, setup_context=_spectrum
 
 # ------------------------------------------------------------------------------------------- public API
 
-@torch._dynamo.assume_constant_result
-def _resolve_at_trace_time(device) -> str:
-    return resolve(device)
-
-
 def instance_norm_prelu_pool(x: torch.Tensor, weight: torch.Tensor, pool: int = 1, padding: int = 0,
                              eps: float = 1e-5) -> torch.Tensor:
     """MaxPool1d(pool, padding)(PReLU(weight)(InstanceNorm1d(C, eps)(x))) in one pass.
@@ -446,16 +283,12 @@ def instance_norm_prelu_pool(x: torch.Tensor, weight: torch.Tensor, pool: int = 
     y : (N, C, (L + 2·padding − pool) // pool + 1) tensor in x's dtype; differentiable in x and weight.
     """
     _check_inputs(x, weight, pool, padding, eps)
-    if torch.compiler.is_compiling():
-        backend = _resolve_at_trace_time(x.device)
-        if backend == "torch":
-            return instance_norm_prelu_pool_reference(x, weight, pool, padding, eps)
-        return torch.ops.fastspec.instance_norm_prelu_pool_fwd(x, weight, pool, padding, float(eps))[0]
-    backend = resolve(x.device)
+    backend = backend_for(x.device)
     if backend == "torch":
         return instance_norm_prelu_pool_reference(x, weight, pool, padding, eps)
-    if backend == "triton" and not x.is_cuda:
-        return _TritonInterpreted.apply(x, weight, pool, padding, float(eps))
+    if backend == "triton" and not x.is_cuda and not compiling():
+        return _EagerConvBlock.apply(x, weight, pool, padding, float(eps), backend)
+    # Triton-on-CPU (interpreter) compiles to the custom op too: its CPU kernel is numba.
     return torch.ops.fastspec.instance_norm_prelu_pool_fwd(x, weight, pool, padding, float(eps))[0]
 
 
@@ -484,20 +317,9 @@ def spectrum_conv_block(y: torch.Tensor, conv_weight: torch.Tensor, conv_bias: t
     _check_spectrum_inputs(y, conv_weight, conv_bias, weight, pool, padding, eps, "spectrum_conv_block")
     dev = y.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else y.dtype
-    if torch.compiler.is_compiling():
-        backend = _resolve_at_trace_time(y.device)
-    else:
-        backend = resolve(y.device)
+    backend = backend_for(y.device)
     if backend != "numba" or y.requires_grad or y.dtype == torch.float64:
         x = torch.nn.functional.conv1d(y.unsqueeze(1), conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
         return instance_norm_prelu_pool(x, weight, pool, padding, eps)
     return torch.ops.fastspec.spectrum_block_fwd(y, conv_weight, conv_bias, weight, pool, padding, float(eps),
                                                  out_dtype)[0]
-
-
-def triton_compile_specs(dtype: str):
-    """(name, kernel, signature, constexprs) per Triton kernel variant, for compile-only checks
-    (`triton.compiler.ASTSource`); see conv_block_triton.triton_compile_specs."""
-    from .conv_block_triton import triton_compile_specs as specs
-
-    return specs(dtype)

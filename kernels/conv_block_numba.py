@@ -1,4 +1,5 @@
-"""numba CPU kernels for the encoder's element-wise block InstanceNorm1d → PReLU → MaxPool1d, fused.
+"""numba CPU kernels for the encoder's element-wise block InstanceNorm1d → PReLU → MaxPool1d, fused (with the
+first block's one-input-channel conv in front), and their torch-facing wrappers (the CPU implementation).
 
 Row r = n·C + c of x (N, C, L) is normalised with its own mean and biased variance, activated with the PReLU
 slope of channel c and max-pooled in windows of `pool` (stride `pool`, `pad` virtual -inf on each side, the
@@ -21,33 +22,21 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
-from llvmlite import ir
+import torch
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
-from .numba_utils import f32_from_bits
-
-# fastmath without nnan/ninf (NaN rows must stay NaN) and without anything that could make the backward's
-# recomputed activations differ from the forward's: they are the same (x − mean)·rstd and w·v products.
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
-
-@intrinsic
-def _bits_from_f32(typingctx, x):
-    sig = types.int64(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
-
-    return sig, codegen
+from .core import acc_dtype
+from .numba_utils import FASTMATH, bits_from_f32, f32_from_bits, flat_buffer
 
 
 def _ld(buf, i):  # pragma: no cover - replaced by the overload inside numba code
     return buf[i]
 
 
-@overload(_ld, fastmath=_FASTMATH)
+@overload(_ld, fastmath=FASTMATH)
 def _ld_impl(buf, i):
     """buf[i] as the accumulation type: uint16 buffers hold bfloat16 bits (the high half of a float32)."""
     if buf.dtype == types.uint16:
@@ -59,13 +48,13 @@ def _st(buf, i, v):  # pragma: no cover - replaced by the overload inside numba 
     buf[i] = v
 
 
-@overload(_st, fastmath=_FASTMATH)
+@overload(_st, fastmath=FASTMATH)
 def _st_impl(buf, i, v):
     """buf[i] = v, rounding to nearest even into bfloat16 bits for uint16 buffers (NaN stays a quiet NaN)."""
     if buf.dtype == types.uint16:
         def impl(buf, i, v):
             f = np.float32(v)
-            b = _bits_from_f32(f)
+            b = bits_from_f32(f)
             b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
             buf[i] = np.uint16(0x7FC0) if f != f else np.uint16(b & 0xFFFF)
 
@@ -77,7 +66,7 @@ def _st_impl(buf, i, v):
     return impl_float
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=FASTMATH)
 def _row_stats(xr, inv_L, eps, zero, one):
     """(mean, 1/sqrt(var + eps)) of one row, the variance from centred values (no E[x²] − mean² loss).
 
@@ -93,7 +82,7 @@ def _row_stats(xr, inv_L, eps, zero, one):
     return mu, one / math.sqrt(q * inv_L + eps)
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=FASTMATH)
 def _activate(xr, mu, rs, wc, zero, act):
     """act[t] = prelu((x[t] − mean)·rstd); returns Σ act, which is NaN iff the row holds a NaN (the values
     are finite otherwise: rstd ≤ 1/sqrt(eps)). Row slices are indexed from 0 so that the loop vectorises (an
@@ -115,18 +104,18 @@ def _activate(xr, mu, rs, wc, zero, act):
 # generic loop on the development machine).
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=FASTMATH, inline="always")
 def _max2(a, b):
     return b if b > a else a
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=FASTMATH, inline="always")
 def _argmax2(m, i, a, q):
     better = a > m  # strict: the first maximum wins, as torch
     return (a if better else m), (q if better else i)
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=FASTMATH)
 def _pool_row(padded, pool, pad, outr, nan_row, nan_value):
     """outr[j] = max of window j of the padded activations; in a row holding a NaN, windows with one give NaN
     (as torch's max_pool)."""
@@ -155,7 +144,7 @@ def _pool_row(padded, pool, pad, outr, nan_row, nan_value):
             _st(outr, j, m)
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=FASTMATH, inline="always")
 def _window_argmax(padded, pool, pad, args):
     """args[j] = position (in padded coordinates) of the first maximum of window j. Every window but the first
     starts on a real pixel; the first is scanned from its first real pixel, so the argmax is a real pixel
@@ -188,7 +177,7 @@ def _window_argmax(padded, pool, pad, args):
             args[j] = u
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+@njit(fastmath=FASTMATH, inline="always")
 def _bwd_row(xr, mu, rs, wc, gr, pool, pad, inv_L, zero, padded, args, vw, dv_row, dxr):
     """dx of one row into dxr (may alias xr: each element is read before it is written); returns the row's
     PReLU-slope gradient. `padded` must hold the row's activations (see `_activate`); args, vw (L_out,) and
@@ -221,9 +210,9 @@ def _bwd_row(xr, mu, rs, wc, gr, pool, pad, inv_L, zero, padded, args, vw, dv_ro
     return dw
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def conv_block_fwd_numba(xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out, eps, out, mean, rstd,
-                         rows_per_chunk):
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _fwd_kernel(xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out, eps, out, mean, rstd,
+                rows_per_chunk):
     """out (R·L_out,) = maxpool(prelu(instance_norm(x))) row by row; mean, rstd (R,) saved for the backward."""
     zero = mean.dtype.type(0.0)
     one = mean.dtype.type(1.0)
@@ -255,9 +244,9 @@ def conv_block_fwd_numba(xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out
                 _pool_row(padded, pool, pad, outr, total != total, nan_value)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out,
-                         mean, rstd, dx, dw_rows, rows_per_chunk):
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _bwd_kernel(gb, g_off, g_sn, g_sc, xb, x_off, x_sn, x_sc, C, L, wb, w_sc, pool, pad, L_out,
+                mean, rstd, dx, dw_rows, rows_per_chunk):
     """dx (R·L,) contiguous and the per-row PReLU-slope gradient dw_rows (R,) for the pooled gradient g."""
     zero = mean.dtype.type(0.0)
     inv_L = mean.dtype.type(1.0) / mean.dtype.type(L)
@@ -291,7 +280,7 @@ def conv_block_bwd_numba(gb, g_off, g_sn, g_sc, xb, x_off, x_sn, x_sc, C, L, wb,
 # and recomputed in the backward, which reduces the conv weight and bias gradients row by row.
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=FASTMATH)
 def _conv_row(yp, cw, cb, zero, buf):
     """buf[t] = cb + Σ_j cw[j]·yp[t + j]: one output channel of a one-input-channel conv over the zero-padded
     spectrum yp (4 spare zeros at its end). Taps go in groups of five written out, each group one pass over
@@ -318,7 +307,7 @@ def _conv_row(yp, cw, cb, zero, buf):
                 buf[t] += w0 * y0[t] + w1 * y1[t] + w2 * y2[t] + w3 * y3[t] + w4 * y4[t]
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=FASTMATH)
 def _pad_spectrum(yb, y_off, y_sn, n, L_in, cpad, yp, zero):
     """yp = the spectrum of row n with `cpad` zeros in front (the tail of yp stays zero)."""
     base = y_off + n * y_sn
@@ -328,9 +317,9 @@ def _pad_spectrum(yb, y_off, y_sn, n, L_in, cpad, yp, zero):
         ys[t] = _ld(yr, t)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def spectrum_block_fwd_numba(yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc, pool, pad, L_out, eps, out,
-                             mean, rstd, rows_per_chunk):
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _spectrum_fwd_kernel(yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc, pool, pad, L_out, eps, out,
+                         mean, rstd, rows_per_chunk):
     """out (R·L_out,) = maxpool(prelu(instance_norm(conv1d(y)))) for a conv with one input channel:
     cw (C, K) taps, cb (C,) bias, cpad zeros of padding, conv output length L."""
     zero = mean.dtype.type(0.0)
@@ -362,9 +351,9 @@ def spectrum_block_fwd_numba(yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc
             _pool_row(padded, pool, pad, outr, total != total, nan_value)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def spectrum_block_bwd_numba(gb, g_off, g_sn, g_sc, yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc,
-                             pool, pad, L_out, mean, rstd, dcw_rows, dcb_rows, dw_rows, rows_per_chunk):
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _spectrum_bwd_kernel(gb, g_off, g_sn, g_sc, yb, y_off, y_sn, L_in, cw, cb, cpad, C, L, wb, w_sc,
+                         pool, pad, L_out, mean, rstd, dcw_rows, dcb_rows, dw_rows, rows_per_chunk):
     """Per-row gradients of the conv taps dcw_rows (R, K), conv bias dcb_rows (R,) and PReLU slope
     dw_rows (R,); the caller sums them over the batch."""
     zero = mean.dtype.type(0.0)
@@ -406,3 +395,132 @@ def spectrum_block_bwd_numba(gb, g_off, g_sn, g_sc, yb, y_off, y_sn, L_in, cw, c
                 for t in range(L):
                     s += buf[t] * ys[t]
                 dcw_rows[r, j] = s
+
+
+# ---- torch-facing wrappers (CPU tensors in, CPU tensors out; inputs assumed checked) ---------------------
+
+
+def _rows_per_chunk(R: int) -> int:
+    # A few chunks per thread balance the load; chunks, not rows, because each allocates a row of scratch.
+    return max(1, -(-R // (4 * numba.get_num_threads())))
+
+
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """t detached, with unit stride along its last dim (copied if not) and fp16, which numba cannot read,
+    upcast; bf16 stays bf16 (read as bits)."""
+    t = t.detach()
+    if t.dtype == torch.float16:
+        t = t.float()
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+def _vector(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
+    """A small parameter or saved statistic as a contiguous numpy array of the accumulation dtype."""
+    return t.detach().to(acc).contiguous().view(-1).numpy()
+
+
+def _pooled_length(L: int, pool: int, padding: int) -> int:
+    return (L + 2 * padding - pool) // pool + 1
+
+
+def _slope_grad(dw_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The PReLU slopes' gradient from the per-row sums (N, C): per channel, or one shared slope."""
+    dw = dw_rows.sum(0) if weight.shape[0] > 1 else dw_rows.sum().reshape(1)
+    return dw.to(weight.dtype)
+
+
+def conv_block_fwd(x, weight, pool: int, padding: int, eps: float):
+    """(y (N, C, L_out) in x's dtype, mean (N, C), rstd (N, C) in the accumulation dtype)."""
+    N, C, L = x.shape
+    L_out = _pooled_length(L, pool, padding)
+    acc = acc_dtype(x.dtype)
+    out = torch.empty((N, C, L_out), dtype=x.dtype)
+    mean = torch.empty((N, C), dtype=acc)
+    rstd = torch.empty((N, C), dtype=acc)
+    if N * C == 0:
+        return out, mean, rstd
+    xo = _operand(x)
+    # fp16 x computes into an fp32 output (numba has no float16), cast back below
+    out_k = out if out.dtype != torch.float16 else torch.empty((N, C, L_out), dtype=torch.float32)
+    _fwd_kernel(flat_buffer(xo), 0, xo.stride(0), xo.stride(1), C, L, _vector(weight, acc),
+                1 if weight.shape[0] > 1 else 0, pool, padding, L_out, float(eps), flat_buffer(out_k),
+                mean.view(-1).numpy(), rstd.view(-1).numpy(), _rows_per_chunk(N * C))
+    if out_k is not out:
+        out.copy_(out_k)
+    return out, mean, rstd
+
+
+def conv_block_bwd(g, x, weight, mean, rstd, pool: int, padding: int):
+    """(dx (N, C, L) contiguous in x's dtype, dweight in weight's dtype) for the pooled gradient g."""
+    N, C, L = x.shape
+    L_out = _pooled_length(L, pool, padding)
+    acc = acc_dtype(x.dtype)
+    dx = torch.empty((N, C, L), dtype=x.dtype)
+    if N * C == 0:
+        return dx, torch.zeros_like(weight)
+    xo = _operand(x)
+    go = _operand(g)  # unit stride along L_out (an expanded gradient is copied)
+    if go.dtype != xo.dtype:
+        go = go.to(xo.dtype)  # the kernel reads g with x's decoder (bf16 bits or floats)
+    dx_k = dx if dx.dtype != torch.float16 else torch.empty((N, C, L), dtype=torch.float32)
+    dw_rows = torch.empty((N, C), dtype=acc)
+    _bwd_kernel(flat_buffer(go), 0, go.stride(0), go.stride(1), flat_buffer(xo), 0, xo.stride(0), xo.stride(1), C,
+                L, _vector(weight, acc), 1 if weight.shape[0] > 1 else 0, pool, padding, L_out, _vector(mean, acc),
+                _vector(rstd, acc), flat_buffer(dx_k), dw_rows.view(-1).numpy(), _rows_per_chunk(N * C))
+    if dx_k is not dx:
+        dx.copy_(dx_k)
+    return dx, _slope_grad(dw_rows, weight)
+
+
+def _spectrum_args(y, conv_weight, conv_bias, weight, acc):
+    """(spectra, conv taps (C, K), conv bias, slopes, slope stride, conv padding, conv output length) as the
+    spectrum kernels take them."""
+    C, _, K = conv_weight.shape
+    cpad = K // 2
+    L = y.shape[1] + 2 * cpad - K + 1
+    return (y.detach().to(acc).contiguous().view(-1).numpy(), _vector(conv_weight, acc).reshape(C, K),
+            _vector(conv_bias, acc), _vector(weight, acc), 1 if weight.shape[0] > 1 else 0, cpad, L)
+
+
+def spectrum_block_fwd(y, conv_weight, conv_bias, weight, pool: int, padding: int, eps: float, out_dtype):
+    """(out (N, C, L_out) in out_dtype, mean (N, C), rstd (N, C)) of Conv1d(1, C, K) → the block, the conv
+    output never stored."""
+    N, L_in = y.shape
+    C = conv_weight.shape[0]
+    acc = acc_dtype(y.dtype)
+    yb, cw, cb, wb, w_sc, cpad, L = _spectrum_args(y, conv_weight, conv_bias, weight, acc)
+    L_out = _pooled_length(L, pool, padding)
+    out = torch.empty((N, C, L_out), dtype=out_dtype)
+    mean = torch.empty((N, C), dtype=acc)
+    rstd = torch.empty((N, C), dtype=acc)
+    if N * C == 0:
+        return out, mean, rstd
+    out_k = out if out_dtype in (acc, torch.bfloat16) else torch.empty((N, C, L_out), dtype=acc)
+    _spectrum_fwd_kernel(yb, 0, L_in, L_in, cw, cb, cpad, C, L, wb, w_sc, pool, padding, L_out, float(eps),
+                         flat_buffer(out_k), mean.view(-1).numpy(), rstd.view(-1).numpy(), _rows_per_chunk(N * C))
+    if out_k is not out:
+        out.copy_(out_k)
+    return out, mean, rstd
+
+
+def spectrum_block_bwd(g, y, conv_weight, conv_bias, weight, mean, rstd, pool: int, padding: int):
+    """(d conv_weight, d conv_bias, d weight), each in its parameter's dtype, for the upstream gradient g."""
+    N, L_in = y.shape
+    C, _, K = conv_weight.shape
+    acc = acc_dtype(y.dtype)
+    dcw = torch.zeros((N, C, K), dtype=acc)
+    dcb = torch.zeros((N, C), dtype=acc)
+    dw = torch.zeros((N, C), dtype=acc)
+    if N * C:
+        yb, cw, cb, wb, w_sc, cpad, L = _spectrum_args(y, conv_weight, conv_bias, weight, acc)
+        go = _operand(g)
+        if go.dtype not in (acc, torch.bfloat16):
+            go = go.to(acc)
+        _spectrum_bwd_kernel(flat_buffer(go), 0, go.stride(0), go.stride(1), yb, 0, L_in, L_in, cw, cb, cpad, C, L,
+                             wb, w_sc, pool, padding, _pooled_length(L, pool, padding), _vector(mean, acc),
+                             _vector(rstd, acc), dcw.view(N * C, K).numpy(), dcb.view(-1).numpy(),
+                             dw.view(-1).numpy(), _rows_per_chunk(N * C))
+    return (dcw.sum(0).reshape(conv_weight.shape).to(conv_weight.dtype), dcb.sum(0).to(conv_bias.dtype),
+            _slope_grad(dw, weight))

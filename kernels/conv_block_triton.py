@@ -1,5 +1,5 @@
 """Triton kernels for the fused InstanceNorm1d → PReLU → MaxPool1d block (see conv_block.py), forward and
-backward.
+backward, and their launchers (the CUDA implementation).
 
 A program handles BLOCK_R rows r = n·C + c. The forward reads each row twice: once in chunks of BLOCK_L for
 the statistics (per-chunk mean and centred sum of squares merged with Chan's formula: one read, no
@@ -18,16 +18,12 @@ signatures for compile-only checks.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Elements per program tile: 4 warps -> 16 per thread on a GPU; the interpreter pays per program, not per element.
-_GPU_TILE = 2048
-_INTERPRET_TILE = 16384
+from .core import acc_dtype
+from .triton_utils import GPU_TILE, TILE, device_guard, spec_dtype, tl_acc_dtype
 
 
 @triton.jit
@@ -168,13 +164,9 @@ def conv_block_bwd_kernel(
         tl.store(dx_ptr + (dx_row[:, None, None] + t[None, :, :]), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _blocks(R: int, L: int, L_out: int, pool: int, block_r=None, block_j=None) -> tuple[int, int, int, int]:
+def _blocks(R: int, L: int, L_out: int, pool: int, block_r=None, block_j=None,
+            tile: int = TILE) -> tuple[int, int, int, int]:
     """(POOL_P2, BLOCK_R, BLOCK_J, BLOCK_L), powers of two; explicit values (tests) override the heuristic."""
-    tile = _INTERPRET_TILE if _INTERPRET else _GPU_TILE
     pool_p2 = triton.next_power_of_2(pool)
     if block_j is None:
         block_j = max(1, min(triton.next_power_of_2(triton.cdiv(L + pool, pool)), max(1, tile // pool_p2)))
@@ -184,23 +176,17 @@ def _blocks(R: int, L: int, L_out: int, pool: int, block_r=None, block_j=None) -
     return pool_p2, block_r, block_j, block_l
 
 
-def _device_guard(t: torch.Tensor):
-    import contextlib
-
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def conv_block_fwd_triton(x: torch.Tensor, weight: torch.Tensor, pool: int, padding: int, eps: float,
+def conv_block_fwd(x: torch.Tensor, weight: torch.Tensor, pool: int, padding: int, eps: float,
                           block_r: int | None = None, block_j: int | None = None):
     """(out (N, C, L_out) in x's dtype, mean (N, C), rstd (N, C)); inputs assumed checked."""
     x = _unit_stride(x)
     N, C, L = x.shape
     L_out = (L + 2 * padding - pool) // pool + 1
-    acc_tl, acc = _acc(x.dtype)
+    acc, acc_tl = acc_dtype(x.dtype), tl_acc_dtype(x.dtype)
     out = torch.empty((N, C, L_out), dtype=x.dtype, device=x.device)
     mean = torch.empty((N, C), dtype=acc, device=x.device)
     rstd = torch.empty((N, C), dtype=acc, device=x.device)
@@ -208,7 +194,7 @@ def conv_block_fwd_triton(x: torch.Tensor, weight: torch.Tensor, pool: int, padd
     if R == 0:
         return out, mean, rstd
     pool_p2, BLOCK_R, BLOCK_J, BLOCK_L = _blocks(R, L, L_out, pool, block_r, block_j)
-    with _device_guard(x):
+    with device_guard(x):
         conv_block_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](
             x, weight, out, mean, rstd, R, C, L, L_out, x.stride(0), x.stride(1),
             1 if weight.shape[0] > 1 else 0, float(eps), POOL=pool, PAD=padding, POOL_P2=pool_p2,
@@ -217,14 +203,14 @@ def conv_block_fwd_triton(x: torch.Tensor, weight: torch.Tensor, pool: int, padd
     return out, mean, rstd
 
 
-def conv_block_bwd_triton(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+def conv_block_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                           rstd: torch.Tensor, pool: int, padding: int, block_r: int | None = None,
                           block_j: int | None = None):
     """(dx (N, C, L) contiguous in x's dtype, dweight in weight's dtype) for the pooled gradient g."""
     x = _unit_stride(x)
     N, C, L = x.shape
     L_out = (L + 2 * padding - pool) // pool + 1
-    acc_tl, acc = _acc(x.dtype)
+    acc, acc_tl = acc_dtype(x.dtype), tl_acc_dtype(x.dtype)
     dx = torch.empty((N, C, L), dtype=x.dtype, device=x.device)
     R = N * C
     if R == 0:
@@ -233,7 +219,7 @@ def conv_block_bwd_triton(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     mean = mean.to(acc).contiguous()
     rstd = rstd.to(acc).contiguous()
     pool_p2, BLOCK_R, BLOCK_J, _ = _blocks(R, L, L_out, pool, block_r, block_j)
-    with _device_guard(x):
+    with device_guard(x):
         conv_block_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](
             g, x, weight, mean, rstd, dx, dw_rows, R, C, L, L_out, *g.stride(), x.stride(0), x.stride(1),
             1 if weight.shape[0] > 1 else 0, POOL=pool, PAD=padding, POOL_P2=pool_p2,
@@ -243,18 +229,11 @@ def conv_block_bwd_triton(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     return dx, dw.to(weight.dtype)
 
 
-_TL_NAMES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp64": "fp64"}
-
-
 def triton_compile_specs(dtype: str) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, signature, constexprs) for `triton.compiler.ASTSource`, one per kernel variant, for x of
     `dtype` ('fp32', 'fp16', 'bf16'; 'fp64' too) at the encoder's three SDSS blocks: (pool 5, pad 2) on
     L = 3921, (11, 5) on 785 and no pooling on 72. PReLU slopes are fp32 parameters, mean/rstd fp32."""
-    if dtype not in _TL_NAMES:
-        raise ValueError(f"triton_compile_specs: dtype must be one of {', '.join(_TL_NAMES)}, got {dtype!r}")
-    ptr = "*" + _TL_NAMES[dtype]
-    acc_tl = tl.float64 if dtype == "fp64" else tl.float32
-    acc_ptr = "*fp64" if dtype == "fp64" else "*fp32"
+    ptr, acc_ptr, acc_tl, _ = spec_dtype(dtype, "conv_block_triton.triton_compile_specs")
     sizes = {"R": "i64", "C": "i32", "L": "i32", "L_out": "i32"}
     fwd_sig = {"x_ptr": ptr, "w_ptr": "*fp32", "out_ptr": ptr, "mean_ptr": acc_ptr, "rstd_ptr": acc_ptr, **sizes,
                "x_sn": "i64", "x_sc": "i64", "w_sc": "i32", "eps": "fp32", "POOL": "constexpr",
@@ -267,12 +246,7 @@ def triton_compile_specs(dtype: str) -> list[tuple[str, object, dict, dict]]:
     specs = []
     for name, L, pool, pad in (("block1", 3921, 5, 2), ("block2", 785, 11, 5), ("block3", 72, 1, 0)):
         L_out = (L + 2 * pad - pool) // pool + 1
-        pool_p2, br, bj, bl = _blocks(64 * 128, L, L_out, pool)
-        if _INTERPRET:  # the heuristic above sizes for the interpreter; compile the GPU sizes
-            tile = _GPU_TILE
-            bj = max(1, min(triton.next_power_of_2(triton.cdiv(L + pool, pool)), max(1, tile // pool_p2)))
-            br = max(1, tile // (bj * pool_p2))
-            bl = max(16, min(triton.next_power_of_2(L), max(16, tile // br)))
+        pool_p2, br, bj, bl = _blocks(64 * 128, L, L_out, pool, tile=GPU_TILE)  # GPU sizes, even when interpreting
         common = {"POOL": pool, "PAD": pad, "POOL_P2": pool_p2, "BLOCK_R": br, "BLOCK_J": bj, "ACC_DTYPE": acc_tl}
         specs.append((f"conv_block_fwd_{name}", conv_block_fwd_kernel, fwd_sig, {**common, "BLOCK_L": bl}))
         specs.append((f"conv_block_bwd_{name}", conv_block_bwd_kernel, bwd_sig, common))

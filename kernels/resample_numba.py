@@ -1,9 +1,9 @@
-"""numba CPU kernels for the redshift-resample ops (the CPU implementation of the fastspec:: custom ops).
+"""numba CPU kernels of the generic resample op, and their torch-facing wrappers (the CPU implementation).
 
-Generic form (see resample_ref): row n of the source x (N, R) is sampled at u = c[l]·a[n] + b[n].
-Coordinates are computed in float64 (cheap on a CPU, and it keeps the valid mask identical to the float64
-reference away from exact ties); values are computed in fp32 (float64 for float64 inputs, so gradcheck
-works); half inputs are upcast to fp32 at the boundary (numba has no float16/bfloat16).
+Row n of the source x (N, R) is sampled at u = c[l]·a[n] + b[n] (see resample_coeffs). Coordinates are
+computed in float64 (cheap on a CPU, and it keeps the valid mask identical to the float64 reference away
+from exact ties); values in fp32 (float64 for float64 inputs, so gradcheck works); half inputs are upcast to
+fp32 at the boundary (numba has no float16/bfloat16).
 Parallel over chunks of spectra; each spectrum is walked serially in l, so the scatter-add of the backward
 needs no atomics and is deterministic. Each block of output pixels takes two passes: a vectorised one for
 the coordinates (i, t) into small scratch rows, then the gathers/scatters.
@@ -14,12 +14,14 @@ import numba
 import numpy as np
 import torch
 
-# Every fast-math flag except nnan/ninf: NaN redshifts and fluxes must still be seen by the comparisons.
-_FASTMATH = {"contract", "arcp", "nsz", "reassoc", "afn"}
-_jit = numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, nogil=True)
+from .core import acc_dtype
+from .numba_utils import FASTMATH
+from .resample_coeffs import OBS_LIN, OBS_LOG, REST_LIN, REST_LOG
+
+_jit = numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 
 
-@numba.njit(fastmath=_FASTMATH, inline="always")
+@numba.njit(fastmath=FASTMATH, inline="always")
 def _coords(c, l0, l1, an, bn, R, ib, tb, vb=None):
     """Pass 1 over output pixels l0 ≤ l < l1 of one spectrum: rest pixel ib[l−l0] (−1 where not valid),
     weight tb[l−l0] and, when vb is given, the valid mask (stored here, vectorised, rather than in the gather
@@ -75,7 +77,7 @@ def _fwd(x, c, a, b, out, valid, nchunk):
                         ob[j] = 0.0
 
 
-@numba.njit(fastmath=_FASTMATH, inline="always")
+@numba.njit(fastmath=FASTMATH, inline="always")
 def _scatter(i, t, G, xr, gxr, cj, need_ab, sa, sb):
     """One output pixel's share of the backward: G into rest pixels i, i+1; the running sums of ∂/∂a, ∂/∂b."""
     if i >= 0:
@@ -129,9 +131,12 @@ def _bwd(g, x, c, a, b, gx, gab, need_ab, nchunk):
 
 
 @_jit
-def _loss_fwd(x, c, a, b, y, w, out, nchunk):
+def _loss_fwd(x, c, a, b, y, w, out, wout, nchunk):
+    """out[n] = Σ_l w·valid·(y − ŷ)²; and, when wout is not empty, wout[n] = Σ_l w·valid (the loss's
+    denominator, a second independent sum chain in the same walk: it costs nothing next to the gathers)."""
     N, R = x.shape
     L = c.shape[0]
+    weight = wout.shape[0] > 0
     for k in numba.prange(nchunk):
         ib = np.empty(BLOCK, np.int32)
         tb = np.empty(BLOCK, x.dtype)
@@ -141,6 +146,7 @@ def _loss_fwd(x, c, a, b, y, w, out, nchunk):
             yr = y[n]
             wr = w[n]
             s = 0.0
+            sw = 0.0
             for l0 in range(0, L, BLOCK):
                 l1 = min(l0 + BLOCK, L)
                 _coords(c, l0, l1, a[n], b[n], R, ib, tb)
@@ -153,10 +159,13 @@ def _loss_fwd(x, c, a, b, y, w, out, nchunk):
                         x0 = xr[i]
                         r = yb[j] - (x0 + tb[j] * (xr[i + 1] - x0))
                         s += wl * r * r
+                        sw += wl
             out[n] = s
+            if weight:
+                wout[n] = sw
 
 
-@numba.njit(fastmath=_FASTMATH, inline="always")
+@numba.njit(fastmath=FASTMATH, inline="always")
 def _scatter_loss(i, t, wl, yl, g2, xr, gxr, cj, need_ab, sa, sb):
     """_scatter for the loss: G = −2·g·w·(y − ŷ), skipping w = 0 pixels (y may be NaN there)."""
     if i >= 0 and wl != 0.0:
@@ -214,35 +223,45 @@ def _loss_bwd(gl, x, c, a, b, y, w, gx, gab, need_ab, nchunk):
             gab[p, 1] = sb
 
 
-# ---- coefficients of the public ops (resample.py derives the same in torch for the custom-op route) ------
+# ---- coefficients of the public ops (resample_coeffs derives the same in torch for the other routes) ------
 
-REST, OBS_LOG, OBS_LIN = 0, 1, 2
+# The jitted code below bakes these in, and numba's cache is keyed on this file only: an edit of the numbers
+# in resample_coeffs alone would leave stale compiled coefficients behind. This guard makes it an edit here.
+assert (REST_LIN, REST_LOG, OBS_LOG, OBS_LIN) == (0, 1, 2, 3), "edit coefficients() with the mode numbers"
 
 
 @numba.njit(cache=True)
 def coefficients(mode, z, z_new, p0, p1):
     """Six float64 (N,) arrays a, b, ∂a/∂z, ∂b/∂z, ∂a/∂z_new, ∂b/∂z_new for the redshifts z (and z_new).
 
-    mode REST (resample; p0 = λ0, p1 = Δ of the restframe grid; z_new unused), OBS_LOG (redshift_observed on a
+    mode (resample_coeffs): REST_LIN (resample; p0 = λ0, p1 = Δ of the restframe grid; z_new unused), REST_LOG
+    (resample on a log-linear restframe grid; p1 = Δlog10λ; z_new unused), OBS_LOG (redshift_observed on a
     log-linear grid; p1 = Δlog10λ), OBS_LIN (on a linear grid; p0 = λ0, p1 = Δ). A row whose z or z_new is
     not finite or ≤ −1 gets a = NaN (no valid pixel) and zero derivatives. One call instead of a dozen small
     array operations: the eager path's coefficients cost ~2 µs.
     """
     N = z.shape[0]
     out = np.zeros((6, N))
+    rest = mode == REST_LIN or mode == REST_LOG
+    log = mode == REST_LOG or mode == OBS_LOG
     for n in range(N):
         zz = np.float64(z[n])  # float32 redshifts are widened here, not copied beforehand
-        zq = np.float64(z_new[n]) if mode != REST else 0.0
+        zq = 0.0 if rest else np.float64(z_new[n])
         ok = np.isfinite(zz) and zz > -1.0 and np.isfinite(zq) and zq > -1.0
         if not ok:
             out[0, n] = np.nan
-            out[1, n] = 0.0 if mode == OBS_LOG else -p0 / p1
+            out[1, n] = 0.0 if log else -p0 / p1
             continue
-        if mode == REST:  # u = λ_obs/((1+z)Δ) − λ0/Δ
+        if mode == REST_LIN:  # u = λ_obs/((1+z)Δ) − λ0/Δ
             a = 1.0 / ((1.0 + zz) * p1)
             out[0, n] = a
             out[1, n] = -p0 / p1
             out[2, n] = -a / (1.0 + zz)
+        elif mode == REST_LOG:  # u = c − log10(1+z)/Δ
+            k = 1.0 / (np.log(10.0) * p1)
+            out[0, n] = 1.0
+            out[1, n] = -np.log1p(zz) * k
+            out[3, n] = -k / (1.0 + zz)
         elif mode == OBS_LOG:  # u = l + log10((1+z)/(1+z_new))/Δ
             k = 1.0 / (np.log(10.0) * p1)
             out[0, n] = 1.0
@@ -276,10 +295,6 @@ def _nchunk(N: int) -> int:
     return max(1, min(N // 2, 4 * numba.config.NUMBA_NUM_THREADS))
 
 
-def _cd(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _np(t, dtype) -> np.ndarray:
     """A C-contiguous numpy view (copy only when a cast or a gather of strides is needed)."""
     if isinstance(t, np.ndarray):  # the eager path's float64 grid and coefficients
@@ -304,7 +319,7 @@ def _as_dtype(a: np.ndarray, dtype) -> torch.Tensor:
 def resample_fwd(x, c, a, b):
     N, R = x.shape
     L = c.shape[0]
-    cd = _cd(x.dtype)
+    cd = acc_dtype(x.dtype)
     out = np.empty((N, L), _NP[cd])
     valid = np.empty((N, L), np.bool_)
     if N and L:
@@ -316,7 +331,7 @@ def resample_fwd(x, c, a, b):
 def resample_bwd(g, x, c, a, b, need_ab: bool, deterministic: bool = True):
     # always deterministic: each spectrum is walked serially, without atomics
     N, R = x.shape
-    cd = _cd(x.dtype)
+    cd = acc_dtype(x.dtype)
     gx = (np.empty if c.shape[0] else np.zeros)((N, R), _NP[cd])  # the kernel zeroes the rows it walks
     gab = np.zeros((N, 2))
     if N and c.shape[0]:
@@ -325,19 +340,24 @@ def resample_bwd(g, x, c, a, b, need_ab: bool, deterministic: bool = True):
     return _as_dtype(gx, x.dtype), torch.from_numpy(gab)
 
 
-def resample_loss_fwd(x, c, a, b, y, w):
+_NO_WEIGHT = np.empty(0)
+
+
+def resample_loss_fwd(x, c, a, b, y, w, weight: bool = False):
+    """(loss (N,), Σ w·valid (N,) when `weight`, else None), in the accumulation dtype."""
     N = x.shape[0]
-    cd = _cd(x.dtype)
+    cd = acc_dtype(x.dtype)
     out = np.zeros(N)
+    wout = np.zeros(N) if weight else _NO_WEIGHT
     if N and c.shape[0]:
         _loss_fwd(_np(x, cd), _np(c, torch.float64), _np(a, torch.float64), _np(b, torch.float64),
-                  _np(y, cd), _np(w, cd), out, _nchunk(N))
-    return _as_dtype(out, cd)
+                  _np(y, cd), _np(w, cd), out, wout, _nchunk(N))
+    return _as_dtype(out, cd), (_as_dtype(wout, cd) if weight else None)
 
 
 def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool, deterministic: bool = True):
     N, R = x.shape
-    cd = _cd(x.dtype)
+    cd = acc_dtype(x.dtype)
     gx = (np.empty if c.shape[0] else np.zeros)((N, R), _NP[cd])  # the kernel zeroes the rows it walks
     gab = np.zeros((N, 2))
     if N and c.shape[0]:

@@ -1,4 +1,4 @@
-"""Plain-torch references for the redshift-resample ops (the 'torch' backend, tests and benchmarks).
+"""Plain-torch references of the redshift-resample ops (the 'torch' backend, tests and benchmarks).
 
 Two formulations, kept independent on purpose:
 
@@ -10,16 +10,14 @@ Two formulations, kept independent on purpose:
 * the searchsorted formulation of spender (`interp1d`, `resample_searchsorted`,
   `redshift_observed_searchsorted`): wavelength arrays, `torch.searchsorted`, gathers — what spender 0.3
   does in `spender.util.interp1d` and `SpectrumDecoder.transform`, re-stated here because importing spender
-  pulls in optional dependencies (nflows).
+  pulls in optional dependencies (nflows). With `loglinear` it interpolates linearly in log λ instead, as the
+  kernels do on log-linear grids.
 """
 from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half inputs are computed in fp32, like the kernels; float64 stays float64 (gradcheck).
-    return torch.promote_types(dtype, torch.float32)
+from .core import acc_dtype
 
 
 def _interp_index(x, c, a, b):
@@ -29,7 +27,7 @@ def _interp_index(x, c, a, b):
     valid = (u >= 0) & (u <= R - 1) & (a[:, None] > 0)
     us = torch.where(valid, u, torch.zeros((), dtype=u.dtype, device=u.device))
     i = us.detach().floor().to(torch.int64).clamp_(max=R - 2)
-    cd = _compute_dtype(x.dtype)
+    cd = acc_dtype(x.dtype)
     t = (us - i).to(cd)
     xf = x.to(cd)
     x0 = xf.gather(1, i)
@@ -44,14 +42,17 @@ def resample_index(x, c, a, b):
     return y.to(x.dtype), valid
 
 
-def resample_loss_index(x, c, a, b, y, w):
-    """Per-spectrum Σ_l w·valid·(y − ŷ)² (pixels with w = 0 or not valid are skipped, even if y is NaN there)."""
+def resample_loss_index(x, c, a, b, y, w, weight: bool = False):
+    """Per-spectrum Σ_l w·valid·(y − ŷ)² (pixels with w = 0 or not valid are skipped, even if y is NaN there);
+    with `weight`, (that, Σ_l w·valid) — the second without gradient."""
     yhat, valid = _interp_index(x, c, a, b)
     cd = yhat.dtype
     m = valid & (w != 0)
     zero = torch.zeros((), dtype=cd, device=x.device)
     r = torch.where(m, y.to(cd) - yhat, zero)
-    return (torch.where(m, w.to(cd), zero) * r * r).sum(1)
+    wm = torch.where(m, w.to(cd), zero)
+    loss = (wm * r * r).sum(1)
+    return (loss, wm.detach().sum(1)) if weight else loss
 
 
 # ---- spender's searchsorted formulation -------------------------------------------------------------------
@@ -75,21 +76,25 @@ def interp1d(x, y, xnew):
     return ynew.to(y.dtype)
 
 
-def resample_searchsorted(spec_rest, z, wave_rest, wave_obs):
+def resample_searchsorted(spec_rest, z, wave_rest, wave_obs, loglinear: bool = False):
     """spender's SpectrumDecoder.transform: redshift the restframe grid per spectrum, searchsorted, gather.
 
     Returns (spec_obs (N, L), valid (N, L)); valid includes both ends, like the kernels (spender: strict).
+    `loglinear`: interpolate linearly in log λ (for a restframe grid uniform in log λ).
     """
     zf = (1 + z)[:, None]
     wave_redshifted = wave_rest[None, :] * zf
-    spec = interp1d(wave_redshifted, spec_rest, wave_obs)
+    if loglinear:
+        spec = interp1d(torch.log10(wave_redshifted), spec_rest, torch.log10(wave_obs))
+    else:
+        spec = interp1d(wave_redshifted, spec_rest, wave_obs)
     valid = (wave_obs[None, :] >= wave_rest[0] * zf) & (wave_obs[None, :] <= wave_rest[-1] * zf)
     spec = torch.where(valid, spec, torch.zeros((), dtype=spec.dtype, device=spec.device))
     return spec, valid
 
 
-def resample_loss_searchsorted(spec_rest, z, wave_rest, wave_obs, y, w):
-    spec, valid = resample_searchsorted(spec_rest, z, wave_rest, wave_obs)
+def resample_loss_searchsorted(spec_rest, z, wave_rest, wave_obs, y, w, loglinear: bool = False):
+    spec, valid = resample_searchsorted(spec_rest, z, wave_rest, wave_obs, loglinear)
     m = valid & (w != 0)
     zero = torch.zeros((), dtype=spec.dtype, device=spec.device)
     r = torch.where(m, y.to(spec.dtype) - spec, zero)

@@ -1,14 +1,15 @@
-"""Triton kernels for the redshift-resample ops (the CUDA implementation of the fastspec:: custom ops;
-on CPU tensors they run in the Triton interpreter, which is how the tests check them without a GPU).
+"""Triton kernels of the generic resample op and their launchers (the CUDA implementation; on CPU tensors
+they run in the Triton interpreter, which is how the tests check them without a GPU).
 
-Generic form (see resample_ref): row n of the source x (N, R) is sampled at u = c[l]·a[n] + b[n]; c, a, b are
+Generic form (see resample_coeffs): row n of the source x (N, R) is sampled at u = c[l]·a[n] + b[n]; c, a, b are
 float64 so the index arithmetic is exact to ~1e-12 pixels (fp32 would be ±5e-4 pixels at R ≈ 6000); every
 value load is upcast to the accumulation dtype ACC (fp32; fp64 for the float64 gradcheck) right away.
 Row offsets are int64 (`n.to(tl.int64) * stride`): N·L passes 2³¹ at survey scale.
 
 Kernels:
 * `_fwd_kernel`            ŷ and valid, grid (N, cdiv(L, BLOCK_L)).
-* `_loss_fwd_kernel`       per-block partial Σ w·(y−ŷ)², summed per row on the host side (deterministic).
+* `_loss_fwd_kernel`       per-block partial Σ w·(y−ŷ)² and Σ w over the used pixels, summed per row on the
+                           host side (deterministic).
 * `_bwd_scatter_kernel`    backward by scatter with fp32 atomics (fast, order of adds not fixed); the
                            gradients to a, b as per-block partials.
 * `_bwd_gather_kernel`     deterministic backward: one program per block of rest pixels j gathers the
@@ -19,17 +20,22 @@ upstream gradient instead of g[n, l]; nothing of size N×L is saved between forw
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import block_size, torch_dtype_name
+from .core import acc_dtype
+from .triton_utils import block_size, device_guard, spec_dtype, tl_acc_dtype
 
 MAX_BLOCK_L = 1024  # output pixels per program (tests lower these to exercise several blocks per row)
 MAX_BLOCK_J = 256  # rest pixels per program in the gather backward
 NUM_WARPS = 4
+
+# Kernel arguments shared by every kernel below:
+#   x_ptr: (N, R) source spectra, rows with stride `stride_x`, unit stride along R; any float dtype
+#   c_ptr: (L,) float64 grid coordinate of each output pixel; a_ptr, b_ptr: (N,) float64 coefficients
+#   R, L: source and output pixels per row
+#   ACC: accumulation dtype (fp32; fp64 for float64 inputs)
 
 
 @triton.jit
@@ -45,70 +51,81 @@ def _coords(c, an, bn, R, ACC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, out_ptr, valid_ptr, R, L, stride_x, stride_out, stride_valid,
-                ACC: tl.constexpr, BLOCK_L: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+def _sample(x_ptr, c_ptr, a_ptr, b_ptr, n, offs, R, L, stride_x, ACC: tl.constexpr, LOAD_X: tl.constexpr):
+    """The coordinate/load block of the kernels that walk output pixels `offs` of row n: (in range, c,
+    inside, i, t, x[i], x[i+1]); ŷ = x[i] + t·(x[i+1] − x[i]). The x values are loaded only when LOAD_X."""
     m = offs < L
     c = tl.load(c_ptr + offs, mask=m, other=0.0)
     an = tl.load(a_ptr + n)
     bn = tl.load(b_ptr + n)
     inside, i, t = _coords(c, an, bn, R, ACC)
     inside = inside & m
-    xrow = x_ptr + n * stride_x
-    x0 = tl.load(xrow + i, mask=inside, other=0.0).to(ACC)
-    x1 = tl.load(xrow + i + 1, mask=inside, other=0.0).to(ACC)
+    if LOAD_X:
+        xrow = x_ptr + n * stride_x
+        x0 = tl.load(xrow + i, mask=inside, other=0.0).to(ACC)
+        x1 = tl.load(xrow + i + 1, mask=inside, other=0.0).to(ACC)
+    else:
+        x0 = t * 0.0
+        x1 = x0
+    return m, c, inside, i, t, x0, x1
+
+
+@triton.jit
+def _residual(y_ptr, w_ptr, n, l, stride_y, stride_w, inside, yhat, ACC: tl.constexpr):
+    """(used, w, y − ŷ) at output pixels l of row n: a pixel is used when inside the restframe grid and w ≠ 0
+    (w = 0 pixels are skipped even when y is NaN there); w and y − ŷ are meaningful where used only."""
+    yl = tl.load(y_ptr + n * stride_y + l, mask=inside, other=0.0).to(ACC)
+    wl = tl.load(w_ptr + n * stride_w + l, mask=inside, other=0.0).to(ACC)
+    return inside & (wl != 0.0), wl, yl - yhat
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, out_ptr, valid_ptr,  # out: (N, L) in x's dtype; valid: (N, L) u8
+                R, L, stride_x, stride_out, stride_valid,  # row strides in elements
+                ACC: tl.constexpr, BLOCK_L: tl.constexpr):  # grid (N, cdiv(L, BLOCK_L))
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    m, c, inside, i, t, x0, x1 = _sample(x_ptr, c_ptr, a_ptr, b_ptr, n, offs, R, L, stride_x, ACC, True)
     y = tl.where(inside, x0 + t * (x1 - x0), 0.0)
     tl.store(out_ptr + n * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=m)
     tl.store(valid_ptr + n * stride_valid + offs, inside.to(tl.uint8), mask=m)
 
 
 @triton.jit
-def _loss_fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr, part_ptr, R, L, stride_x, stride_y, stride_w,
-                     n_blocks, ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+def _loss_fwd_kernel(x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr,  # y, w: (N, L) data and weights
+                     part_ptr,  # (N, 2, n_blocks) ACC: per-block Σ w·(y − ŷ)² and Σ w over used pixels
+                     R, L, stride_x, stride_y, stride_w, n_blocks,
+                     ACC: tl.constexpr, BLOCK_L: tl.constexpr):  # grid (N, n_blocks)
     n = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs = blk * BLOCK_L + tl.arange(0, BLOCK_L)
-    m = offs < L
-    c = tl.load(c_ptr + offs, mask=m, other=0.0)
-    an = tl.load(a_ptr + n)
-    bn = tl.load(b_ptr + n)
-    inside, i, t = _coords(c, an, bn, R, ACC)
-    inside = inside & m
-    xrow = x_ptr + n * stride_x
-    x0 = tl.load(xrow + i, mask=inside, other=0.0).to(ACC)
-    x1 = tl.load(xrow + i + 1, mask=inside, other=0.0).to(ACC)
-    yl = tl.load(y_ptr + n * stride_y + offs, mask=inside, other=0.0).to(ACC)
-    wl = tl.load(w_ptr + n * stride_w + offs, mask=inside, other=0.0).to(ACC)
-    use = inside & (wl != 0.0)  # w = 0 pixels are skipped even when y is NaN there
-    r = tl.where(use, yl - (x0 + t * (x1 - x0)), 0.0)
-    s = tl.sum(tl.where(use, wl, 0.0) * r * r, axis=0)
-    tl.store(part_ptr + n * n_blocks + blk, s)
+    m, c, inside, i, t, x0, x1 = _sample(x_ptr, c_ptr, a_ptr, b_ptr, n, offs, R, L, stride_x, ACC, True)
+    use, wl, r = _residual(y_ptr, w_ptr, n, offs, stride_y, stride_w, inside, x0 + t * (x1 - x0), ACC)
+    r = tl.where(use, r, 0.0)
+    wl = tl.where(use, wl, 0.0)
+    base = part_ptr + n * 2 * n_blocks + blk
+    tl.store(base, tl.sum(wl * r * r, axis=0))
+    tl.store(base + n_blocks, tl.sum(wl, axis=0))
 
 
 @triton.jit
-def _bwd_scatter_kernel(g_ptr, gl_ptr, x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr, gx_ptr, gab_ptr,
+def _bwd_scatter_kernel(g_ptr,  # (N, L) upstream gradient of ŷ (resample)
+                        gl_ptr,  # (N,) ACC upstream gradient of the loss (resample_loss)
+                        x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr,
+                        gx_ptr,  # (N, R) ACC, zeroed: ∂/∂x, accumulated with atomics
+                        gab_ptr,  # (N, n_blocks, 2) ACC: per-block partials of ∂/∂a, ∂/∂b
                         R, L, stride_g, stride_x, stride_y, stride_w, stride_gx, n_blocks,
-                        LOSS: tl.constexpr, NEED_AB: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+                        LOSS: tl.constexpr,  # resample_loss (G from gl, y, w, recomputed ŷ) or resample (G = g)
+                        NEED_AB: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr):  # grid (N, n_blocks)
     n = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs = blk * BLOCK_L + tl.arange(0, BLOCK_L)
-    m = offs < L
-    c = tl.load(c_ptr + offs, mask=m, other=0.0)
-    an = tl.load(a_ptr + n)
-    bn = tl.load(b_ptr + n)
-    inside, i, t = _coords(c, an, bn, R, ACC)
-    inside = inside & m
-    xrow = x_ptr + n * stride_x
-    if LOSS or NEED_AB:
-        x0 = tl.load(xrow + i, mask=inside, other=0.0).to(ACC)
-        x1 = tl.load(xrow + i + 1, mask=inside, other=0.0).to(ACC)
+    m, c, inside, i, t, x0, x1 = _sample(x_ptr, c_ptr, a_ptr, b_ptr, n, offs, R, L, stride_x, ACC,
+                                         LOSS or NEED_AB)
     if LOSS:
         g2 = -2.0 * tl.load(gl_ptr + n).to(ACC)
-        yl = tl.load(y_ptr + n * stride_y + offs, mask=inside, other=0.0).to(ACC)
-        wl = tl.load(w_ptr + n * stride_w + offs, mask=inside, other=0.0).to(ACC)
-        use = inside & (wl != 0.0)
-        G = tl.where(use, g2 * wl * (yl - (x0 + t * (x1 - x0))), 0.0)
+        use, wl, r = _residual(y_ptr, w_ptr, n, offs, stride_y, stride_w, inside, x0 + t * (x1 - x0), ACC)
+        G = tl.where(use, g2 * wl * r, 0.0)
     else:
         G = tl.load(g_ptr + n * stride_g + offs, mask=inside, other=0.0).to(ACC)
     gxrow = gx_ptr + n * stride_gx
@@ -144,9 +161,13 @@ def _search(c_ptr, lo, hi, target, an, bn, R, L, n_iter):
 
 
 @triton.jit
-def _bwd_gather_kernel(g_ptr, gl_ptr, x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr, gx_ptr, gab_ptr,
-                       R, L, stride_g, stride_x, stride_y, stride_w, stride_gx, n_blocks, n_iter,
-                       LOSS: tl.constexpr, NEED_AB: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr):
+def _bwd_gather_kernel(g_ptr, gl_ptr, x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr,  # as _bwd_scatter_kernel
+                       gx_ptr,  # (N, R) in x's dtype: ∂/∂x, each element written once
+                       gab_ptr,  # (N, n_blocks, 2) ACC: per-block partials of ∂/∂a, ∂/∂b
+                       R, L, stride_g, stride_x, stride_y, stride_w, stride_gx, n_blocks,
+                       n_iter,  # steps of the binary search over l: bit_length(L) + 1
+                       LOSS: tl.constexpr, NEED_AB: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_J: tl.constexpr):  # grid (N, n_blocks = cdiv(R, BLOCK_J))
     n = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     j0 = blk * BLOCK_J
@@ -184,12 +205,10 @@ def _bwd_gather_kernel(g_ptr, gl_ptr, x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr, 
         left = inside & (i == j)  # j is the left neighbour of l: weight 1−t
         right = inside & (i + 1 == j)  # j is the right neighbour: weight t
         if LOSS:
-            yl = tl.load(y_ptr + n * stride_y + lc, mask=inside, other=0.0).to(ACC)
-            wl = tl.load(w_ptr + n * stride_w + lc, mask=inside, other=0.0).to(ACC)
             xa = tl.where(left, xj, xp)
             xb = tl.where(left, xn, xj)
-            use = inside & (wl != 0.0)
-            G = tl.where(use, g2 * wl * (yl - (xa + t * (xb - xa))), 0.0)
+            use, wl, r = _residual(y_ptr, w_ptr, n, lc, stride_y, stride_w, inside, xa + t * (xb - xa), ACC)
+            G = tl.where(use, g2 * wl * r, 0.0)
         else:
             G = tl.load(g_ptr + n * stride_g + lc, mask=inside, other=0.0).to(ACC)
         acc += tl.where(left, G * (1.0 - t), 0.0) + tl.where(right, G * t, 0.0)
@@ -209,19 +228,6 @@ def _bwd_gather_kernel(g_ptr, gl_ptr, x_ptr, c_ptr, a_ptr, b_ptr, y_ptr, w_ptr, 
 
 
 # ---- launchers (torch tensors in; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) ------------------
-
-
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _on_device(x):
-    # Triton launches on the current CUDA device; make it x's (several GPUs per process).
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _grid_args(x, c, a, b):
@@ -245,35 +251,39 @@ def resample_fwd(x, c, a, b, out=None, valid=None):
         return out, valid
     BLOCK_L = block_size(L, MAX_BLOCK_L)
     grid = (N, triton.cdiv(L, BLOCK_L))
-    with _on_device(x):
+    with device_guard(x):
         _fwd_kernel[grid](x, c, a, b, out, valid.view(torch.uint8), R, L, x.stride(0), out.stride(0),
-                          valid.stride(0), ACC=_acc(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
+                          valid.stride(0), ACC=tl_acc_dtype(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
     return out, valid
 
 
-def resample_loss_fwd(x, c, a, b, y, w):
+def resample_loss_fwd(x, c, a, b, y, w, weight: bool = False):
+    """(Σ_l w·valid·(y − ŷ)² (N,), Σ_l w·valid (N,) when `weight`, else None), in the accumulation dtype."""
     x, c, a, b = _grid_args(x, c, a, b)
     y = y.contiguous()
     w = w.contiguous()
     N, R = x.shape
     L = c.shape[0]
-    acc = _acc_torch(x.dtype)
+    acc = acc_dtype(x.dtype)
     if N == 0 or L == 0:
-        return torch.zeros(N, dtype=acc, device=x.device)
+        zero = torch.zeros(N, dtype=acc, device=x.device)
+        return zero, (zero.clone() if weight else None)
     BLOCK_L = block_size(L, MAX_BLOCK_L)
     nb = triton.cdiv(L, BLOCK_L)
-    part = torch.empty((N, nb), dtype=acc, device=x.device)
-    with _on_device(x):
+    part = torch.empty((N, 2, nb), dtype=acc, device=x.device)
+    with device_guard(x):
         _loss_fwd_kernel[(N, nb)](x, c, a, b, y, w, part, R, L, x.stride(0), y.stride(0), w.stride(0), nb,
-                                  ACC=_acc(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
-    return part.sum(1, dtype=torch.float64).to(acc)
+                                  ACC=tl_acc_dtype(x.dtype), BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
+    loss = part[:, 0].sum(1, dtype=torch.float64).to(acc)
+    return loss, (part[:, 1].sum(1, dtype=torch.float64).to(acc) if weight else None)
 
 
 def _bwd(g, gl, x, c, a, b, y, w, need_ab, deterministic, loss):
     x, c, a, b = _grid_args(x, c, a, b)
     N, R = x.shape
     L = c.shape[0]
-    acc = _acc_torch(x.dtype)
+    acc = acc_dtype(x.dtype)
+    ACC = tl_acc_dtype(x.dtype)
     if loss:
         y, w, gl = y.contiguous(), w.contiguous(), gl.contiguous()
         g = x  # unused
@@ -290,18 +300,18 @@ def _bwd(g, gl, x, c, a, b, y, w, need_ab, deterministic, loss):
         nb = triton.cdiv(R, BLOCK_J)
         gx = torch.empty_like(x)
         gab = torch.empty((N, nb, 2), dtype=acc, device=x.device)
-        with _on_device(x):
+        with device_guard(x):
             _bwd_gather_kernel[(N, nb)](g, gl, x, c, a, b, y, w, gx, gab, R, L, *strides, gx.stride(0), nb,
-                                        int(L).bit_length() + 1, LOSS=loss, NEED_AB=bool(need_ab),
-                                        ACC=_acc(x.dtype), BLOCK_J=BLOCK_J, num_warps=NUM_WARPS)
+                                        int(L).bit_length() + 1, LOSS=loss, NEED_AB=bool(need_ab), ACC=ACC,
+                                        BLOCK_J=BLOCK_J, num_warps=NUM_WARPS)
     else:
         BLOCK_L = block_size(L, MAX_BLOCK_L)
         nb = triton.cdiv(L, BLOCK_L)
         gx = torch.zeros((N, R), dtype=acc, device=x.device)
         gab = torch.empty((N, nb, 2), dtype=acc, device=x.device)
-        with _on_device(x):
+        with device_guard(x):
             _bwd_scatter_kernel[(N, nb)](g, gl, x, c, a, b, y, w, gx, gab, R, L, *strides, gx.stride(0), nb,
-                                         LOSS=loss, NEED_AB=bool(need_ab), ACC=_acc(x.dtype), BLOCK_L=BLOCK_L,
+                                         LOSS=loss, NEED_AB=bool(need_ab), ACC=ACC, BLOCK_L=BLOCK_L,
                                          num_warps=NUM_WARPS)
         gx = gx.to(x.dtype)
     if need_ab:
@@ -323,12 +333,8 @@ def resample_loss_bwd(gl, x, c, a, b, y, w, need_ab: bool, deterministic: bool =
 
 
 def triton_compile_specs(dtype: str) -> list[tuple]:
-    """(name, kernel, signature, constexprs) for every kernel at x dtype `dtype` ('fp32', 'fp16', 'bf16')."""
-    if dtype not in ("fp32", "fp16", "bf16", "fp64"):
-        raise ValueError(f"dtype must be one of fp32, fp16, bf16, got {dtype!r}")
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    accd = tl.float64 if dtype == "fp64" else tl.float32
-    xp = "*" + dtype
+    """(name, kernel, signature, constexprs) for every kernel at x dtype `dtype` ('fp32', 'fp16', 'bf16', 'fp64')."""
+    xp, accp, accd, _ = spec_dtype(dtype, "resample_triton.triton_compile_specs")
     f64 = "*fp64"
     i32 = "i32"
     specs = [
@@ -337,25 +343,21 @@ def triton_compile_specs(dtype: str) -> list[tuple]:
               stride_x=i32, stride_out=i32, stride_valid=i32, ACC="constexpr", BLOCK_L="constexpr"),
          dict(ACC=accd, BLOCK_L=MAX_BLOCK_L)),
         ("resample_loss_fwd", _loss_fwd_kernel,
-         dict(x_ptr=xp, c_ptr=f64, a_ptr=f64, b_ptr=f64, y_ptr=xp, w_ptr=xp, part_ptr="*" + acc, R=i32, L=i32,
+         dict(x_ptr=xp, c_ptr=f64, a_ptr=f64, b_ptr=f64, y_ptr=xp, w_ptr=xp, part_ptr=accp, R=i32, L=i32,
               stride_x=i32, stride_y=i32, stride_w=i32, n_blocks=i32, ACC="constexpr", BLOCK_L="constexpr"),
          dict(ACC=accd, BLOCK_L=MAX_BLOCK_L)),
     ]
-    common = dict(g_ptr=xp, gl_ptr="*" + acc, x_ptr=xp, c_ptr=f64, a_ptr=f64, b_ptr=f64, y_ptr=xp, w_ptr=xp)
+    common = dict(g_ptr=xp, gl_ptr=accp, x_ptr=xp, c_ptr=f64, a_ptr=f64, b_ptr=f64, y_ptr=xp, w_ptr=xp)
     strides = dict(R=i32, L=i32, stride_g=i32, stride_x=i32, stride_y=i32, stride_w=i32, stride_gx=i32,
                    n_blocks=i32)
     for loss in (False, True):
         op = "resample_loss" if loss else "resample"
         specs.append((f"{op}_bwd_scatter", _bwd_scatter_kernel,
-                      dict(**common, gx_ptr="*" + acc, gab_ptr="*" + acc, **strides, LOSS="constexpr",
+                      dict(**common, gx_ptr=accp, gab_ptr=accp, **strides, LOSS="constexpr",
                            NEED_AB="constexpr", ACC="constexpr", BLOCK_L="constexpr"),
                       dict(LOSS=loss, NEED_AB=True, ACC=accd, BLOCK_L=MAX_BLOCK_L)))
         specs.append((f"{op}_bwd_gather", _bwd_gather_kernel,
-                      dict(**common, gx_ptr=xp, gab_ptr="*" + acc, **strides, n_iter=i32, LOSS="constexpr",
+                      dict(**common, gx_ptr=xp, gab_ptr=accp, **strides, n_iter=i32, LOSS="constexpr",
                            NEED_AB="constexpr", ACC="constexpr", BLOCK_J="constexpr"),
                       dict(LOSS=loss, NEED_AB=True, ACC=accd, BLOCK_J=MAX_BLOCK_J)))
     return specs
-
-
-__all__ = ["resample_fwd", "resample_bwd", "resample_loss_fwd", "resample_loss_bwd", "triton_compile_specs",
-           "torch_dtype_name"]

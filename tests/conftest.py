@@ -28,11 +28,3 @@ def real_data_dir() -> Path:
     if not REAL_DATA.is_dir():
         pytest.fail(f"real test spectra not found at {REAL_DATA} (set FASTSPEC_SHARED to the shared/ folder)")
     return REAL_DATA
-
-
-def kernel_backends():
-    """The backends every kernel test body runs on: numba, Triton (interpreter on CPU), CUDA when present."""
-    return [("numba", "cpu"), ("triton", "cuda" if _HAS_CUDA else "cpu")]
-
-
-has_cuda = _HAS_CUDA

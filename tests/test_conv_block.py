@@ -9,15 +9,9 @@ import sys
 
 import pytest
 import torch
-from conftest import kernel_backends
 from fastspec.kernels import instance_norm_prelu_pool, spectrum_conv_block, use_backend
+from kernel_testing import BACKENDS, IDS, assert_close
 from torch import nn
-
-BACKENDS = kernel_backends()
-IDS = [f"{b}-{d}" for b, d in BACKENDS]
-# Output rounding of the dtype dominates (values and gradients are O(1)); the Triton interpreter truncates
-# fp32 -> bf16 instead of rounding, so bf16 allows a whole unit in the last place.
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
 
 def modules64(C, pool, padding, slopes):
@@ -48,12 +42,6 @@ def run(backend, x, slopes, pool, padding, g):
     return y, dx, dw
 
 
-def assert_close(actual, expected, dtype, what):
-    tol = TOL[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=tol, rtol=tol,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def inputs(N, C, L, pool, padding, dtype, device, n_slopes=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = (1.5 + 2 * torch.randn(N, C, L, generator=gen)).to(dtype).to(device)
@@ -78,9 +66,9 @@ def test_matches_float64_modules(backend, device, L, pool, padding, n_slopes):
     y_ref, dx_ref, dw_ref = oracle(x, slopes, pool, padding, g)
     assert y.shape == y_ref.shape and dx.shape == x.shape and dw.shape == slopes.shape
     assert y.dtype == dx.dtype == torch.float32 and y.device == x.device
-    assert_close(y, y_ref, torch.float32, "y")
-    assert_close(dx, dx_ref, torch.float32, "dx")
-    assert_close(dw, dw_ref, torch.float32, "dweight")
+    assert_close(y, y_ref, torch.float32, what="y")
+    assert_close(dx, dx_ref, torch.float32, what="dx")
+    assert_close(dw, dw_ref, torch.float32, what="dweight")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
@@ -90,10 +78,10 @@ def test_half_types_in_and_out(backend, device, dtype):
     y, dx, dw = run(backend, x, slopes, 11, 5, g)
     y_ref, dx_ref, dw_ref = oracle(x, slopes, 11, 5, g)  # from the same half-precision x and g
     assert y.dtype == dx.dtype == dtype and dw.dtype == torch.float32
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(dx, dx_ref, dtype, "dx")
+    assert_close(y, y_ref, dtype, what="y")
+    assert_close(dx, dx_ref, dtype, what="dx")
     # the slope gradient sums many rounded terms but is accumulated in fp32: relative to its size
-    torch.testing.assert_close(dw.double().cpu(), dw_ref, atol=TOL[dtype] * dw_ref.abs().max().item(), rtol=0)
+    assert_close(dw, dw_ref, dtype, scale=dw_ref.abs().max(), what="dweight")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
@@ -120,7 +108,7 @@ def test_ties_go_to_the_first_maximum(backend, device):
     g = torch.ones(N, C, L // pool, device=device)
     y, dx, dw = run(backend, x, slopes, pool, 0, g)
     y_ref, dx_ref, dw_ref = oracle(x, slopes, pool, 0, g)
-    assert_close(dx, dx_ref, torch.float32, "dx with ties")
+    assert_close(dx, dx_ref, torch.float32, what="dx with ties")
     # the pooled gradient landed on slot 1 of each window, not slot 3: only there does dx differ from the
     # InstanceNorm-only part that every position gets
     xt = x.view(N, C, L // pool, pool)
@@ -142,8 +130,8 @@ def test_nan_row_stays_in_its_row(backend, device):
     keep[1, 2] = False
     assert torch.isfinite(y[keep]).all() and torch.isfinite(dx[keep]).all()
     y_ref, dx_ref, _ = oracle(x[:1], slopes, 5, 2, g[:1])
-    assert_close(y[:1], y_ref, torch.float32, "y of a clean spectrum next to a NaN row")
-    assert_close(dx[:1], dx_ref, torch.float32, "dx of a clean spectrum next to a NaN row")
+    assert_close(y[:1], y_ref, torch.float32, what="y of a clean spectrum next to a NaN row")
+    assert_close(dx[:1], dx_ref, torch.float32, what="dx of a clean spectrum next to a NaN row")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
@@ -156,9 +144,9 @@ def test_strided_input_and_expanded_gradient(backend, device):
     before = base.clone()
     y, dx, dw = run(backend, x, slopes, 5, 2, g)
     y_ref, dx_ref, dw_ref = oracle(x, slopes, 5, 2, g)
-    assert_close(y, y_ref, torch.float32, "y")
-    assert_close(dx, dx_ref, torch.float32, "dx")
-    assert_close(dw, dw_ref, torch.float32, "dweight")
+    assert_close(y, y_ref, torch.float32, what="y")
+    assert_close(dx, dx_ref, torch.float32, what="dx")
+    assert_close(dw, dw_ref, torch.float32, what="dweight")
     assert torch.equal(base, before), "input modified"
 
 
@@ -166,16 +154,16 @@ def test_strided_input_and_expanded_gradient(backend, device):
 @pytest.mark.parametrize("block_r,block_j", [(2, 4), (4, 2)])
 def test_triton_block_edges(block_r, block_j):
     """Several programs with a partial last one, rows walked in several window chunks, a partial last chunk."""
-    from fastspec.kernels.conv_block_triton import conv_block_bwd_triton, conv_block_fwd_triton
+    from fastspec.kernels.conv_block_triton import conv_block_bwd, conv_block_fwd
 
     device = dict(BACKENDS)["triton"]
     x, slopes, g = inputs(3, 3, 45, 5, 2, torch.float32, device, seed=6)  # R = 9 rows, 9 windows
-    y, mean, rstd = conv_block_fwd_triton(x, slopes, 5, 2, 1e-5, block_r=block_r, block_j=block_j)
-    dx, dw = conv_block_bwd_triton(g, x, slopes, mean, rstd, 5, 2, block_r=block_r, block_j=block_j)
+    y, mean, rstd = conv_block_fwd(x, slopes, 5, 2, 1e-5, block_r=block_r, block_j=block_j)
+    dx, dw = conv_block_bwd(g, x, slopes, mean, rstd, 5, 2, block_r=block_r, block_j=block_j)
     y_ref, dx_ref, dw_ref = oracle(x, slopes, 5, 2, g)
-    assert_close(y, y_ref, torch.float32, "y")
-    assert_close(dx, dx_ref, torch.float32, "dx")
-    assert_close(dw, dw_ref, torch.float32, "dweight")
+    assert_close(y, y_ref, torch.float32, what="y")
+    assert_close(dx, dx_ref, torch.float32, what="dx")
+    assert_close(dw, dw_ref, torch.float32, what="dweight")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS + [("torch", "cpu")], ids=IDS + ["torch-cpu"])
@@ -270,11 +258,10 @@ def test_spectrum_conv_block_matches_float64(backend, K, pool, padding):
     got = torch.autograd.grad(out, (cw, cb, slopes), g)
     ref, want = spectrum_oracle(y, cw, cb, slopes, pool, padding, g)
     assert out.shape == ref.shape and out.dtype == torch.float32
-    assert_close(out, ref, torch.float32, "out")
+    assert_close(out, ref, torch.float32, what="out")
     for name, a, b in zip(("conv weight", "conv bias", "slopes"), got, want):
         # the bias cancels in the InstanceNorm: its exact gradient is 0, ours is rounding noise around it
-        torch.testing.assert_close(a.double(), b, atol=2e-5 * max(1.0, b.abs().max().item()), rtol=0,
-                                   msg=lambda m, name=name: f"d {name}: {m}")
+        assert_close(a, b, 2e-5, what=f"d {name}")
 
 
 def test_spectrum_conv_block_autocast_and_input_gradient():
@@ -286,7 +273,7 @@ def test_spectrum_conv_block_autocast_and_input_gradient():
         out = spectrum_conv_block(y, cw, cb, slopes, 5, 2)
     assert out.dtype == torch.bfloat16, "under autocast the block returns what the conv would: bf16"
     ref, _ = spectrum_oracle(y, cw, cb, slopes, 5, 2, torch.zeros(2, 3, 8))
-    assert_close(out, ref, torch.bfloat16, "out under autocast")
+    assert_close(out, ref, torch.bfloat16, what="out under autocast")
     # a spectrum that needs a gradient (saliency maps) takes the unfused path and gets it
     yg = y.clone().requires_grad_()
     with use_backend("numba"):
@@ -294,7 +281,7 @@ def test_spectrum_conv_block_autocast_and_input_gradient():
     g = torch.randn(out.shape, generator=gen)
     (dy,) = torch.autograd.grad(out, yg, g)
     _, want = spectrum_oracle(yg, cw, cb, slopes, 5, 2, g)
-    assert_close(dy, want[-1], torch.float32, "dy")
+    assert_close(dy, want[-1], torch.float32, what="dy")
 
 
 # --- the encoder -------------------------------------------------------------------------------------------
@@ -331,10 +318,9 @@ def test_encoder_fused_blocks_equal_plain_modules(dropout):
             loss = model.loss(y, w, z).sum()
             grads.append((loss.detach(), torch.autograd.grad(loss, list(model.encoder.parameters()))))
     (l1, g1), (l2, g2) = grads
-    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
+    assert_close(l1, l2, 1e-5, scale=l2.abs(), what="loss")
     for (name, _), a, b in zip(fused.encoder.named_parameters(), g1, g2):
-        scale = max(b.abs().max().item(), 1e-3)
-        torch.testing.assert_close(a, b, atol=2e-4 * scale, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+        assert_close(a, b, 2e-4, scale=max(b.abs().max().item(), 1e-3), what=name)
 
 
 def test_encoder_fused_blocks_under_bf16_autocast():
@@ -348,7 +334,7 @@ def test_encoder_fused_blocks_under_bf16_autocast():
             h, _ = fused.encoder.features(y)
             s = fused.encode(y, z)
     assert h.dtype == torch.bfloat16, "activations stay bf16 between the blocks"
-    torch.testing.assert_close(s.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    assert_close(s, ref, 0.05, scale=ref.abs().max(), what="latents under autocast")
 
 
 _RETAIN_PROBE = """

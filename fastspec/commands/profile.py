@@ -54,7 +54,7 @@ def run(args) -> int:
             return _err("numba runs on CPU tensors only: use --device cpu to profile it")
     if "triton" in backends and not cuda:
         # The interpreter is read when the kernels are defined, so it must be set before they are imported.
-        if "fastspec.kernels.resample" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        if "fastspec.kernels.triton_utils" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             return _err("triton on CPU needs TRITON_INTERPRET=1 set before the kernels are imported")
         os.environ["TRITON_INTERPRET"] = "1"
         print("note: no CUDA; the triton backend runs in the Triton interpreter (correct but very slow)",
