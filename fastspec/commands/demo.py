@@ -2,18 +2,14 @@
 a short training run, bulk encoding and the report — on CPU, with no network."""
 from __future__ import annotations
 
-import os
+import argparse
 import time
 from pathlib import Path
 
-from .. import cli
+from . import encode, ingest, mock, report, train, validate
+from .common import default_real_dir
 
-
-def _default_real_dir() -> Path:
-    # The bundled real spectra live in ../shared/data/real beside the repository.
-    env = os.environ.get("FASTSPEC_SHARED")
-    base = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
-    return base / "data" / "real"
+STEPS = (mock, ingest, validate, train, encode, report)  # the commands the demo runs, by their own parsers
 
 
 def register(sub):
@@ -34,10 +30,20 @@ def register(sub):
     p.set_defaults(func=run)
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastspec")
+    sub = parser.add_subparsers(dest="command")
+    for command in STEPS:
+        command.register(sub)
+    return parser
+
+
 def _step(title: str, argv: list[str]) -> None:
+    """Print the command line of one step, then run it as `fastspec` would."""
     print(f"\n== {title}\n$ fastspec {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
-    rc = cli.main(argv)
+    args = _parser().parse_args(argv)
+    rc = args.func(args)
     if rc not in (0, None):
         raise SystemExit(f"demo: step '{title}' failed with exit code {rc}")
     print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
@@ -46,7 +52,7 @@ def _step(title: str, argv: list[str]) -> None:
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    real = Path(args.real_dir) if args.real_dir else _default_real_dir()
+    real = Path(args.real_dir) if args.real_dir else default_real_dir()
     mock = out / "mock-sdss.h5"
     _step("mock spectra with ground truth", ["mock", "-n", str(args.n_mock), "-o", str(mock), "--seed", str(args.seed)])
     sdss_files = sorted(str(p) for p in (real / "sdss").glob("spec-*.fits"))

@@ -2,7 +2,6 @@
 exit 1 when any problem is found."""
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -38,6 +37,7 @@ def _overview(reports) -> str:
 
 
 def run(args) -> int:
+    from ..atomic import write_json
     from ..instruments import InstrumentError, get_instrument
     from ..validate import validate_file
 
@@ -60,10 +60,7 @@ def run(args) -> int:
     if len(reports) > 1:
         print(_overview(reports))
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump([r.to_dict() for r in reports], fh, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, [r.to_dict() for r in reports], sync=False, indent=1)
     n_bad = sum(not r.ok for r in reports)
     print(f"{len(reports) - n_bad} of {len(reports)} file(s) clean" + ("" if not n_bad else f"; {n_bad} with problems"))
     return 1 if n_bad else 0
