@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda:
-        from fastspec.model import retain_freed_cpu_memory
+        from fastspec.memory import retain_freed_cpu_memory
 
         retain_freed_cpu_memory()  # as `fastspec encode` does on CPU
     n = args.n or (20000 if cuda else 1024)

@@ -4,12 +4,12 @@ on this CPU, plus the per-op breakdown of the best configuration and a convergen
 Cases (each one process per round, rounds interleaved so that load on a shared machine hits every case alike):
   spender fp32 / bf16              spender 0.3 at its defaults (bf16: torch.autocast)
   spender fp32 / bf16 +retain      the same with fastspec's CPU allocator setting applied
-                                   (`fastspec.model.retain_freed_cpu_memory`), to separate what the allocator
+                                   (`fastspec.memory.retain_freed_cpu_memory`), to separate what the allocator
                                    gives from what the kernels give
   fastspec fp32 torch-blocks       fastspec with ModelConfig(fused_blocks=False): plain torch InstanceNorm1d,
                                    PReLU and MaxPool1d modules around the convolutions
   fastspec fp32 fused / bf16 fused fastspec's default: fused blocks (numba), the first block's conv included
-  fastspec bf16 fused -retain      fused, with FASTSPEC_RETAIN_CPU_MEMORY=0
+  fastspec bf16 fused -retain      fused, without the allocator setting (every other fastspec case has it)
   fastspec bf16 fused compiled     fused, encoder under torch.compile(fullgraph=True) (batch 64 only: each
                                    process compiles for ~1 min on the loaded 2-core machine)
 fastspec runs spender's architecture (ModelConfig.spender: unconditioned encoder, Speculator decoder, spender's
@@ -111,8 +111,8 @@ def _category(ev) -> str:
 
 
 def run_case(case: dict, data_path: str) -> dict:
-    if case["impl"] == "spender" and case["retain"]:
-        from fastspec.model import retain_freed_cpu_memory
+    if case["retain"]:
+        from fastspec.memory import retain_freed_cpu_memory
 
         retain_freed_cpu_memory()
     import spender  # noqa: F401  (both impls build spender's model; imports before the baseline)
@@ -188,11 +188,8 @@ def run_case(case: dict, data_path: str) -> dict:
 # --------------------------------------------------------------------------------------------- parent side
 
 def _child(case: dict, data_path: str, timeout: float) -> dict:
-    env = dict(os.environ)
-    if case["impl"] == "fastspec" and not case["retain"]:
-        env["FASTSPEC_RETAIN_CPU_MEMORY"] = "0"
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case), "--data", data_path],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

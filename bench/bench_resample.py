@@ -24,7 +24,7 @@ Writes bench/results/resample.json and .csv (resample-retain.* with --retain-mem
 
 --retain-memory: glibc serves each output of a few MB with a fresh mmap and unmaps it on free, so every call
 page-faults its outputs in again (0–20% of the fused op's time at N = 256 in our runs). Training on CPU switches
-that off (fastspec.model.retain_freed_cpu_memory); the flag does the same for every method of the run.
+that off (fastspec.memory.retain_freed_cpu_memory); the flag does the same for every method of the run.
 """
 from __future__ import annotations
 
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory-n", type=int, default=1024, help="N of the memory measurements (0: none)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--retain-memory", action="store_true",
-                   help="keep freed memory in the process (fastspec.model.retain_freed_cpu_memory, what training on "
+                   help="keep freed memory in the process (fastspec.memory.retain_freed_cpu_memory, what training on "
                         "CPU does): no page faults on fresh outputs, for every method alike")
     p.add_argument("--out", default=None, help="results name under bench/results/ (default resample, or "
                                                 "resample-retain with --retain-memory)")
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     set_threads(a.threads)
     retained = False
     if a.retain_memory and device == "cpu":
-        from fastspec.model import retain_freed_cpu_memory
+        from fastspec.memory import retain_freed_cpu_memory
 
         retained = retain_freed_cpu_memory()
         if not retained:

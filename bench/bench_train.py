@@ -81,8 +81,11 @@ def run_case(case: dict, data: str) -> dict:
     import torch
 
     from fastspec import kernels
-    from fastspec.profile import _scoped_kernels, categorize_events
+    from fastspec.memory import retain_freed_cpu_memory
+    from fastspec.profile import categorize_events, scoped_kernels
 
+    if case["impl"] == "fastspec":
+        retain_freed_cpu_memory()  # as CPU training does by default (TrainConfig.retain_cpu_memory)
     if case.get("backend"):
         kernels.set_backend(case["backend"])
     n_steps = case["warmup"] + case["steps"] + int(case["breakdown"])
@@ -131,7 +134,7 @@ def run_case(case: dict, data: str) -> dict:
     if case["breakdown"]:
         from torch.profiler import ProfilerActivity, profile
 
-        with _scoped_kernels(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with scoped_kernels(), profile(activities=[ProfilerActivity.CPU]) as prof:
             step(*batches[k])
         cats = categorize_events(prof.events())
         out["breakdown_ms"] = {c: round(v / 1e3, 2) for c, v in cats.items()}

@@ -1,3 +1,4 @@
+"""`python -m fastspec`: the command line (fastspec.cli), as the `fastspec` script runs it."""
 import sys
 
 from .cli import main

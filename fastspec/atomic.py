@@ -48,22 +48,25 @@ def atomic_path(path, sync: bool = True):
     tmp = temporary_name(path)
     try:
         yield tmp
-        replace(tmp, path, sync)
+        publish(tmp, path, sync)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
-def replace(tmp, path, sync: bool = True) -> None:
-    """Rename the finished file `tmp` over `path` (same folder), synced to disk before and after the rename.
+def publish(tmp, path, sync: bool = True) -> Path:
+    """Rename the finished file `tmp` over `path` (same folder), syncing data and folder entry if `sync`.
 
-    For temporaries that outlive one process (a download's resumable `.part`); `atomic_path` uses it too."""
+    For writers whose temporary must keep a known name between runs (a resumable ``<out>.partial``);
+    everything else uses `atomic_path`, which picks the name and cleans up.
+    """
     tmp, path = Path(tmp), Path(path)
     if sync:
         _fsync_file(tmp)
     os.replace(tmp, path)
     if sync:
         _fsync_dir(path.parent)
+    return path
 
 
 def write_bytes(path, data: bytes, sync: bool = True) -> Path:
@@ -83,4 +86,4 @@ def write_json(path, obj, sync: bool = True, **dump_kw) -> Path:
     return write_text(path, json.dumps(obj, **dump_kw) + "\n", sync)
 
 
-__all__ = ["atomic_path", "replace", "temporary_name", "write_bytes", "write_text", "write_json"]
+__all__ = ["atomic_path", "publish", "temporary_name", "write_bytes", "write_text", "write_json"]

@@ -1,15 +1,18 @@
-"""The `fastspec` command line. Each subcommand lives in `fastspec.commands.<name>` with a
-`register(subparsers)` function; modules are imported only when present so `--help` stays fast."""
+"""The `fastspec` command line: one parser with a subcommand per module of `fastspec.commands`.
+
+Each command module has `register(subparsers)` and `run(args)`, and imports what is heavy (torch, h5py)
+only inside `run`, so `--help` stays fast.
+"""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from . import __version__
+from .commands import demo, download, encode, ingest, mock, profile, report, science, train, validate
 
 # Order shown in --help; the pipeline order (files → HDF5 → model → outputs).
-COMMANDS = ["mock", "download", "ingest", "validate", "train", "encode", "report", "profile", "science", "demo"]
+COMMANDS = [mock, download, ingest, validate, train, encode, report, profile, science, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,14 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fastspec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"fastspec.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"fastspec.commands.{name}":
-                continue
-            raise
-        mod.register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 

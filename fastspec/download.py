@@ -2,7 +2,7 @@
 
 Each file goes to `<DIR>/<plate>/spec-PPPP-MMMMM-FFFF.fits` through `<name>.part`: an interrupted download is
 resumed with an HTTP Range request, the size is checked against Content-Length / Content-Range, the file must
-open as FITS, and only then is it renamed (synced, `fastspec.atomic.replace`) to its final name. Files already there are skipped.
+open as FITS, and only then is it renamed (synced, `fastspec.atomic.publish`) to its final name. Files already there are skipped.
 Transient failures are retried with exponential backoff; permanent ones (404 ...) are reported at once.
 Standard library only (urllib): the archive needs nothing more.
 
@@ -206,7 +206,7 @@ def fetch(url: str, dest, retries: int = 5, timeout: float = 60.0, backoff: floa
         try:
             _fetch_once(url, part, timeout)
             _verify_fits(part, url)
-            atomic.replace(part, dest)
+            atomic.publish(part, dest)
             return "downloaded"
         except DownloadError:
             if os.path.exists(part) and os.path.getsize(part) == 0:

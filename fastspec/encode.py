@@ -7,7 +7,7 @@ The output ("fastspec-latents" layout), one row per input spectrum, in input ord
     object_id    (N,)   uint64    copied from the input
     source_file  (N,)   int32     index into `source_files` (the input paths, as given)
     source_row   (N,)   int64     row in that file
-    chi2         (N,)   float32   optional (--chi2): reduced χ², see CHI2_DEFINITION
+    chi2         (N,)   float32   optional (--chi2): reduced χ², see fastspec.losses.CHI2_DEFINITION
     spec_rest    (N, R) float32   optional (--restframe): the restframe model on `wave_rest` (R,)
     attrs: format, format_version, complete, rows_done, fingerprint, model, model_sha256, precision, ...
 
@@ -48,16 +48,14 @@ import numpy as np
 import torch
 
 from . import __version__
+from .atomic import publish
 from .errors import FastspecError
+from .losses import CHI2_DEFINITION, reduced_chi2
 from .spectra import H5Reader, as_object_id
 from .spectra_io import open_spectra
 
 LATENTS_FORMAT = "fastspec-latents"
 LATENTS_VERSION = 1
-CHI2_DEFINITION = (
-    "reduced chi2 = sum(w * valid * (y - y_model)^2) / (sum(valid * (w > 0)) - n_latent), "
-    "w = ivar with masked pixels zeroed, valid = observed pixel inside the restframe model; NaN if dof <= 0"
-)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -65,18 +63,7 @@ class EncodeError(FastspecError, RuntimeError):
     """Encoding cannot proceed (bad options, inputs that do not fit the model, inconsistent shards)."""
 
 
-# ---- model ---------------------------------------------------------------------------------------------
-
-
-def load_model(path, device="cpu"):
-    """A trained SpectrumAutoencoder from `path` (final model or training checkpoint), in eval mode."""
-    from .model import SpectrumAutoencoder
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise EncodeError(f"{path}: model file not found")
-    model = SpectrumAutoencoder.load(path)
-    return model.to(device).eval()
+# ---- model identity ------------------------------------------------------------------------------------
 
 
 def weights_sha256(model) -> str:
@@ -112,16 +99,6 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def reduced_chi2(y, w, y_model, valid, n_latent: int) -> torch.Tensor:
-    """Per-spectrum reduced χ² as CHI2_DEFINITION says, accumulated in fp32 (float64 in, float64 out)."""
-    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    y, w, y_model = y.to(dtype), w.to(dtype), y_model.to(dtype)
-    valid = valid.to(dtype)
-    chi = (w * valid * (y - y_model) ** 2).sum(dim=-1)
-    dof = (valid * (w > 0).to(dtype)).sum(dim=-1) - n_latent
-    return torch.where(dof > 0, chi / dof.clamp(min=1), torch.full_like(chi, float("nan")))
-
-
 def encode_batch(model, y, w, z, precision: str = "fp32", chi2: bool = False, restframe: bool = False,
                  observed: bool = False) -> dict:
     """Encode one batch on the model's device. y, w: (n, L); z: (n,). Masked pixels (w = 0) of `y` must
@@ -130,8 +107,6 @@ def encode_batch(model, y, w, z, precision: str = "fp32", chi2: bool = False, re
     Returns float32 tensors on the batch's device: "latents" (n, S), and on request "chi2" (n,),
     "spec_rest" (n, R), "spec_obs" and "valid" (n, L) (the model in the observed frame).
     """
-    from . import kernels
-
     device = y.device
     out = {}
     with torch.inference_mode(), autocast_context(device, precision):
@@ -143,8 +118,7 @@ def encode_batch(model, y, w, z, precision: str = "fp32", chi2: bool = False, re
                 out["spec_rest"] = x_rest.float()
             if chi2 or observed:
                 # as model.forward, but reusing x_rest rather than decoding twice
-                y_model, valid = kernels.resample(x_rest, model._as_z(z, len(s), device), model.wave_rest,
-                                                  model.wave_obs)
+                y_model, valid = model.redshift(x_rest, z)
                 if observed:
                     out["spec_obs"], out["valid"] = y_model.float(), valid
     if chi2:
@@ -325,12 +299,7 @@ def _finish(f: h5py.File, tmp: str, final: str) -> None:
     f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     f.flush()
     f.close()
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
+    publish(tmp, final)
 
 
 def _is_complete(path: str, fingerprint: str) -> bool:
@@ -567,7 +536,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                  model_sha: str | None = None) -> EncodeStats:
     """Encode every spectrum of `paths` (in order) into the latents file `out` (or its shard file).
 
-    model: a SpectrumAutoencoder on its device (see `load_model`). shard: (i, n) to encode only the i-th of
+    model: a SpectrumAutoencoder on its device (see `fastspec.model.load_model`). shard: (i, n) to encode only the i-th of
     n contiguous row ranges into ``<out>.shard-i-of-n``. flush_rows: rows per flushed block (the resume
     granularity; rounded up to a multiple of `batch_size`, default ≈ 32 batches). workers: loader
     processes (default 0 on CPU, where reading is a small fraction of the time; 4 on CUDA).

@@ -1,12 +1,19 @@
-"""Training losses on materialised reconstructions: the paper's weighted MSE, spender's variant, and the
-consistency penalty between latents of a spectrum and of its augmented copy.
+"""How well a reconstruction fits, per spectrum: the paper's weighted MSE, spender's variant and the consistency
+penalty between latents of a spectrum and of its augmented copy (training losses), and the reduced χ² that
+encoding, reports and the science checks quote (`CHI2_DEFINITION`).
 
-All return per-spectrum values (N,); reduce them (sum / mean) in the training loop. The fused, memory-light
-form of the reconstruction losses is `SpectrumAutoencoder.loss`, which never builds ŷ.
+All take materialised reconstructions and return per-spectrum values (N,); reduce them (sum / mean) in the
+training loop. The fused, memory-light form of the reconstruction losses is `SpectrumAutoencoder.loss`, which
+never builds ŷ.
 """
 from __future__ import annotations
 
 import torch
+
+CHI2_DEFINITION = (
+    "reduced chi2 = sum(w * valid * (y - y_model)^2) / (sum(valid * (w > 0)) - n_latent), "
+    "w = ivar with masked pixels zeroed, valid = observed pixel inside the restframe model; NaN if dof <= 0"
+)
 
 
 def _weights(y, y_hat, w, valid):
@@ -65,4 +72,14 @@ def consistency_loss(s: torch.Tensor, s_aug: torch.Tensor, sigma: float | torch.
     return torch.sigmoid(d2) - 0.5
 
 
-__all__ = ["weighted_mse", "spender_loss", "consistency_loss"]
+def reduced_chi2(y, w, y_model, valid, n_latent: int) -> torch.Tensor:
+    """Per-spectrum reduced χ² as CHI2_DEFINITION says, accumulated in fp32 (float64 in, float64 out)."""
+    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    y, w, y_model = y.to(dtype), w.to(dtype), y_model.to(dtype)
+    valid = valid.to(dtype)
+    chi = (w * valid * (y - y_model) ** 2).sum(dim=-1)
+    dof = (valid * (w > 0).to(dtype)).sum(dim=-1) - n_latent
+    return torch.where(dof > 0, chi / dof.clamp(min=1), torch.full_like(chi, float("nan")))
+
+
+__all__ = ["weighted_mse", "spender_loss", "consistency_loss", "reduced_chi2", "CHI2_DEFINITION"]

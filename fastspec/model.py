@@ -12,7 +12,6 @@ A model is fully described by its `ModelConfig` (JSON-serialisable): `save` writ
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import warnings
 from collections import OrderedDict
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .atomic import atomic_path
 from .errors import FastspecError
 from .instruments import Instrument, get_instrument
 
@@ -202,48 +202,6 @@ class ModelConfig:
         return cls(**d)
 
 
-# --- CPU memory ------------------------------------------------------------------------------------------
-
-_RETAIN_ENV = "FASTSPEC_RETAIN_CPU_MEMORY"
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-_retaining: bool | None = None  # None: not tried yet
-
-
-def retain_freed_cpu_memory() -> bool:
-    """Keep memory that CPU tensors free inside the process, for the next step, instead of returning it to the OS.
-
-    glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on free (the conv outputs of a
-    batch of 64 SDSS spectra are 51–128 MB each), so every training step page-faults its whole working set
-    in again. On the 2-core KVM development machine that was about half of a CPU training step (spender 0.3,
-    fp32, batch 64: 10.6 s → 4.5 s; fastspec 5.5 → 3.5 s; see bench/bench_encoder.py). Raising glibc's mmap
-    and trim thresholds keeps freed blocks in the heap: peak memory does not grow, but the process keeps its
-    peak. Process-wide and permanent. Returns True if applied (glibc only; elsewhere a no-op returning False).
-
-    The encoder calls this on its first forward pass on CPU with gradients enabled (training), unless the
-    environment sets FASTSPEC_RETAIN_CPU_MEMORY=0.
-    """
-    global _retaining
-    if _retaining is None:
-        _retaining = False
-        try:
-            import ctypes
-            import platform
-
-            if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-                libc = ctypes.CDLL("libc.so.6")
-                ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
-                _retaining = ok and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
-        except (OSError, AttributeError):
-            pass
-    return _retaining
-
-
-def _retain_when_training(y: torch.Tensor) -> None:
-    if (_retaining is None and y.device.type == "cpu" and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and os.environ.get(_RETAIN_ENV, "1") != "0"):
-        retain_freed_cpu_memory()
-
-
 # --- building blocks ---------------------------------------------------------------------------------------
 
 
@@ -359,7 +317,6 @@ class SpectrumEncoder(nn.Module):
         return h, k
 
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        _retain_when_training(y)
         h, k = self.features(y)
         e = kernels.attention_pool(h, k)
         if self.conditioned:
@@ -490,9 +447,13 @@ class SpectrumAutoencoder(nn.Module):
         wave_obs: None (this model's instrument), an instrument name ('sdss', 'boss', 'desi') or any increasing
         wavelength array (Å). Pixels whose restframe wavelength falls outside `wave_rest` are 0 and not valid.
         """
-        x = self.decode(s)
-        z = self._as_z(z, s.shape[0], s.device)
-        return kernels.resample(x, z, self.wave_rest, self._grid(wave_obs))
+        return self.redshift(self.decode(s), z, wave_obs)
+
+    def redshift(self, x_rest: torch.Tensor, z, wave_obs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Restframe spectra x_rest (N, R) on `wave_rest` moved to redshifts z and resampled onto a grid
+        (`wave_obs` as in `generate`): spectra (N, M) and valid (N, M) bool."""
+        z = self._as_z(z, x_rest.shape[0], x_rest.device)
+        return kernels.resample(x_rest, z, self.wave_rest, self._grid(wave_obs))
 
     def forward(self, y: torch.Tensor, z, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Observed-frame reconstruction ŷ (N, L) of y at redshifts z, and valid (N, L) bool."""
@@ -500,8 +461,7 @@ class SpectrumAutoencoder(nn.Module):
         z = self._as_z(z, y.shape[0], y.device)
         if s is None:
             s = self.encode(y, z)
-        x = self.decode(s)
-        return kernels.resample(x, z, self.wave_rest, self.wave_obs)
+        return self.redshift(self.decode(s), z)
 
     def loss(self, y: torch.Tensor, w: torch.Tensor, z, kind: str = "paper",
              s: torch.Tensor | None = None) -> torch.Tensor:
@@ -539,17 +499,8 @@ class SpectrumAutoencoder(nn.Module):
             "state_dict": OrderedDict((k, v.detach().cpu()) for k, v in self.state_dict().items()),
             "extra": extra if extra is not None else {},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(path) as tmp:  # synced: a checkpoint is what a long run leaves behind
+            torch.save(payload, tmp)
         return path
 
     @classmethod
@@ -710,8 +661,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def load_model(path, device="cpu") -> SpectrumAutoencoder:
+    """A trained model from a checkpoint written by `SpectrumAutoencoder.save` (final.pt / best.pt of a
+    training run) on `device`, in eval mode: what encoding and reports start from."""
+    return SpectrumAutoencoder.load(path, map_location=device).eval()
+
+
 __all__ = [
     "ModelConfig", "ModelConfigError", "SpectrumAutoencoder", "SpectrumEncoder", "SpectrumDecoder",
     "SpeculatorActivation", "ConvBlock", "spender_to_fastspec_state_dict", "fastspec_to_spender_state_dict",
-    "count_parameters", "retain_freed_cpu_memory",
+    "count_parameters", "load_model",
 ]

@@ -20,6 +20,8 @@ import re
 import tempfile
 import time
 
+from .atomic import atomic_path
+
 CATEGORIES = ("conv", "norm", "activation", "pool", "fused block", "mlp", "resample", "attention", "cast",
               "optimizer", "loader wait", "other")
 
@@ -41,20 +43,18 @@ _OPS = (
 )
 
 
-def categorize_name(name: str) -> str | None:
+def _first_match(table, name: str) -> str | None:
     n = name.lower()
-    for rx, cat in _OPS:
-        if rx.search(n):
-            return cat
-    return None
+    return next((cat for rx, cat in table if rx.search(n)), None)
+
+
+def categorize_name(name: str) -> str | None:
+    """The category an op's name says it belongs to (None: no telling name)."""
+    return _first_match(_OPS, name)
 
 
 def _outer_scope(name: str) -> str | None:
-    n = name.lower()
-    for rx, cat in _SCOPES:
-        if rx.search(n):
-            return cat
-    return None
+    return _first_match(_SCOPES, name)
 
 
 def _scope(name: str) -> str | None:
@@ -62,7 +62,7 @@ def _scope(name: str) -> str | None:
     cat = _outer_scope(n)
     if cat:
         return cat
-    if n.startswith("fastspec."):  # the kernel-op scopes `_scoped_kernels` adds
+    if n.startswith("fastspec."):  # the kernel-op scopes `scoped_kernels` adds
         return categorize_name(n)
     return None
 
@@ -122,7 +122,7 @@ def categorize_events(events, device_time: bool = False) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _scoped_kernels():
+def scoped_kernels():
     """Wrap the public kernel ops in record_function scopes while profiling, so their time is found whatever
     the backend (the 'torch' backend runs plain torch ops with no telling names)."""
     import torch
@@ -177,7 +177,7 @@ def profile_training(data, out: str, backends=("numba", "torch"), steps: int = 1
                 if on_cuda:
                     acts.append(ProfilerActivity.CUDA)
                     torch.cuda.synchronize()
-                with _scoped_kernels(), profile(activities=acts) as prof:
+                with scoped_kernels(), profile(activities=acts) as prof:
                     t0 = time.perf_counter()
                     trainer.run(max_steps=steps, write_files=False)
                     if on_cuda:
@@ -186,9 +186,8 @@ def profile_training(data, out: str, backends=("numba", "torch"), steps: int = 1
             finally:
                 trainer.close()
         trace = os.path.join(out, f"trace-{backend}.json")
-        tmp = f"{trace}.tmp-{os.getpid()}.json"
-        prof.export_chrome_trace(tmp)
-        os.replace(tmp, trace)
+        with atomic_path(trace, sync=False) as tmp:
+            prof.export_chrome_trace(str(tmp))
         events = prof.events()
         cats = categorize_events(events)
         entry = {

@@ -27,8 +27,12 @@ import time
 import numpy as np
 import torch
 
-from .encode import CHI2_DEFINITION, LatentsFile, encode_arrays, load_model, prepare, weights_sha256
+from .atomic import write_text
+from .encode import LatentsFile, encode_arrays, prepare, weights_sha256
 from .errors import FastspecError
+from .losses import CHI2_DEFINITION
+from .model import load_model
+from .plotting import pick_examples, pyplot, save_figure
 from .spectra_io import open_spectra
 
 # Restframe zoom windows (Å, vacuum) and the lines marked in them.
@@ -124,26 +128,6 @@ def read_history(model_path, history_path=None) -> dict | None:
 # ---- figures --------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
-                         "figure.dpi": 110, "savefig.dpi": 110})
-    return plt
-
-
-def _save(fig, path: str) -> str:
-    plt = _plt()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def _ylim(*arrays, lo=1.0, hi=99.5, pad=0.12):
     v = np.concatenate([np.asarray(a, float).ravel() for a in arrays if a is not None and np.size(a)])
     v = v[np.isfinite(v)]
@@ -165,7 +149,7 @@ def _masked_spans(x, bad):
 
 def plot_reconstructions(path, sample, rec, idx, wave_obs, wave_rest, z_max) -> str:
     """Figure 2: per example a wide observed-frame panel (top axis restframe) and three restframe zooms."""
-    plt = _plt()
+    plt = pyplot()
     n = len(idx)
     fig = plt.figure(figsize=(13, 3.4 * n + 0.6))
     grid = fig.add_gridspec(n, 4, width_ratios=[3.4, 1, 1, 1], hspace=0.75, wspace=0.28)
@@ -235,7 +219,7 @@ def plot_reconstructions(path, sample, rec, idx, wave_obs, wave_rest, z_max) -> 
     fig.legend(*handles, loc="upper center", ncol=6, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.985))
     fig.suptitle(f"Reconstructions: restframe model on {wave_rest[0]:.0f}–{wave_rest[-1]:.0f} Å (z_max = {z_max:g}); "
                  "zooms in the restframe, green dashed: emission lines", y=1.005, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _pca(latents):
@@ -251,7 +235,7 @@ def _pca(latents):
 
 def plot_redshift_invariance(path, inv, sample_latents, wave_obs, wave_rest) -> str:
     """Figure 3: a spectrum moved in redshift, its reconstructions and its latent trajectory."""
-    plt = _plt()
+    plt = pyplot()
     import matplotlib as mpl
 
     zs = inv["z_new"]
@@ -326,7 +310,7 @@ def plot_redshift_invariance(path, inv, sample_latents, wave_obs, wave_rest) -> 
     ax_s.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     fig.suptitle(f"Redshift invariance: object_id {inv['object_id']} (observed at z = {inv['z']:.3f}) moved to "
                  f"z = {', '.join(f'{z:g}' for z in zs)}; pixels moved off the observed grid removed", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _corner(fig, latents, color, cmap, norm, dims, label):
@@ -366,7 +350,7 @@ def _corner(fig, latents, color, cmap, norm, dims, label):
 
 
 def plot_latents_z(path, latents, z, max_dims: int = 5) -> str:
-    plt = _plt()
+    plt = pyplot()
     import matplotlib as mpl
 
     dims = list(range(min(max_dims, latents.shape[1])))
@@ -375,12 +359,12 @@ def plot_latents_z(path, latents, z, max_dims: int = 5) -> str:
     _corner(fig, latents, z, "viridis", norm, dims, "redshift z")
     more = f" (first {len(dims)} of {latents.shape[1]})" if latents.shape[1] > len(dims) else ""
     fig.suptitle(f"Latents s{more} of {len(z)} spectra, coloured by redshift", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_latents_truth(path, latents, weights) -> str:
     """Latent principal components coloured by each true template weight (mock data)."""
-    plt = _plt()
+    plt = pyplot()
     project, frac = _pca(latents)
     p = project(latents)
     k = weights.shape[1]
@@ -399,11 +383,11 @@ def plot_latents_truth(path, latents, weights) -> str:
                  "true mixture weights "
                  "(fractions of 5300–5850 Å light)", fontsize=10, y=1.02)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss(path, hist) -> str:
-    plt = _plt()
+    plt = pyplot()
     train, val = hist.get("train", []), hist.get("val", [])
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
@@ -424,11 +408,11 @@ def plot_loss(path, hist) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"Training history — {hist.get('title', '')}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_chi2(path, chi2, z) -> str:
-    plt = _plt()
+    plt = pyplot()
     ok = np.isfinite(chi2) & (chi2 > 0)
     c = chi2[ok]
     fig, (ax, ax_z) = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=[1.2, 1])
@@ -453,25 +437,10 @@ def plot_chi2(path, chi2, z) -> str:
     ax_z.set_title("χ² against redshift", fontsize=9)
     fig.suptitle("Reconstruction quality: reduced χ² = Σ w·valid·(y − ŷ)² / (N_valid − S)", fontsize=10, y=1.02)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- the report ---------------------------------------------------------------------------------------
-
-
-def _pick_examples(z, chi2, k: int) -> list[int]:
-    """k spectra spread over the redshift range (quantiles), each the median-χ² one among its neighbours."""
-    order = np.argsort(z)
-    picks = []
-    for q in np.linspace(0.1, 0.9, k) if k > 1 else [0.5]:
-        lo, hi = int(q * len(z)) - 10, int(q * len(z)) + 10
-        cand = order[max(lo, 0): max(hi, 1)]
-        c = chi2[cand]
-        c = np.where(np.isfinite(c), c, np.inf)
-        i = int(cand[np.argsort(c)[len(cand) // 2]])
-        if i not in picks:
-            picks.append(i)
-    return picks
 
 
 def _redshift_invariance(model, sample, wave_obs, precision, n_latent) -> dict:
@@ -535,7 +504,7 @@ def make_report(model_path, data, out_dir, *, n_spectra: int = 1000, n_examples:
     sample["latents"], sample["chi2"] = enc["latents"], enc["chi2"]
     figures = {}
 
-    idx = _pick_examples(sample["z"], sample["chi2"], n_examples)
+    idx = pick_examples(sample["z"], sample["chi2"], n_examples)
     rec = encode_arrays(model, sample["y"][idx], sample["w"][idx], sample["z"][idx], precision=precision,
                         chi2=True, restframe=True, observed=True)
     figures["reconstructions"] = plot_reconstructions(os.path.join(out_dir, "reconstructions.png"), sample, rec,
@@ -593,17 +562,10 @@ def make_report(model_path, data, out_dir, *, n_spectra: int = 1000, n_examples:
                                "best_val_loss": min(h["loss"] for h in va) if va else None,
                                "spectra_seen": tr[-1]["spectra"] if tr else None}
     summary["seconds"] = time.perf_counter() - t0
-    _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2, default=str))
-    _write_text(os.path.join(out_dir, "report.md"), _markdown(summary))
+    write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2, default=str), sync=False)
+    write_text(os.path.join(out_dir, "report.md"), _markdown(summary), sync=False)
     say(f"wrote {len(figures)} figures, report.md and summary.json to {out_dir} ({summary['seconds']:.1f} s)")
     return summary
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _fmt(v, spec=".3g"):

@@ -31,9 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .encode import CHI2_DEFINITION, encode_arrays, reduced_chi2
+from .atomic import atomic_path, write_json, write_text
+from .encode import encode_arrays
 from .instruments import get_instrument
+from .losses import CHI2_DEFINITION, reduced_chi2
 from .mock import LINE_NAMES, make_mock, write_mock
+from .model import load_model
+from .plotting import pick_examples, pyplot, save_figure
 
 # ---- configuration ------------------------------------------------------------------------------------------
 
@@ -571,8 +575,8 @@ def train_variant(cfg: ScienceConfig, variant: str, data_path: str) -> dict:
         if trainer.step in marks:
             state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
             path = os.path.join(tc.out, f"curve-{trainer.step}.pt")
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            with atomic_path(path, sync=False) as tmp:
+                torch.save(state, tmp)
 
     t0, c0 = time.perf_counter(), _cpu_s()
     trainer = Trainer(tc)
@@ -591,9 +595,7 @@ def train_variant(cfg: ScienceConfig, variant: str, data_path: str) -> dict:
     summary["final_train_loss"] = hist["train"][-1]["loss"] if hist["train"] else None
     summary["val_losses"] = [h["loss"] for h in hist["val"]]
     rec = {**want, "data": [os.path.abspath(data_path)]}
-    with open(cached + ".tmp", "w") as fh:
-        json.dump({**rec, "summary": summary}, fh, indent=1, default=str)
-    os.replace(cached + ".tmp", cached)
+    write_json(cached, {**rec, "summary": summary}, sync=False, indent=1, default=str)
     return summary
 
 
@@ -603,8 +605,6 @@ def curve_steps(steps: int, fractions) -> list[int]:
 
 
 def load_variant(cfg: ScienceConfig, variant: str):
-    from .encode import load_model
-
     return load_model(os.path.join(cfg.workdir, f"model-{variant}", "final.pt"), cfg.device)
 
 
@@ -697,8 +697,6 @@ def moved_copies(data: dict, idx, z_new) -> dict:
 def cross_chi2(model, data: dict, idx, latents_moved, batch_size: int = 256) -> np.ndarray:
     """χ² of each galaxy's own (unmoved) spectrum under the latents inferred from its moved copies: decode
     s(z'), redshift to the galaxy's z, compare with its data. (n, K); invariance in units of the noise."""
-    from .encode import reduced_chi2 as chi2_fn
-
     n, K, S = latents_moved.shape
     device = next(model.parameters()).device
     s_all = torch.as_tensor(latents_moved.reshape(n * K, S), dtype=torch.float32)
@@ -709,7 +707,7 @@ def cross_chi2(model, data: dict, idx, latents_moved, batch_size: int = 256) -> 
     with torch.inference_mode():
         for a in range(0, n * K, batch_size):
             spec, valid = model.generate(s_all[a:a + batch_size].to(device), torch.as_tensor(z[a:a + batch_size]).to(device))
-            out.append(chi2_fn(torch.as_tensor(y[a:a + batch_size]), torch.as_tensor(w[a:a + batch_size]), spec.float().cpu(),
+            out.append(reduced_chi2(torch.as_tensor(y[a:a + batch_size]), torch.as_tensor(w[a:a + batch_size]), spec.float().cpu(),
                                valid.cpu(), S).numpy())
     return np.concatenate(out).reshape(n, K)
 
@@ -852,18 +850,6 @@ def exp_physics(predictors: dict, targets: np.ndarray, names: list[str], seed: i
 # ---- figures -----------------------------------------------------------------------------------------------------
 
 
-def _plt():
-    from .report import _plt as report_plt
-
-    return report_plt()
-
-
-def _save(fig, path):
-    from .report import _save as report_save
-
-    return report_save(fig, path)
-
-
 COLORS = {"ae_a": "tab:blue", "ae_b": "tab:orange", "ae_c": "tab:green", "pca": "tab:purple",
           "pca_every_pixel": "tab:pink",
           "truth_model": "0.4"}
@@ -877,7 +863,7 @@ def _label(name: str) -> str:
 
 
 def fig_fidelity(path, per_spec, snr, S, budget) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     allc = np.concatenate([v["chi2"] for v in per_spec.values()])
     allc = allc[np.isfinite(allc) & (allc > 0)]
@@ -924,11 +910,11 @@ def fig_fidelity(path, per_spec, snr, S, budget) -> str:
     axes[2].set_title("χ² grows with S/N where the model misses signal")
     fig.suptitle(f"Experiment 1 — fidelity on {len(snr)} held-out mock SDSS spectra ({budget})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_oii(path, ext, lowz, wave_rest, rest_models, wave_obs_min, budget) -> str:
-    plt = _plt()
+    plt = pyplot()
     names = list(ext["preds"])
     ncol = 3
     nrow = -(-(len(names) + 1) // ncol)
@@ -976,11 +962,11 @@ def fig_oii(path, ext, lowz, wave_rest, rest_models, wave_obs_min, budget) -> st
     fig.suptitle(f"Experiment 2 — extended restframe: [O II] predicted where it is not observed ({budget})",
                  fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_invariance(path, inv, per, budget) -> str:
-    plt = _plt()
+    plt = pyplot()
     panels = [("displacement", "‖s(z') − s(z_obs)‖ / σ_sample", "against the whole sample's latent spread"),
               ("local", "‖s(z') − s(z_obs)‖ / d_5NN", "against the distance to the 5th nearest neighbour"),
               ("chi2_cross", "χ² of the unmoved spectrum decoded from s(z')", "in noise units: own spectrum from moved latents")]
@@ -1008,11 +994,11 @@ def fig_invariance(path, inv, per, budget) -> str:
     fig.suptitle(f"Experiment 3 — redshift invariance: median and 16–84% band over {len(next(iter(per.values()))['rms'])} "
                  f"held-out spectra ({budget})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_physics(path, phys, budget) -> str:
-    plt = _plt()
+    plt = pyplot()
     names = phys["targets"]
     models = list(phys["r2"])
     fig, axes = plt.subplots(2, 1, figsize=(13, 7), sharex=True)
@@ -1033,11 +1019,11 @@ def fig_physics(path, phys, budget) -> str:
     fig.suptitle(f"Experiment 4 — latents carry the physics: R² of true mock parameters predicted from S numbers "
                  f"({budget})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_real(path, real, real_chi2, mock_snr, mock_chi2, budget) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     snr_r = median_snr(real["y"], real["w"])
     for name, c in mock_chi2.items():
@@ -1071,11 +1057,11 @@ def fig_real(path, real, real_chi2, mock_snr, mock_chi2, budget) -> str:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"Experiment 5 — {len(real['z'])} real SDSS spectra under mock-trained models ({budget})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_learning_curve(path, lc: dict, budget: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     for name, pts in lc["variants"].items():
         ax.plot([p["spectra_seen"] for p in pts], [p["median_chi2"] for p in pts], "o-", ms=4, color=COLORS[name],
@@ -1096,13 +1082,13 @@ def fig_learning_curve(path, lc: dict, budget: str) -> str:
     ax.grid(alpha=0.3, which="both")
     ax.set_title(f"learning curve: is the autoencoder still improving toward the PCA? ({budget})", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_residual_by_wavelength(path, res: dict, budget: str) -> str:
     from .mock import LINES
 
-    plt = _plt()
+    plt = pyplot()
     edges = np.asarray(res["bin_edges"])
     mid = 0.5 * (edges[1:] + edges[:-1])
     fig, axes = plt.subplots(2, 1, figsize=(13, 7), sharex=True)
@@ -1131,11 +1117,11 @@ def fig_residual_by_wavelength(path, res: dict, budget: str) -> str:
                       f"line pixels ±{res['line_half_width']:.0f} Å / continuum)", fontsize=9)
     fig.suptitle(f"Fidelity by wavelength ({budget})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_training(path, histories: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for v, h in histories.items():
         col = COLORS[f"ae_{v}"]
@@ -1152,7 +1138,7 @@ def fig_training(path, histories: dict) -> str:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax.set_title("training of the three variants", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -1286,9 +1272,7 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
     results["fidelity"]["pca_rank_scan"] = {f"S={S}": v for S, v in pca_scan.items()}
     figures["fidelity"] = fig_fidelity(os.path.join(fig_dir, "fidelity.png"), per_spec, test_snr, cfg.n_latent, budget)
     main = f"ae_{cfg.variants[0]}"
-    from .report import _pick_examples
-
-    ex = _pick_examples(test["z"], enc_test[main]["chi2"], 3)
+    ex = pick_examples(test["z"], enc_test[main]["chi2"], 3)
     rec = _encode(models[cfg.variants[0]], {k: test[k][ex] for k in ("y", "w", "z")}, chi2=True, restframe=True,
                   observed=True)
     figures["reconstructions_mock"] = plot_reconstructions(
@@ -1417,8 +1401,9 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
     results["timings"] = timings
     results["load_average_end"] = _load_average()
     results["figures"] = {k: os.path.relpath(p, cfg.out_dir) for k, p in figures.items()}
-    _write(os.path.join(cfg.out_dir, f"science-{cfg.mode}.json"), json.dumps(_jsonable(results), indent=1))
-    _write(os.path.join(cfg.out_dir, f"science-{cfg.mode}.md"), markdown(results))
+    write_text(os.path.join(cfg.out_dir, f"science-{cfg.mode}.json"), json.dumps(_jsonable(results), indent=1),
+               sync=False)
+    write_text(os.path.join(cfg.out_dir, f"science-{cfg.mode}.md"), markdown(results), sync=False)
     _say(cfg, f"done in {timings['total_s']:.0f} s: {cfg.out_dir}/science-{cfg.mode}.md")
     return results
 
@@ -1437,13 +1422,6 @@ def _jsonable(obj):
     if isinstance(obj, np.bool_):
         return bool(obj)
     return obj
-
-
-def _write(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _f(v, spec=".3g"):

@@ -2,11 +2,6 @@
 CUDA when present) against float64 torch modules (nn.InstanceNorm1d → nn.PReLU → nn.MaxPool1d, nn.Conv1d in
 front), forward and backward, plus ties, odd lengths, half types, NaN rows, errors, opcheck, and the encoder's
 fused blocks against its plain-module blocks."""
-import os
-import platform
-import subprocess
-import sys
-
 import pytest
 import torch
 from fastspec.kernels import instance_norm_prelu_pool, spectrum_conv_block, use_backend
@@ -335,39 +330,3 @@ def test_encoder_fused_blocks_under_bf16_autocast():
             s = fused.encode(y, z)
     assert h.dtype == torch.bfloat16, "activations stay bf16 between the blocks"
     assert_close(s, ref, 0.05, scale=ref.abs().max(), what="latents under autocast")
-
-
-_RETAIN_PROBE = """
-import resource, sys, torch
-import fastspec.model as m
-from fastspec.kernels import use_backend
-model = m.SpectrumAutoencoder(m.ModelConfig(instrument={"name": "tiny", "start": 3.6, "step": 1e-4, "L": 300,
-                                                        "loglinear": True}, n_latent=3))
-with use_backend("torch"):
-    model.loss(torch.ones(2, 300), torch.ones(2, 300), torch.zeros(2)).sum().backward()  # a training step
-faults = []
-for _ in range(3):  # the second reuse of a freed 128 MB block is where retention shows
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = torch.ones(32 << 20)
-    del t
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(m._retaining, faults[-1])
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="retain_freed_cpu_memory acts on glibc's malloc only")
-@pytest.mark.parametrize("env", ["1", "0"], ids=["default", "disabled"])
-def test_training_step_retains_freed_memory(env):
-    """The encoder's first CPU training pass keeps freed memory in the process (a 128 MB tensor allocated
-    again page-faults no more), unless FASTSPEC_RETAIN_CPU_MEMORY=0."""
-    environ = {**os.environ, "FASTSPEC_RETAIN_CPU_MEMORY": env}
-    out = subprocess.run([sys.executable, "-c", _RETAIN_PROBE], capture_output=True, text=True, env=environ,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    state, faults = out.stdout.split()
-    if env == "0":
-        assert state == "None", "FASTSPEC_RETAIN_CPU_MEMORY=0 must leave the allocator alone"
-    else:
-        assert state == "True"
-        assert int(faults) < 1000, f"a reused 128 MB block still page-faulted {faults} times"

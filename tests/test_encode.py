@@ -18,7 +18,7 @@ from fastspec.kernels import use_backend
 from fastspec import encode as E
 from fastspec.h5format import SpectraFormatError, SpectraWriter
 from fastspec.instruments import get_instrument
-from fastspec.model import ModelConfig, SpectrumAutoencoder
+from fastspec.model import ModelConfig, SpectrumAutoencoder, load_model
 
 SDSS = get_instrument("sdss")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def read_latents(path):
 
 def test_latents_and_chi2_match_references(data):
     d, model_path, files = data
-    model = E.load_model(model_path)
+    model = load_model(model_path)
     out = d / "full.h5"
     with use_backend("torch"):
         stats = E.encode_files(model, files, out, batch_size=16, flush_rows=32, chi2=True, restframe=True,
@@ -119,7 +119,7 @@ def test_latents_and_chi2_match_references(data):
 
 def test_bf16_close_to_fp32_and_fp16_needs_cuda(data):
     d, model_path, files = data
-    model = E.load_model(model_path)
+    model = load_model(model_path)
     with use_backend("torch"):
         E.encode_files(model, files[:1], d / "fp32.h5", batch_size=32, progress=False)
         E.encode_files(model, files[:1], d / "bf16.h5", batch_size=32, precision="bf16", progress=False)
@@ -135,7 +135,7 @@ def test_resume_from_partial_equals_uninterrupted(data):
     """In-process resume: a partial file with rows past rows_done garbled is finished to the same bytes;
     a partial file of another model is discarded and redone."""
     d, model_path, files = data
-    model = E.load_model(model_path)
+    model = load_model(model_path)
     kw = dict(batch_size=8, flush_rows=16, chi2=True, progress=False)
     with use_backend("torch"):
         E.encode_files(model, files, d / "ref.h5", **kw)
@@ -211,7 +211,7 @@ def test_kill9_then_rerun_equals_uninterrupted(data, tmp_path):
     assert resumed and int(resumed.group(1)) >= killed_at, res.stderr
     assert not os.path.exists(partial)
 
-    model = E.load_model(model_path)
+    model = load_model(model_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -239,7 +239,7 @@ def test_two_processes_torchrun_env_then_rank0_merges(data, tmp_path):
     got, attrs, _ = read_latents(out)
     assert attrs["merged_from"] == 2 and attrs["row_start"] == 0 and attrs["row_stop"] == 98
 
-    model = E.load_model(model_path)
+    model = load_model(model_path)
     with use_backend("torch"):
         E.encode_files(model, files, tmp_path / "single.h5", batch_size=8, restframe=True, progress=False)
     ref, ref_attrs, _ = read_latents(tmp_path / "single.h5")
@@ -253,7 +253,7 @@ def test_two_processes_torchrun_env_then_rank0_merges(data, tmp_path):
 
 def test_explicit_shards_merge_and_merge_errors(data, tmp_path):
     d, model_path, files = data
-    model = E.load_model(model_path)
+    model = load_model(model_path)
     out = tmp_path / "lat.h5"
     with use_backend("torch"):
         for i in (0, 2):
@@ -278,7 +278,7 @@ def test_explicit_shards_merge_and_merge_errors(data, tmp_path):
 
 def test_input_errors_name_file_row_and_field(data, tmp_path):
     d, model_path, files = data
-    model = E.load_model(model_path)
+    model = load_model(model_path)
     bad = write_spectra(tmp_path / "bad.h5", 12, seed=3, id0=0, nan_row=7)
     with use_backend("torch"), pytest.raises(SpectraFormatError, match=r"bad\.h5: row 7, field spectrum_flux"):
         E.encode_files(model, [files[1], bad], tmp_path / "o.h5", batch_size=4, progress=False)

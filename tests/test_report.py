@@ -13,7 +13,7 @@ from fastspec import encode as E
 from fastspec import report as R
 from fastspec.h5format import SpectraWriter
 from fastspec.instruments import get_instrument
-from fastspec.model import ModelConfig, SpectrumAutoencoder
+from fastspec.model import ModelConfig, SpectrumAutoencoder, load_model
 
 SDSS = get_instrument("sdss")
 TINY = dict(instrument="sdss", n_latent=4, encoder_channels=(8, 16, 32), encoder_hidden=(16,),
@@ -72,7 +72,7 @@ def test_report_writes_every_figure_and_true_numbers(setup):
     assert s["training"]["best_val_loss"] == min(v["loss"] for v in history["val"])
 
     # the sample is 60 of the 90 rows; its χ² median must equal that of `fastspec encode --chi2` on those rows
-    E.encode_files(E.load_model(model), [data], d / "lat.h5", chi2=True, progress=False)
+    E.encode_files(load_model(model), [data], d / "lat.h5", chi2=True, progress=False)
     with E.LatentsFile(d / "lat.h5") as lf:
         chi2_all, z_all = lf["chi2"], lf["Z"]
     zr = s["z_range"]
@@ -88,7 +88,7 @@ def test_report_writes_every_figure_and_true_numbers(setup):
 def test_report_with_latents_file_uses_every_spectrum(setup):
     d, model, data, _ = setup
     lat = d / "lat-all.h5"
-    E.encode_files(E.load_model(model), [data], lat, chi2=True, progress=False)
+    E.encode_files(load_model(model), [data], lat, chi2=True, progress=False)
     with E.LatentsFile(lat) as lf:
         med = float(np.median(lf["chi2"]))
     s = R.make_report(model, [data], d / "out2", n_spectra=30, n_examples=1, latents=lat, progress=False)
@@ -103,7 +103,7 @@ def test_report_with_latents_file_uses_every_spectrum(setup):
 
 def test_redshift_moved_spectrum_loses_exactly_the_pixels_off_the_grid(setup):
     d, model, data, _ = setup
-    m = E.load_model(model)
+    m = load_model(model)
     sample = R.read_sample([data], 40)
     sample["latents"] = E.encode_arrays(m, sample["y"], sample["w"], sample["z"])["latents"]
     inv = R._redshift_invariance(m, sample, SDSS.wave_obs, "fp32", 4)

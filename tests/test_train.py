@@ -3,6 +3,10 @@ going down on spectra with structure, mixed precision, bad input stopped with fi
 count, and `fastspec profile`. Tiny models and files keep this under a minute on 2 cores."""
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -208,3 +212,50 @@ def test_profile_prints_categories_and_writes_traces(data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "conv" in out and "loader wait" in out and "spectra/s" in out
     assert json.loads((tmp_path / "cli" / "profile.json").read_text())["numba"]["ms_per_step"] > 0
+
+
+_RETAIN_PROBE = """
+import json, resource, sys, torch
+import fastspec.memory as memory
+from fastspec.kernels import use_backend
+from fastspec.model import ModelConfig, SpectrumAutoencoder
+from fastspec.train import TrainConfig, Trainer
+how, data, out, small = sys.argv[1:]
+if how == "model":  # a training step of the model alone
+    model = SpectrumAutoencoder(ModelConfig(instrument={"name": "tiny", "start": 3.6, "step": 1e-4, "L": 300,
+                                                        "loglinear": True}, n_latent=3))
+    with use_backend("torch"):
+        model.loss(torch.ones(2, 300), torch.ones(2, 300), torch.zeros(2)).sum().backward()
+else:
+    cfg = TrainConfig(data=json.loads(data), out=out, model=json.loads(small),
+                      steps=1, batch_size=16, num_workers=0, backend="torch", progress=False, val_fraction=0.0,
+                      retain_cpu_memory=how == "train")
+    trainer = Trainer(cfg)
+    trainer.run(write_files=False)
+    trainer.close()
+faults = []
+for _ in range(3):  # the second reuse of a freed 128 MB block is where retention shows
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(32 << 20)
+    del t
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(memory.retaining_freed_cpu_memory(), faults[-1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="retain_freed_cpu_memory acts on glibc's malloc only")
+@pytest.mark.parametrize("how", ["train", "train-off", "model"])
+def test_cpu_training_retains_freed_memory_only_when_asked(data, tmp_path, how):
+    """CPU training with retain_cpu_memory (the default) keeps freed memory in the process (a 128 MB tensor
+    allocated again page-faults no more); with it off, and for the model on its own, the allocator is left
+    alone."""
+    argv = [sys.executable, "-c", _RETAIN_PROBE, how, json.dumps(data), str(tmp_path / "run"), json.dumps(SMALL)]
+    out = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    state, faults = out.stdout.split()
+    if how == "train":
+        assert state == "True"
+        assert int(faults) < 1000, f"a reused 128 MB block still page-faulted {faults} times"
+    else:
+        assert state == "None", f"{how}: the allocator must be left alone"

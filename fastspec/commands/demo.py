@@ -2,18 +2,14 @@
 a short training run, bulk encoding and the report — on CPU, with no network."""
 from __future__ import annotations
 
-import os
+import argparse
 import time
 from pathlib import Path
 
-from .. import cli
+from . import encode, ingest, mock, report, train, validate
+from .common import default_real_dir
 
-
-def _default_real_dir() -> Path:
-    # The bundled real spectra live in ../shared/data/real beside the repository.
-    env = os.environ.get("FASTSPEC_SHARED")
-    base = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
-    return base / "data" / "real"
+STEPS = (mock, ingest, validate, train, encode, report)  # the commands the demo runs, by their own parsers
 
 
 def register(sub):
@@ -34,44 +30,58 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def _step(title: str, argv: list[str]) -> None:
+def _parser() -> argparse.ArgumentParser:
+    """A `fastspec` parser with just the commands the demo runs."""
+    parser = argparse.ArgumentParser(prog="fastspec")
+    sub = parser.add_subparsers(dest="command")
+    for command in STEPS:
+        command.register(sub)
+    return parser
+
+
+def _step(parser: argparse.ArgumentParser, title: str, argv: list[str]) -> None:
+    """Print the command line of one step, then run it as `fastspec` would."""
     print(f"\n== {title}\n$ fastspec {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
-    rc = cli.main(argv)
+    args = parser.parse_args(argv)
+    rc = args.func(args)
     if rc not in (0, None):
         raise SystemExit(f"demo: step '{title}' failed with exit code {rc}")
     print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
 def run(args) -> int:
+    parser = _parser()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    real = Path(args.real_dir) if args.real_dir else _default_real_dir()
-    mock = out / "mock-sdss.h5"
-    _step("mock spectra with ground truth", ["mock", "-n", str(args.n_mock), "-o", str(mock), "--seed", str(args.seed)])
+    real = Path(args.real_dir) if args.real_dir else default_real_dir()
+    mock_file = out / "mock-sdss.h5"
+    _step(parser, "mock spectra with ground truth",
+          ["mock", "-n", str(args.n_mock), "-o", str(mock_file), "--seed", str(args.seed)])
     sdss_files = sorted(str(p) for p in (real / "sdss").glob("spec-*.fits"))
     desi_files = sorted(str(p) for p in (real / "desi").glob("coadd-*.fits"))
     if sdss_files:
-        _step("ingest the bundled SDSS/BOSS spectra", ["ingest", *sdss_files, "-o", str(out / "real-sdss.h5"),
-                                                     "--instrument", "sdss"])
+        _step(parser, "ingest the bundled SDSS/BOSS spectra",
+              ["ingest", *sdss_files, "-o", str(out / "real-sdss.h5"), "--instrument", "sdss"])
     if desi_files:
-        _step("ingest the bundled DESI spectra", ["ingest", *desi_files, "-o", str(out / "real-desi.h5"),
-                                                "--instrument", "desi"])
-    _step("validate the mock file", ["validate", str(mock)])
+        _step(parser, "ingest the bundled DESI spectra",
+              ["ingest", *desi_files, "-o", str(out / "real-desi.h5"), "--instrument", "desi"])
+    _step(parser, "validate the mock file", ["validate", str(mock_file)])
     run_dir = out / "run"
-    train = ["train", str(mock), "-o", str(run_dir), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-             "--seed", str(args.seed), "--augment", "--precision", args.precision]
+    train_argv = ["train", str(mock_file), "-o", str(run_dir), "--steps", str(args.steps), "--batch-size",
+                  str(args.batch_size), "--seed", str(args.seed), "--augment", "--precision", args.precision]
     if (run_dir / "checkpoint.pt").exists():
-        train.append("--resume")  # a demo interrupted during training picks up where it stopped
-    _step("train a small model (paper architecture, S=10, redshift augmentation)", train)
+        train_argv.append("--resume")  # a demo interrupted during training picks up where it stopped
+    _step(parser, "train a small model (paper architecture, S=10, redshift augmentation)", train_argv)
     model = run_dir / "final.pt"
-    sets = [("mock", mock)] + [("real", p) for p in (out / "real-sdss.h5",) if p.exists()]
+    sets = [("mock", mock_file)] + [("real", p) for p in (out / "real-sdss.h5",) if p.exists()]
     for tag, path in sets:
         latents = out / f"latents-{tag}.h5"
-        _step(f"encode the {tag} spectra", ["encode", str(model), str(path), "-o", str(latents), "--chi2",
-                                            "--precision", args.precision])
-        _step(f"report on the {tag} spectra", ["report", str(model), str(path), "-o", str(out / f"report-{tag}"),
-                                               "--latents", str(latents), "--precision", args.precision])
+        _step(parser, f"encode the {tag} spectra", ["encode", str(model), str(path), "-o", str(latents), "--chi2",
+                                                    "--precision", args.precision])
+        _step(parser, f"report on the {tag} spectra", ["report", str(model), str(path), "-o",
+                                                       str(out / f"report-{tag}"), "--latents", str(latents),
+                                                       "--precision", args.precision])
     print(f"\ndemo finished: outputs in {out.resolve()}")
     for tag, _ in sets:
         print(f"  {tag:4s} spectra: figures and summary in {(out / f'report-{tag}').resolve()}/report.md, "

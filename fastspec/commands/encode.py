@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .common import usage_error
+
 PRECISIONS = ("fp32", "bf16", "fp16")  # as fastspec.encode.PRECISIONS; importing it here would load torch
 
 
@@ -46,8 +48,7 @@ def register(sub):
 
 
 def _err(msg: str) -> int:
-    print(f"fastspec encode: error: {msg}", file=sys.stderr)
-    return 2
+    return usage_error("encode", msg)
 
 
 def run(args) -> int:
@@ -55,6 +56,7 @@ def run(args) -> int:
 
     from .. import encode as E
     from ..h5format import SpectraFormatError
+    from ..model import load_model
 
     progress = not args.quiet
     if args.merge:
@@ -89,13 +91,13 @@ def run(args) -> int:
     batch_size = args.batch_size or (4096 if device.startswith("cuda") else 256)
 
     if not device.startswith("cuda"):
-        from ..model import retain_freed_cpu_memory
+        from ..memory import retain_freed_cpu_memory
 
         # keep the large conv outputs' memory in the process between batches instead of page-faulting it
         # in again every batch (≈ 10–15 % on CPU); this process only encodes, so its peak is its footprint
         retain_freed_cpu_memory()
     try:
-        model = E.load_model(args.model, device=device)
+        model = load_model(args.model, device=device)
     except (E.EncodeError, FileNotFoundError, ValueError) as err:
         return _err(str(err))
     t0 = time.perf_counter()

@@ -1,9 +1,10 @@
 """`fastspec profile`: a short training run under the torch profiler, per kernel backend; see fastspec.profile."""
 from __future__ import annotations
 
-import json
 import os
 import sys
+
+from .common import add_data_argument, expand_data, usage_error
 
 
 def register(sub):
@@ -15,7 +16,7 @@ def register(sub):
         "loader wait) and write DIR/trace-BACKEND.json (open in chrome://tracing or ui.perfetto.dev) and "
         "DIR/profile.json.",
     )
-    p.add_argument("data", nargs="+", help="spectra files (fastspec HDF5) or folders of them")
+    add_data_argument(p)
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="where traces and profile.json go")
     p.add_argument("--steps", type=int, default=10, help="profiled steps per backend (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default 3)")
@@ -33,14 +34,11 @@ def register(sub):
 
 
 def _err(msg: str) -> int:
-    print(f"fastspec profile: error: {msg}", file=sys.stderr)
-    return 2
+    return usage_error("profile", msg)
 
 
 def run(args) -> int:
     import torch
-
-    from .train import expand_data
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.backend == "all":
@@ -61,6 +59,7 @@ def run(args) -> int:
               file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..atomic import write_json
     from ..profile import format_table, profile_training
 
     try:
@@ -74,11 +73,7 @@ def run(args) -> int:
     print(f"training step, batch {args.batch_size}, {args.precision}, {args.steps} profiled steps "
           f"(self time per op category per step)")
     print(format_table(results))
-    path = os.path.join(args.out, "profile.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    write_json(os.path.join(args.out, "profile.json"), results, sync=False, indent=1)
     for b, r in results.items():
         print(f"trace ({b}): {r['trace']}")
     return 0

@@ -10,17 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
+from .common import default_real_dir, usage_error
+
 PROG = "fastspec science"
-
-
-def _default_real_dir() -> Path:
-    # The bundled real spectra live in ../shared/data/real beside the repository.
-    env = os.environ.get("FASTSPEC_SHARED")
-    base = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
-    return base / "data" / "real"
 
 
 def add_arguments(p, default_out: str) -> None:
@@ -34,7 +28,7 @@ def add_arguments(p, default_out: str) -> None:
                       help="under a minute; checks the code path only, numbers mean nothing")
     p.add_argument("--workdir", default=None, help="mocks and models (default /tmp/fastspec-science-<mode>)")
     p.add_argument("-o", "--out", default=default_out, help=f"results folder (default {default_out})")
-    p.add_argument("--real-dir", default=str(_default_real_dir()),
+    p.add_argument("--real-dir", default=str(default_real_dir()),
                    help="bundled real spectra (a folder with MANIFEST.tsv); '' to skip (default ../shared/data/real)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=None, help="override training steps per variant")
@@ -76,13 +70,13 @@ def machine_info() -> dict:
 
 
 def _err(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return 2
+    return usage_error("science", msg)
 
 
 def run(args, machine: dict | None = None) -> int:
     import torch
 
+    from ..atomic import write_json, write_text
     from ..science import VARIANTS, ScienceConfig, markdown
     from ..science import run as run_science
 
@@ -94,10 +88,8 @@ def run(args, machine: dict | None = None) -> int:
         res = json.loads(src.read_text())
         if args.note is not None:
             res["note"] = args.note
-            tmp = src.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(res, indent=1))
-            os.replace(tmp, src)
-        (out / f"science-{args.mode}.md").write_text(markdown(res))
+            write_json(src, res, sync=False, indent=1)
+        write_text(out / f"science-{args.mode}.md", markdown(res), sync=False)
         print(f"{PROG}: wrote {out / f'science-{args.mode}.md'}")
         return 0
 

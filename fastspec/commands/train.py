@@ -1,9 +1,11 @@
 """`fastspec train`: train (or resume) an autoencoder on spectra files; see fastspec.train."""
 from __future__ import annotations
 
-import glob
+import argparse
 import os
 import sys
+
+from .common import add_data_argument, expand_data, usage_error
 
 
 def register(sub):
@@ -15,7 +17,7 @@ def register(sub):
         "loss.png. A validation split is taken by a stable hash of object_id. For several GPUs or nodes "
         "launch with `torchrun --nproc-per-node N -m fastspec train ...`; --batch-size is the global batch.",
     )
-    p.add_argument("data", nargs="+", help="spectra files (fastspec HDF5 or MMU), or folders of *.h5/*.hdf5")
+    add_data_argument(p)
     p.add_argument("-o", "--out", required=True, metavar="RUNDIR", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from RUNDIR/checkpoint.pt (exact resume)")
     g = p.add_argument_group("length and optimiser")
@@ -72,22 +74,12 @@ def register(sub):
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    g.add_argument("--retain-cpu-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU training: keep memory freed by one step in the process for the next instead of "
+                   "returning it to the OS (glibc; changes this process's allocator for good; see "
+                   "bench/bench_allocator.py for what it buys) (default on)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def expand_data(items) -> list[str]:
-    """Files as given; folders expanded to their *.h5 / *.hdf5 files (sorted)."""
-    out = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, "*.h5")) + glob.glob(os.path.join(item, "*.hdf5")))
-            if not found:
-                raise FileNotFoundError(f"{item}: folder holds no *.h5 or *.hdf5 files")
-            out.extend(found)
-        else:
-            out.append(item)
-    return out
 
 
 def _json_arg(text: str) -> dict:
@@ -107,8 +99,7 @@ def _json_arg(text: str) -> dict:
 
 
 def _err(msg: str) -> int:
-    print(f"fastspec train: error: {msg}", file=sys.stderr)
-    return 2
+    return usage_error("train", msg)
 
 
 def run(args) -> int:
@@ -116,6 +107,7 @@ def run(args) -> int:
 
     from ..h5format import SpectraFormatError
     from ..instruments import InstrumentError
+    from ..model import ModelConfigError
     from ..train import TrainConfig, TrainDataError, train
 
     if args.threads:
@@ -141,11 +133,8 @@ def run(args) -> int:
         exclude_bad=args.exclude_bad, resume=args.resume, stop_after=args.stop_after, device=args.device,
         num_workers=args.workers, worker_type=args.worker_type, block_rows=args.block_rows,
         shuffle_blocks=args.shuffle_blocks, shards=args.shards, progress=not args.quiet, compile=args.compile,
+        retain_cpu_memory=args.retain_cpu_memory,
     )
-    try:
-        from ..model import ModelConfigError
-    except ImportError:  # pragma: no cover
-        ModelConfigError = ValueError
     try:
         summary = train(cfg)
     except (TrainDataError, SpectraFormatError, InstrumentError, ModelConfigError, FileNotFoundError,

@@ -37,6 +37,7 @@ def _overview(reports) -> str:
 
 
 def run(args) -> int:
+    from ..atomic import write_json
     from ..instruments import InstrumentError, get_instrument
     from ..validate import validate_file
 
@@ -59,9 +60,7 @@ def run(args) -> int:
     if len(reports) > 1:
         print(_overview(reports))
     if args.json:
-        from ..atomic import write_json
-
-        write_json(args.json, [r.to_dict() for r in reports], indent=1)
+        write_json(args.json, [r.to_dict() for r in reports], sync=False, indent=1)
     n_bad = sum(not r.ok for r in reports)
     print(f"{len(reports) - n_bad} of {len(reports)} file(s) clean" + ("" if not n_bad else f"; {n_bad} with problems"))
     return 1 if n_bad else 0
