@@ -7,7 +7,11 @@ The output ("fastspec-latents" layout), one row per input spectrum, in input ord
     object_id    (N,)   uint64    copied from the input
     source_file  (N,)   int32     index into `source_files` (the input paths, as given)
     source_row   (N,)   int64     row in that file
-    chi2         (N,)   float32   optional (--chi2): reduced χ², see fastspec.losses.CHI2_DEFINITION
+    chi2         (N,)   float32   optional (--chi2): reduced χ² of `latents`, see fastspec.losses.CHI2_DEFINITION
+    chi2_before  (N,)   float32   with --refine N: reduced χ² of the encoder's own latents
+    chi2_after   (N,)   float32   with --refine N: reduced χ² of the refined latents written in `latents`
+    refine_steps (N,)   int32     with --refine N: optimiser steps each spectrum used (≤ N; it stops early
+                                  once its χ² no longer improves), see fastspec.fit.refine
     spec_rest    (N, R) float32   optional (--restframe): the restframe model on `wave_rest` (R,)
     attrs: format, format_version, complete, rows_done, fingerprint, model, model_sha256, precision, ...
 
@@ -47,7 +51,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, fit
 from .atomic import publish
 from .errors import FastspecError
 from .losses import CHI2_DEFINITION, reduced_chi2
@@ -100,18 +104,26 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def encode_batch(model, y, w, z, precision: str = "fp32", chi2: bool = False, restframe: bool = False,
-                 observed: bool = False) -> dict:
+                 observed: bool = False, refine: int = 0) -> dict:
     """Encode one batch on the model's device. y, w: (n, L); z: (n,). Masked pixels (w = 0) of `y` must
     already be zeroed, as the loader feeds them in training.
 
+    refine: if > 0, the encoder's latents are then optimised for up to that many steps per spectrum through
+    the frozen decoder (`fastspec.fit.refine`, fp32) and the refined ones are returned as "latents".
     Returns float32 tensors on the batch's device: "latents" (n, S), and on request "chi2" (n,),
-    "spec_rest" (n, R), "spec_obs" and "valid" (n, L) (the model in the observed frame).
+    "spec_rest" (n, R), "spec_obs" and "valid" (n, L) (the model in the observed frame); with refine also
+    "chi2_before", "chi2_after" (n,) and "refine_steps" (n,) int32.
     """
     device = y.device
     out = {}
     with torch.inference_mode(), autocast_context(device, precision):
-        s = model.encode(y, z)
-        out["latents"] = s.float()
+        s = model.encode(y, z).float()
+    if refine:
+        r = fit.refine(model, y, w, z, s=s.clone(), steps=refine)  # clone: a normal tensor, not an inference one
+        s = r.latents
+        out.update(chi2_before=r.chi2_before, chi2_after=r.chi2_after, refine_steps=r.steps.int())
+    out["latents"] = s
+    with torch.inference_mode(), autocast_context(device, precision):
         if chi2 or restframe or observed:
             x_rest = model.decode(s)
             if restframe:
@@ -136,7 +148,7 @@ def prepare(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def encode_arrays(model, y, w, z, batch_size: int = 256, precision: str = "fp32", chi2: bool = False,
-                  restframe: bool = False, observed: bool = False) -> dict:
+                  restframe: bool = False, observed: bool = False, refine: int = 0) -> dict:
     """`encode_batch` over in-memory numpy arrays in batches; returns numpy arrays (for reports, notebooks)."""
     device = next(model.parameters()).device
     autocast_context(device, precision)
@@ -148,7 +160,7 @@ def encode_arrays(model, y, w, z, batch_size: int = 256, precision: str = "fp32"
             torch.as_tensor(y[a:b], device=device),
             torch.as_tensor(w[a:b], device=device),
             torch.as_tensor(np.asarray(z[a:b], dtype=np.float32), device=device),
-            precision=precision, chi2=chi2, restframe=restframe, observed=observed,
+            precision=precision, chi2=chi2, restframe=restframe, observed=observed, refine=refine,
         )
         for k, v in res.items():
             parts.setdefault(k, []).append(v.cpu().numpy())
@@ -197,7 +209,8 @@ def inspect_inputs(paths: Sequence[str | os.PathLike], instrument: str | None = 
     return infos
 
 
-def job_fingerprint(model_sha: str, inputs: list[InputFile], precision: str, chi2: bool, restframe: bool) -> str:
+def job_fingerprint(model_sha: str, inputs: list[InputFile], precision: str, chi2: bool, restframe: bool,
+                    refine: int = 0) -> str:
     """What makes two encodings the same job: model, inputs, and the options that change the numbers."""
     payload = {
         "format_version": LATENTS_VERSION,
@@ -207,6 +220,8 @@ def job_fingerprint(model_sha: str, inputs: list[InputFile], precision: str, chi
         "chi2": bool(chi2),
         "restframe": bool(restframe),
     }
+    if refine:  # absent when 0, so jobs fingerprinted before --refine existed still resume
+        payload["refine"] = int(refine)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -256,7 +271,7 @@ def _dcpl():
     return p
 
 
-def _columns(n: int, S: int, R: int, chi2: bool, restframe: bool) -> dict:
+def _columns(n: int, S: int, R: int, chi2: bool, restframe: bool, refine: bool = False) -> dict:
     cols = {
         "latents": ((n, S), np.float32),
         "Z": ((n,), np.float64),
@@ -266,17 +281,21 @@ def _columns(n: int, S: int, R: int, chi2: bool, restframe: bool) -> dict:
     }
     if chi2:
         cols["chi2"] = ((n,), np.float32)
+    if refine:
+        cols["chi2_before"] = ((n,), np.float32)
+        cols["chi2_after"] = ((n,), np.float32)
+        cols["refine_steps"] = ((n,), np.int32)
     if restframe:
         cols["spec_rest"] = ((n, R), np.float32)
     return cols
 
 
 def _create_output(path: str, n: int, S: int, wave_rest: np.ndarray | None, chi2: bool, restframe: bool,
-                   attrs: dict, sources: list[str]) -> h5py.File:
+                   attrs: dict, sources: list[str], refine: bool = False) -> h5py.File:
     f = h5py.File(path, "w")
     try:
         R = 0 if wave_rest is None else len(wave_rest)
-        for name, (shape, dtype) in _columns(n, S, R, chi2, restframe).items():
+        for name, (shape, dtype) in _columns(n, S, R, chi2, restframe, refine).items():
             f.create_dataset(name, shape=shape, dtype=dtype, dcpl=_dcpl())
         f.create_dataset("source_files", data=np.array(sources, dtype=object), dtype=h5py.string_dtype())
         if restframe:
@@ -533,13 +552,14 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                  batch_size: int = 512, flush_rows: int | None = None, precision: str = "fp32",
                  chi2: bool = False, restframe: bool = False, workers: int | None = None,
                  progress: bool = True, model_path: str | None = None, resume: bool = True,
-                 model_sha: str | None = None) -> EncodeStats:
+                 model_sha: str | None = None, refine: int = 0) -> EncodeStats:
     """Encode every spectrum of `paths` (in order) into the latents file `out` (or its shard file).
 
     model: a SpectrumAutoencoder on its device (see `fastspec.model.load_model`). shard: (i, n) to encode only the i-th of
     n contiguous row ranges into ``<out>.shard-i-of-n``. flush_rows: rows per flushed block (the resume
     granularity; rounded up to a multiple of `batch_size`, default ≈ 32 batches). workers: loader
-    processes (default 0 on CPU, where reading is a small fraction of the time; 4 on CUDA).
+    processes (default 0 on CPU, where reading is a small fraction of the time; 4 on CUDA). refine: optimise
+    each spectrum's latents for up to this many steps after the encoder pass (see `encode_batch`).
     Returns the timing split (EncodeStats).
     """
     from .loader import SpectraLoader
@@ -548,11 +568,13 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
     autocast_context(device, precision)  # validates precision for this device before any work
     if batch_size < 1:
         raise EncodeError(f"batch size must be positive, got {batch_size}")
+    if refine < 0:
+        raise EncodeError(f"refine steps must be ≥ 0, got {refine}")
     n_latent, z_max, instrument = _model_meta(model)
     inputs = inspect_inputs(paths, instrument, model.wave_obs.detach().cpu().double().numpy())
     n_total = sum(i.n for i in inputs)
     model_sha = model_sha or weights_sha256(model)
-    fingerprint = job_fingerprint(model_sha, inputs, precision, chi2, restframe)
+    fingerprint = job_fingerprint(model_sha, inputs, precision, chi2, restframe, refine)
     if shard is None:
         i_shard, n_shard = 0, 1
         target = os.fspath(out)
@@ -595,11 +617,13 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
             "row_stop": np.int64(row_stop),
             "n_total": np.int64(n_total),
             "shard": f"{i_shard}/{n_shard}",
-            "chi2_definition": CHI2_DEFINITION if chi2 else "",
+            "chi2_definition": CHI2_DEFINITION if chi2 or refine else "",
+            "refine_steps_max": np.int64(refine),
             "fastspec_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        f = _create_output(tmp, n_rows, S, wave_rest, chi2, restframe, attrs, [i.path for i in inputs])
+        f = _create_output(tmp, n_rows, S, wave_rest, chi2, restframe, attrs, [i.path for i in inputs],
+                           refine=bool(refine))
     elif done:
         _say(progress, f"{tmp}: resuming after {done} of {n_rows} spectra")
     stats.rows_skipped = done
@@ -636,7 +660,8 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                     path, row = _locate(inputs, i)
                     raise EncodeError(f"{path}: row {row}, field Z: not a finite redshift")
                 n_outside += int(((batch.z < 0) | (batch.z > z_max)).sum())
-                res = encode_batch(model, batch.y, batch.w, batch.z, precision, chi2=chi2, restframe=restframe)
+                res = encode_batch(model, batch.y, batch.w, batch.z, precision, chi2=chi2, restframe=restframe,
+                                   refine=refine)
                 host = {k: v.cpu().numpy() for k, v in res.items()}
                 t2 = time.perf_counter()
                 first = int(batch.index[0])
@@ -740,16 +765,17 @@ def merge_shards(out, n: int | None = None, remove: bool = True, progress: bool 
         n_total = pos
         chi2 = "chi2" in files[0]
         restframe = "spec_rest" in files[0]
+        refine = "chi2_after" in files[0]
         wave_rest = files[0]["wave_rest"] if restframe else None
         attrs = {k: v for k, v in a0.items() if k not in ("format", "format_version", "complete", "rows_done",
                                                           "completed")}
         attrs.update(row_start=np.int64(0), row_stop=np.int64(n_total), shard="0/1", merged_from=n)
         tmp = f"{out}.merge.partial"
         S = files[0].h5["latents"].shape[1]
-        g = _create_output(tmp, n_total, S, wave_rest, chi2, restframe, attrs, files[0].source_files)
+        g = _create_output(tmp, n_total, S, wave_rest, chi2, restframe, attrs, files[0].source_files, refine)
         bar = _bar(progress, n_total, 0, out + " (merge)")
         try:
-            names = list(_columns(0, S, 0, chi2, restframe))
+            names = list(_columns(0, S, 0, chi2, restframe, refine))
             for lf in files:
                 lo = int(lf.attrs["row_start"])
                 for a in range(0, len(lf), block_rows):

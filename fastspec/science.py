@@ -38,6 +38,7 @@ from .losses import CHI2_DEFINITION, reduced_chi2
 from .mock import LINE_NAMES, make_mock, write_mock
 from .model import load_model
 from .plotting import pick_examples, pyplot, save_figure
+from .restframe import to_restframe
 
 # ---- configuration ------------------------------------------------------------------------------------------
 
@@ -189,36 +190,6 @@ def real_set(real_dir, workdir) -> dict:
 
 
 # ---- restframe PCA baseline -----------------------------------------------------------------------------------
-
-
-def to_restframe(y, w, z, wave_obs, wave_rest, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Observed spectra (N, L) → restframe grid (N, R): x(λ) = y(λ·(1+z)) by linear interpolation.
-
-    Weights move as inverse interpolated variances (as fastspec.augment does); a restframe pixel is 0 with
-    weight 0 where λ·(1+z) leaves the observed grid or touches a masked pixel.
-    """
-    wave_obs = np.asarray(wave_obs, np.float64)
-    wave_rest = np.asarray(wave_rest, np.float64)
-    L = wave_obs.size
-    N, R = len(z), wave_rest.size
-    x_out = np.zeros((N, R), np.float32)
-    w_out = np.zeros((N, R), np.float32)
-    for a in range(0, N, chunk):
-        b = min(a + chunk, N)
-        lam = wave_rest[None, :] * (1.0 + np.asarray(z[a:b], np.float64)[:, None])
-        u = np.interp(lam.ravel(), wave_obs, np.arange(L, dtype=np.float64), left=-1.0, right=-1.0).reshape(lam.shape)
-        inside = u >= 0
-        i = np.clip(np.floor(u).astype(np.int64), 0, L - 2)
-        t = np.where(inside, u - i, 0.0)
-        ya, yb = np.take_along_axis(y[a:b], i, 1), np.take_along_axis(y[a:b], i + 1, 1)
-        wa, wb = np.take_along_axis(w[a:b], i, 1), np.take_along_axis(w[a:b], i + 1, 1)
-        # a neighbour that gets (almost) no share of the interpolation does not need to be good
-        need_a, need_b = t < 1 - 1e-6, t > 1e-6
-        ok = inside & (~need_a | (wa > 0)) & (~need_b | (wb > 0))
-        var = np.where(need_a, (1 - t) / np.where(wa > 0, wa, 1), 0) + np.where(need_b, t / np.where(wb > 0, wb, 1), 0)
-        x_out[a:b] = np.where(ok, (1 - t) * ya + t * yb, 0)
-        w_out[a:b] = np.where(ok & (var > 0), 1.0 / np.where(var > 0, var, 1), 0)
-    return x_out, w_out
 
 
 def _ridge_solve(A: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> torch.Tensor:

@@ -104,17 +104,59 @@ def test_latents_and_chi2_match_references(data):
     np.testing.assert_allclose(got["spec_rest"], x_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got["wave_rest"], model.wave_rest.double().numpy())
 
-    # χ²: numpy interpolation of the float64 restframe model, valid where λ/(1+z) lies on wave_rest
-    wave_rest = model.wave_rest.double().numpy()
-    chi2 = np.empty(len(s_ref))
-    for n in range(len(s_ref)):
+    np.testing.assert_allclose(got["chi2"], chi2_reference(model_path, ref, s_ref), rtol=1e-3)
+    assert "reduced chi2" in attrs["chi2_definition"]
+
+
+def chi2_reference(model_path, ref, latents):
+    """Reduced χ² of latents: numpy interpolation of the float64 restframe model (the linear-grid TINY
+    model), valid where λ/(1+z) lies on wave_rest."""
+    m64 = SpectrumAutoencoder.load(model_path).double().eval()
+    with torch.no_grad():
+        x_ref = m64.decode(torch.as_tensor(latents, dtype=torch.float64)).numpy()
+    wave_rest = m64.wave_rest.double().numpy()
+    chi2 = np.empty(len(latents))
+    for n in range(len(latents)):
         lam = SDSS.wave_obs / (1 + ref["Z"][n])
         valid = (lam >= wave_rest[0]) & (lam <= wave_rest[-1])
         y_model = np.interp(lam, wave_rest, x_ref[n])
-        dof = np.sum(valid & (ref["w"][n] > 0)) - 5
+        dof = np.sum(valid & (ref["w"][n] > 0)) - m64.n_latent
         chi2[n] = np.sum(ref["w"][n] * valid * (ref["y"][n] - y_model) ** 2) / dof
-    np.testing.assert_allclose(got["chi2"], chi2, rtol=1e-3)
-    assert "reduced chi2" in attrs["chi2_definition"]
+    return chi2
+
+
+def test_refine_writes_refined_latents_and_resumes(data):
+    d, model_path, files = data
+    model = load_model(model_path)
+    ref = read_inputs(files)
+    kw = dict(batch_size=16, flush_rows=32, progress=False)
+    with use_backend("torch"):
+        E.encode_files(model, files, d / "onepass.h5", chi2=True, **kw)
+        E.encode_files(model, files, d / "refined.h5", chi2=True, refine=20, **kw)
+    one, got = read_latents(d / "onepass.h5")[0], read_latents(d / "refined.h5")[0]
+    np.testing.assert_allclose(got["chi2_before"], one["chi2"], rtol=1e-5)
+    # χ² of the latents written, by the float64 reference; `chi2` describes the same latents
+    np.testing.assert_allclose(got["chi2_after"], chi2_reference(model_path, ref, got["latents"]), rtol=1e-3)
+    np.testing.assert_allclose(got["chi2"], got["chi2_after"], rtol=1e-5)
+    assert np.all(got["chi2_after"] <= got["chi2_before"] * (1 + 1e-5))
+    assert np.mean(got["chi2_after"] < got["chi2_before"] * 0.999) > 0.9  # (an untrained model gains little)
+    assert got["refine_steps"].dtype == np.int32 and 0 < got["refine_steps"].max() <= 20
+    assert not np.allclose(got["latents"], one["latents"])
+
+    # interrupted after 48 rows: resumes to the same numbers; another step budget is another job
+    out = d / "refined-resumed.h5"
+    with use_backend("torch"):
+        E.encode_files(model, files, out, refine=20, **kw)
+        os.replace(out, E.partial_path(out))
+        with h5py.File(E.partial_path(out), "r+") as h:
+            h.attrs.modify("complete", False)
+            h.attrs.modify("rows_done", np.int64(48))
+            h["chi2_after"][48:] = np.nan
+        assert E.encode_files(model, files, out, refine=20, **kw).rows_skipped == 48
+        np.testing.assert_array_equal(read_latents(out)[0]["chi2_after"], got["chi2_after"])
+        assert E.encode_files(model, files, out, refine=5, **kw).rows_skipped == 0
+        with pytest.raises(E.EncodeError, match="refine steps must be ≥ 0"):
+            E.encode_files(model, files, out, refine=-1, **kw)
 
 
 def test_bf16_close_to_fp32_and_fp16_needs_cuda(data):

@@ -35,10 +35,17 @@ def batch(model, n=4, seed=0):
 # --- independent reference -----------------------------------------------------------------------------------
 
 
-def linear_rest_grid(model):
-    # the restframe grid is linear by definition; its float32 copy is off by up to half an ulp (~1e-4 Å)
+def rest_interp(model, lam, x):
+    """x (R,) on the model's restframe grid, linearly interpolated at wavelengths lam, in the coordinate the
+    grid is uniform in (λ or log10 λ): the grid rebuilt in float64 from its end points, since its float32
+    copy is off by up to half an ulp (~1e-4 Å). Also returns which lam fall inside the grid."""
     r = model.wave_rest.double().numpy()
-    return np.linspace(r[0], r[-1], r.size)
+    if model.config.rest_spacing == "log":
+        coord, at = np.linspace(np.log10(r[0]), np.log10(r[-1]), r.size), np.log10(lam)
+    else:
+        coord, at = np.linspace(r[0], r[-1], r.size), lam
+    inside = (at >= coord[0]) & (at <= coord[-1])
+    return np.where(inside, np.interp(at, coord, x), 0.0), inside
 
 
 def reference_forward(model, y, z):
@@ -75,14 +82,11 @@ def reference_forward(model, y, z):
             x = (g + (1 - g) * torch.sigmoid(b * x)) * x
             if j == n_dec - 1:
                 x = x + 1
-    wave_rest = linear_rest_grid(model)
     wave_obs = model.wave_obs.double().numpy()
     y_hat = np.zeros((y.shape[0], wave_obs.size))
     valid = np.zeros((y.shape[0], wave_obs.size), dtype=bool)
     for n in range(y.shape[0]):
-        lam = wave_obs / (1 + float(z[n]))
-        valid[n] = (lam >= wave_rest[0]) & (lam <= wave_rest[-1])
-        y_hat[n] = np.where(valid[n], np.interp(lam, wave_rest, x[n].numpy()), 0.0)
+        y_hat[n], valid[n] = rest_interp(model, wave_obs / (1 + float(z[n])), x[n].numpy())
     return s, x, torch.from_numpy(y_hat), torch.from_numpy(valid)
 
 
@@ -98,11 +102,22 @@ def close(a, b, rtol):
 
 def test_sdss_shapes_follow_the_design():
     torch.manual_seed(0)
+    # the linear restframe grid (spender's kind): λ_min/(1+z_max) … λ_max in R = ceil(L·(1+z_max)) pixels
+    linear = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5, rest_grid="linear"))
+    assert linear.wave_rest.shape == (int(np.ceil(3921 * 1.5)),)
+    np.testing.assert_allclose(linear.wave_rest[0].item(), 10**3.578 / 1.5, rtol=1e-6)
+    np.testing.assert_allclose(linear.wave_rest[-1].item(), 10 ** (3.578 + 3920e-4), rtol=1e-6)
+    # the default for SDSS: log-linear with the SDSS step from λ_min/(1+z_max), covering λ_max: R = 5682
     model = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5)).eval()
+    assert model.config.rest_spacing == "log" and model.wave_rest.shape == (5682,)
+    logw = np.log10(model.wave_rest.double().numpy())
+    np.testing.assert_allclose(logw[0], 3.578 - np.log10(1.5), atol=1e-7)
+    np.testing.assert_allclose(np.diff(logw), 1e-4, atol=1e-7)  # float32 wavelengths: ~3e-8 in log10
+    assert model.wave_rest[-1].item() >= 10 ** (3.578 + 3920e-4) * (1 - 1e-7)
+    double = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5, oversample=2))
+    np.testing.assert_allclose(np.diff(np.log10(double.wave_rest.double().numpy())), 5e-5, atol=1e-7)
+    assert ModelConfig(instrument="desi").rest_spacing == "linear"
     assert model.wave_obs.shape == (3921,) and model.wave_obs.dtype == torch.float32
-    assert model.wave_rest.shape == (int(np.ceil(3921 * 1.5)),)
-    np.testing.assert_allclose(model.wave_rest[0].item(), 10**3.578 / 1.5, rtol=1e-6)
-    np.testing.assert_allclose(model.wave_rest[-1].item(), 10 ** (3.578 + 3920e-4), rtol=1e-6)
     y = torch.randn(2, 3921)
     with torch.no_grad():
         h, k = model.encoder.features(y)
@@ -113,10 +128,14 @@ def test_sdss_shapes_follow_the_design():
     assert model.encoder.mlp[0].in_features == 257  # conditioned: z appended
 
 
-@pytest.mark.parametrize("conditioned, activation", [(True, "leakyrelu"), (False, "speculator")])
-def test_forward_matches_float64_reference(conditioned, activation):
+@pytest.mark.parametrize("conditioned, activation, rest_grid", [(True, "leakyrelu", "log"),
+                                                                (False, "speculator", "linear"),
+                                                                (True, "leakyrelu", "linear")])
+def test_forward_matches_float64_reference(conditioned, activation, rest_grid):
     torch.manual_seed(1)
-    model = SpectrumAutoencoder(toy_config(conditioned=conditioned, activation=activation)).eval()
+    model = SpectrumAutoencoder(toy_config(conditioned=conditioned, activation=activation,
+                                           rest_grid=rest_grid)).eval()
+    assert model.config.rest_spacing == rest_grid
     y, w, z = batch(model)
     s_ref, x_ref, y_ref, valid_ref = reference_forward(model, y, z)
     with use_backend("torch"), torch.no_grad():
@@ -131,7 +150,7 @@ def test_forward_matches_float64_reference(conditioned, activation):
     assert 0 < valid.sum() < valid.numel()  # the test z mix leaves some pixels outside the restframe grid
     close(y_hat, y_ref, 1e-5)
     wv = w.double() * valid_ref
-    paper = (wv * (y.double() - y_ref) ** 2).sum(1) / wv.sum(1)
+    paper = (wv * (y.double() - y_ref) ** 2).sum(1) / wv.sum(1).mean()  # eq. (1): Σw over the batch
     sp = (0.5 * wv * (y.double() - y_ref) ** 2).sum(1) / y.shape[1]
     close(loss, paper, 1e-5)
     close(loss_sp, sp, 1e-5)
@@ -183,10 +202,20 @@ def test_loss_is_the_fused_form_of_the_materialised_losses():
     with torch.no_grad():
         y_hat, valid = model(y, z)
         paper = model.loss(y, w, z, kind="paper")
+        per_spectrum = model.loss(y, w, z, kind="spectrum")
         sp = model.loss(y, w, z, kind="spender")
-    close(paper, weighted_mse(y, y_hat, w, valid), 1e-5)
+        chi2, wsum = model.loss_terms(y, w, z)
+    yd, yhd, wd = y.double(), y_hat.double(), (w * valid).double()
+    chi2_ref, wsum_ref = (wd * (yd - yhd) ** 2).sum(1), wd.sum(1)
+    close(chi2, chi2_ref, 1e-5)
+    close(wsum, wsum_ref, 1e-6)
+    # eq. (1): both sums over the whole batch; per spectrum χ²_n / mean_n(Σ w), whose mean is the ratio
+    close(paper, chi2_ref / wsum_ref.mean(), 1e-5)
+    close(paper.mean(), chi2_ref.sum() / wsum_ref.sum(), 1e-5)
+    close(model.loss(y, w, z, kind="paper", mean_weight=2.5), chi2_ref / 2.5, 1e-5)
+    close(per_spectrum, weighted_mse(y, y_hat, w, valid), 1e-5)
     close(sp, spender_loss(y, y_hat, w, valid), 1e-5)
-    assert paper[1].item() == 0.0 and sp[1].item() == 0.0
+    assert paper[1].item() == 0.0 and per_spectrum[1].item() == 0.0 and sp[1].item() == 0.0
     with pytest.raises(ValueError, match="loss kind"):
         model.loss(y, w, z, kind="chi2")
 
@@ -206,13 +235,10 @@ def test_generate_on_other_grids_and_redshifts():
         z_new = torch.tensor([0.0, 0.3, 0.9])
         out, ok = model.generate(s, z_new, wave_obs=grid)
         x = model.decode(s).double().numpy()
-    wave_rest = linear_rest_grid(model)
     for n in range(3):
-        lam = grid / (1 + float(z_new[n]))
-        inside = (lam >= wave_rest[0]) & (lam <= wave_rest[-1])
+        ref, inside = rest_interp(model, grid / (1 + float(z_new[n])), x[n])
         np.testing.assert_array_equal(ok[n].numpy(), inside)
-        np.testing.assert_allclose(out[n].numpy(), np.where(inside, np.interp(lam, wave_rest, x[n]), 0),
-                                   atol=1e-5 * np.abs(x[n]).max())
+        np.testing.assert_allclose(out[n].numpy(), ref, atol=1e-5 * np.abs(x[n]).max())
     with torch.no_grad():
         desi, _ = model.generate(s[:1], 0.2, wave_obs="desi")
     assert desi.shape == (1, 7781)

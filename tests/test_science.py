@@ -19,42 +19,11 @@ from fastspec.science import (
     line_flux,
     r2_score,
     signal_error,
-    to_restframe,
     train_variant,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 SDSS = get_instrument("sdss")
-
-
-def test_to_restframe_matches_numpy_interpolation_and_drops_masked_and_outside_pixels():
-    rng = np.random.default_rng(0)
-    wave_obs = SDSS.wave_obs
-    wave_rest = SDSS.wave_rest(0.5)
-    n = 5
-    z = np.array([0.0, 0.05, 0.2, 0.37, 0.5])
-    y = rng.normal(1, 0.2, (n, wave_obs.size)).astype(np.float32)
-    w = rng.uniform(50, 150, (n, wave_obs.size)).astype(np.float32)
-    w[1, 1000:1010] = 0
-    x, v = to_restframe(y, w, z, wave_obs, wave_rest)
-    for i in range(n):
-        lam = wave_rest * (1 + z[i])
-        inside = (lam >= wave_obs[0]) & (lam <= wave_obs[-1])
-        ref = np.interp(lam, wave_obs, y[i].astype(np.float64))
-        # every weighted pixel equals the float64 interpolation; every pixel outside has zero weight
-        good = v[i] > 0
-        np.testing.assert_allclose(x[i, good], ref[good], rtol=2e-6, atol=2e-6)
-        assert not good[~inside].any()
-        if i != 1:
-            assert good[inside].mean() > 0.999
-    # restframe pixels that take a share of a masked observed pixel are dropped
-    lam = wave_rest * 1.05
-    touches = (lam > wave_obs[999]) & (lam < wave_obs[1010])
-    assert touches.sum() > 5 and not (v[1, touches] > 0).any()
-    # inverse-variance propagation: between equal weights, w' = 1/((1−t)/w + t/w) = w
-    w_flat = np.full_like(w, 100.0)
-    _, v2 = to_restframe(y, w_flat, z, wave_obs, wave_rest)
-    np.testing.assert_allclose(v2[v2 > 0], 100.0, rtol=1e-5)
 
 
 def test_weighted_pca_recovers_a_planted_rank_3_model_from_windowed_data():

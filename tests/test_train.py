@@ -15,7 +15,7 @@ import torch
 from fastspec.cli import main
 from fastspec.h5format import SpectraWriter
 from fastspec.instruments import get_instrument
-from fastspec.model import SpectrumAutoencoder
+from fastspec.model import ModelConfig, SpectrumAutoencoder
 from fastspec.train import TrainConfig, TrainDataError, train
 
 # A small model: the paper's layout with fewer channels, so a CPU step takes milliseconds.
@@ -92,7 +92,9 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
 
 def test_run_files_and_the_loss_goes_down(data, tmp_path):
     out = tmp_path / "run"
-    res = train(config(data, out, epochs=4, checkpoint_every=0, model={**SMALL, "activation": "speculator"}))
+    # from PyTorch's random initialisation, so the loss has a long way to fall
+    res = train(config(data, out, epochs=4, checkpoint_every=0, model={**SMALL, "activation": "speculator"},
+                       init_decoder="none"))
     for name in ("checkpoint.pt", "best.pt", "final.pt", "history.json", "loss.png", "config.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.tmp*"))
@@ -259,3 +261,23 @@ def test_cpu_training_retains_freed_memory_only_when_asked(data, tmp_path, how):
         assert int(faults) < 1000, f"a reused 128 MB block still page-faulted {faults} times"
     else:
         assert state == "None", f"{how}: the allocator must be left alone"
+
+
+@pytest.mark.parametrize("activation", ["leakyrelu", "speculator"])
+def test_init_output_puts_the_mean_spectrum_on_the_decoders_output(activation):
+    model = SpectrumAutoencoder(ModelConfig(**{**SMALL, "activation": activation}))
+    mean = torch.linspace(0.5, 2.0, model.wave_rest.shape[0])
+    model.init_output(mean, weight_scale=0.0)
+    s = torch.randn(3, SMALL["n_latent"])
+    torch.testing.assert_close(model.decode(s), mean.expand(3, -1), rtol=0, atol=1e-6)
+
+
+def test_training_starts_from_the_mean_spectrum(data, tmp_path):
+    """The default run's first logged loss is far below that of a run from random initialisation, and its
+    decoder's bias is the mean restframe spectrum of the training data (a smooth positive spectrum ~1)."""
+    runs = {}
+    for init in ("mean", "none"):
+        out = tmp_path / init
+        train(config(data, out, steps=2, init_decoder=init, log_every=1, checkpoint_every=0, val_fraction=0.2))
+        runs[init] = json.loads((out / "history.json").read_text())["train"][0]["loss"]
+    assert runs["mean"] < 0.2 * runs["none"], runs

@@ -32,6 +32,9 @@ def register(sub):
     p.add_argument("--chi2", action="store_true", help="also write the reduced chi2 of each reconstruction")
     p.add_argument("--restframe", action="store_true",
                    help="also write the restframe model spec_rest (N, R) and wave_rest (large: R floats per row)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="then optimise each spectrum's latents for up to N steps through the frozen decoder "
+                   "(writes the refined latents, chi2_before, chi2_after, refine_steps; ~100 is enough; default 0)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="encode only the I-th of N contiguous row ranges into OUT.shard-I-of-N")
     p.add_argument("--merge", action="store_true",
@@ -105,7 +108,7 @@ def run(args) -> int:
         stats = E.encode_files(
             model, args.data, args.out, shard=shard, batch_size=batch_size, flush_rows=args.flush_rows,
             precision=args.precision, chi2=args.chi2, restframe=args.restframe, workers=args.workers,
-            progress=progress, model_path=args.model, resume=not args.no_resume,
+            progress=progress, model_path=args.model, resume=not args.no_resume, refine=args.refine,
         )
     except (E.EncodeError, SpectraFormatError) as err:
         print(f"fastspec encode: error: {err}", file=sys.stderr)

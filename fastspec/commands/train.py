@@ -27,12 +27,18 @@ def register(sub):
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     g.add_argument("--no-one-cycle", action="store_true", help="constant learning rate instead of one-cycle")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="fp32, bf16 autocast, or fp16 autocast with loss scaling (V100) (default fp32)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto (default): bf16 autocast where the hardware has bf16 (CPUs with AVX512-BF16/AMX, "
+                   "GPUs from A100 on), fp16 with loss scaling on older GPUs, else fp32. The decoder always "
+                   "runs in fp32")
     g.add_argument("--clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--loss", choices=["paper", "spender"], default="paper",
-                   help="paper: Σw(y−ŷ)²/Σw per spectrum; spender: Σ½w(y−ŷ)²/L (default paper)")
+    g.add_argument("--loss", choices=["paper", "spectrum", "spender"], default="paper",
+                   help="paper (default): Σw(y−ŷ)²/Σw over the whole batch (eq. 1); spectrum: the same per "
+                   "spectrum, averaged; spender: Σ½w(y−ŷ)²/L")
+    g.add_argument("--init-decoder", choices=["mean", "none"], default="mean",
+                   help="mean (default): the decoder's output starts at the mean restframe spectrum of the "
+                   "first 2,048 training spectra; none: at PyTorch's random initialisation")
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--augment", action="store_true",
                    help="also train on copies moved to a random redshift in [0, z_max]")
@@ -126,7 +132,7 @@ def run(args) -> int:
     cfg = TrainConfig(
         data=data, out=args.out, model=model, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, one_cycle=not args.no_one_cycle, weight_decay=args.weight_decay, precision=args.precision,
-        clip=args.clip or None, seed=args.seed, loss=args.loss, augment=args.augment,
+        clip=args.clip or None, seed=args.seed, loss=args.loss, init_decoder=args.init_decoder, augment=args.augment,
         augment_noise=args.augment_noise, augment_mask=args.augment_mask, consistency=args.consistency,
         consistency_sigma=args.consistency_sigma, val_fraction=args.val_fraction, val_every=args.val_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, backend=args.backend,
