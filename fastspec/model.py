@@ -238,8 +238,15 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ModelConfigError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
-        # configs saved before the log-linear restframe grid existed built the linear one
-        return cls(**{"rest_grid": "linear", **d})
+        return cls(**d)
+
+    @classmethod
+    def from_saved(cls, d: dict) -> ModelConfig:
+        """`from_dict` for a config read from a checkpoint: those written before the log-linear restframe grid
+        existed hold no `rest_grid` and were built on the linear grid."""
+        if not isinstance(d, dict):
+            raise ModelConfigError(f"model config must be a dict, got {type(d).__name__}")
+        return cls.from_dict({"rest_grid": "linear", **d})
 
 
 # --- building blocks ---------------------------------------------------------------------------------------
@@ -605,7 +612,7 @@ class SpectrumAutoencoder(nn.Module):
             if key not in payload:
                 raise ModelConfigError(f"{path}: checkpoint lacks field {key!r}")
         try:
-            model = cls(ModelConfig.from_dict(payload["config"]))
+            model = cls(ModelConfig.from_saved(payload["config"]))
         except ModelConfigError as err:
             raise ModelConfigError(f"{path}: field 'config': {err}") from err
         try:

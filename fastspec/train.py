@@ -527,7 +527,7 @@ class Trainer:
         validation split by object_id hash, the loaders and the length of the run."""
         cfg = self.cfg
         if ckpt is not None:
-            model_cfg = ModelConfig.from_dict(ckpt["model_config"])
+            model_cfg = ModelConfig.from_saved(ckpt["model_config"])
         else:
             kw = dict(cfg.model)
             kw.setdefault("instrument", _data_instrument(self.paths).name)

@@ -259,6 +259,17 @@ def test_checkpoint_rebuilds_the_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(y, z)[0], model(y, z)[0])
 
+    # a config given as a dict takes the defaults (log-linear restframe grid on a log-linear instrument);
+    # a checkpoint written before `rest_grid` existed was built on the linear grid and loads as such
+    assert ModelConfig.from_dict({"instrument": dict(TOY)}).rest_spacing == "log"
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["rest_grid"]
+    lin = SpectrumAutoencoder(toy_config(activation="speculator", dropout=0.1, rest_grid="linear"))
+    payload["state_dict"] = lin.state_dict()
+    torch.save(payload, tmp_path / "old.pt")
+    old = SpectrumAutoencoder.load(tmp_path / "old.pt")
+    assert old.config.rest_spacing == "linear" and torch.equal(old.wave_rest, lin.wave_rest)
+
 
 def test_checkpoint_errors_name_file_and_field(tmp_path):
     bad = tmp_path / "bad.pt"
