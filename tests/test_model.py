@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from fastspec.kernels import use_backend
 
+from fastspec.instruments import get_instrument
 from fastspec.losses import spender_loss, weighted_mse
 from fastspec.model import ModelConfig, ModelConfigError, SpectrumAutoencoder
 
@@ -107,16 +108,24 @@ def test_sdss_shapes_follow_the_design():
     assert linear.wave_rest.shape == (int(np.ceil(3921 * 1.5)),)
     np.testing.assert_allclose(linear.wave_rest[0].item(), 10**3.578 / 1.5, rtol=1e-6)
     np.testing.assert_allclose(linear.wave_rest[-1].item(), 10 ** (3.578 + 3920e-4), rtol=1e-6)
-    # the default for SDSS: log-linear with the SDSS step from λ_min/(1+z_max), covering λ_max: R = 5682
-    model = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5)).eval()
-    assert model.config.rest_spacing == "log" and model.wave_rest.shape == (5682,)
-    logw = np.log10(model.wave_rest.double().numpy())
+    # log-linear with the SDSS step from λ_min/(1+z_max), covering λ_max: R = 5682
+    single = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5, oversample=1))
+    assert single.config.rest_spacing == "log" and single.wave_rest.shape == (5682,)
+    logw = np.log10(single.wave_rest.double().numpy())
     np.testing.assert_allclose(logw[0], 3.578 - np.log10(1.5), atol=1e-7)
     np.testing.assert_allclose(np.diff(logw), 1e-4, atol=1e-7)  # float32 wavelengths: ~3e-8 in log10
+    assert single.wave_rest[-1].item() >= 10 ** (3.578 + 3920e-4) * (1 - 1e-7)
+    # the default for SDSS: the same, oversampled 2× (half the SDSS step)
+    model = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5)).eval()
+    assert model.config.rest_oversample == 2 and model.wave_rest.shape == (11363,)
+    logw2 = np.log10(model.wave_rest.double().numpy())
+    np.testing.assert_allclose(logw2[0], logw[0], atol=1e-7)
+    np.testing.assert_allclose(np.diff(logw2), 5e-5, atol=1e-7)
     assert model.wave_rest[-1].item() >= 10 ** (3.578 + 3920e-4) * (1 - 1e-7)
-    double = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5, oversample=2))
-    np.testing.assert_allclose(np.diff(np.log10(double.wave_rest.double().numpy())), 5e-5, atol=1e-7)
+    # DESI (a linear instrument): the linear grid, not oversampled, unless asked
     assert ModelConfig(instrument="desi").rest_spacing == "linear"
+    assert ModelConfig(instrument="desi").n_restframe == get_instrument("desi").n_rest(0.5)
+    assert ModelConfig(instrument="desi", oversample=2).n_restframe == 2 * get_instrument("desi").n_rest(0.5)
     assert model.wave_obs.shape == (3921,) and model.wave_obs.dtype == torch.float32
     y = torch.randn(2, 3921)
     with torch.no_grad():
@@ -300,6 +309,8 @@ def test_checkpoint_errors_name_file_and_field(tmp_path):
     ({"dropout": 1.5}, "ModelConfig.dropout"),
     ({"encoder_pools": (5,)}, "ModelConfig.encoder_pools"),
     ({"grid": "spender", "instrument": dict(TOY)}, "grid='spender'"),
+    ({"oversample": 0}, r"ModelConfig.oversample must be an integer in \[1, 16\] or None"),
+    ({"rest_grid": "cubic"}, "ModelConfig.rest_grid must be one of"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(ModelConfigError, match=msg):
