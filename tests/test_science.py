@@ -189,6 +189,11 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
         pts = lc["variants"][v]
         assert pts[-1]["spectra_seen"] == cfg.steps * cfg.batch_size
         assert pts[-1]["median_chi2"] == pytest.approx(saved["fidelity"][v]["chi2"]["median"], rel=1e-6)
+    # refined latents: a row per variant, never worse than the encoder's for any spectrum, so nor in median
+    for v in ("ae_a", "ae_b", "ae_c"):
+        ref = saved["fidelity"][f"{v}_refined"]["chi2"]["median"]
+        assert ref <= saved["fidelity"][v]["chi2"]["median"] * (1 + 1e-6)
+    assert "refined latents" in (out / "science-smoke.md").read_text()
     # every bundled SDSS-spectrograph file is ingested and scored
     assert saved["real_spectra"]["n_ingested"] == saved["real_spectra"]["files"] >= 10
     assert all(math.isfinite(r["chi2_pca"]) for r in saved["real_spectra"]["per_spectrum"])
