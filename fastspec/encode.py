@@ -707,7 +707,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
     t_start = time.perf_counter()
     writer = RowWriter(f, inputs, row_start, flush_rows)
     writer.start()
-    bar = _bar(progress, n_rows, done, target)
+    bar = progress_bar(progress, n_rows, done, target)
     try:
         if todo > 0:
             n_outside = 0
@@ -748,7 +748,7 @@ def _say(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _bar(progress: bool, total: int, initial: int, desc: str):
+def progress_bar(progress: bool, total: int, initial: int, desc: str):
     if not progress:
         return None
     from tqdm.auto import tqdm
@@ -821,7 +821,7 @@ def merge_shards(out, n: int | None = None, remove: bool = True, progress: bool 
         tmp = f"{out}.merge.partial"
         g = create_rows_file(tmp, columns, attrs, first.source_files, first.FORMAT,
                              int(first.attrs["format_version"]), extra)
-        bar = _bar(progress, n_total, 0, out + " (merge)")
+        bar = progress_bar(progress, n_total, 0, out + " (merge)")
         try:
             for lf in files:
                 lo = int(lf.attrs["row_start"])

@@ -28,13 +28,22 @@ observed spectrum, with an uncertainty and a reliability flag.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import hashlib
+import json
 import math
+import os
+import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import fit, kernels
+from . import __version__, fit, kernels
+from . import encode as E
+from .errors import FastspecError
 
 C_KMS = 299792.458
 
@@ -281,5 +290,164 @@ def nmad(x) -> float:
     return float(1.4826 * np.median(np.abs(x - np.median(x)))) if x.size else float("nan")
 
 
+# ---- files: `fastspec redshift` ------------------------------------------------------------------------
+
+REDSHIFT_FORMAT = "fastspec-redshifts"
+REDSHIFT_VERSION = 1
+# The fit's options that change its numbers (and so the output's fingerprint), with their defaults.
+FIT_OPTIONS = {"z_min": 0.0, "z_max": None, "step": None, "n_nodes": 32, "dv_secondary": 1500.0,
+               "refine_steps": 100, "lr": 0.05, "lr_z": 1e-4, "polish": 2}
+
+
+class RedshiftError(FastspecError, RuntimeError):
+    """Redshift fitting cannot proceed (bad options, inputs that do not fit the model, unfinished files)."""
+
+
+class RedshiftFile(E.RowsFile):
+    """A finished output of `fastspec redshift` (columns: see `_columns`)."""
+
+    FORMAT = REDSHIFT_FORMAT
+    KEY = "z_fit"
+    COMMAND = "fastspec redshift"
+    ERROR = RedshiftError
+
+
+def merge_redshift_shards(out, n: int | None = None, remove: bool = True, progress: bool = True) -> str:
+    """Concatenate the finished shards ``<out>.shard-i-of-n`` into `out` (see `fastspec.encode.merge_shards`)."""
+    return E.merge_shards(out, n, remove=remove, progress=progress, reader=RedshiftFile)
+
+
+def _columns(n: int, S: int) -> dict:
+    """The output (one row per input spectrum, in input order); the writer adds Z (the input's catalogue
+    redshift, for comparison), object_id, source_file and source_row."""
+    return {
+        "z_fit": ((n,), np.float64),  # best-fitting redshift
+        "z_err": ((n,), np.float64),  # 1σ, Δχ² = 1 with the latents marginalised
+        "chi2": ((n,), np.float64),  # unreduced χ² at z_fit
+        "chi2_reduced": ((n,), np.float32),  # χ² / (valid pixels − S − 1)
+        "delta_chi2": ((n,), np.float64),  # χ²(secondary) − χ²(best), inf when there is no secondary
+        "z_secondary": ((n,), np.float64),  # the best distinct secondary minimum (NaN: none)
+        "z_scan": ((n,), np.float64),  # the scan's best trial redshift
+        "latents": ((n, S), np.float32),  # latents at z_fit
+        "Z": ((n,), np.float64),
+        "object_id": ((n,), np.uint64),
+        "source_file": ((n,), np.int32),
+        "source_row": ((n,), np.int64),
+    }
+
+
+def redshift_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple[int, int] | None = None,
+                   batch_size: int = 64, flush_rows: int | None = None, workers: int | None = None,
+                   progress: bool = True, model_path: str | None = None, resume: bool = True,
+                   **options):
+    """Fit the redshift of every spectrum of `paths` (in order) into `out` (or its shard file
+    ``<out>.shard-i-of-n``), resumable and shardable exactly as `fastspec.encode.encode_files`.
+
+    options: those of `fit_redshift` (FIT_OPTIONS). Returns an `EncodeStats` (spectra, seconds, timing split).
+    """
+    unknown = set(options) - set(FIT_OPTIONS)
+    if unknown:
+        raise RedshiftError(f"unknown redshift option(s): {', '.join(sorted(unknown))}")
+    opts = {**FIT_OPTIONS, **options}
+    if opts["z_max"] is None:
+        opts["z_max"] = float(model.config.z_max)
+    if batch_size < 1:
+        raise RedshiftError(f"batch size must be positive, got {batch_size}")
+    if not (opts["z_max"] > opts["z_min"] > -1):
+        raise RedshiftError(f"redshift range must satisfy -1 < z_min < z_max, got [{opts['z_min']}, {opts['z_max']}]")
+    device = next(model.parameters()).device
+    cfg = model.config
+    instrument = cfg.instrument["name"] if isinstance(cfg.instrument, dict) else str(cfg.instrument)
+    try:
+        inputs = E.inspect_inputs(paths, instrument, model.wave_obs.detach().cpu().double().numpy())
+    except E.EncodeError as err:
+        raise RedshiftError(str(err)) from None
+    n_total = sum(i.n for i in inputs)
+    model_sha = E.weights_sha256(model)
+    fingerprint = hashlib.sha256(json.dumps({
+        "format_version": REDSHIFT_VERSION, "model": model_sha,
+        "inputs": [[os.path.abspath(i.path), i.n, i.size, i.mtime_ns] for i in inputs],
+        "options": opts}, sort_keys=True).encode()).hexdigest()
+    i_shard, n_shard = shard or (0, 1)
+    target = os.fspath(out) if shard is None else E.shard_path(out, i_shard, n_shard)
+    row_start, row_stop = E.shard_range(n_total, i_shard, n_shard)
+    n_rows = row_stop - row_start
+    stats = E.EncodeStats(out=target)
+    for done_path in dict.fromkeys([os.fspath(out), target]):
+        if E.is_complete(done_path, fingerprint):
+            _say(progress, f"{done_path}: already complete, nothing to do")
+            stats.rows_skipped = n_rows
+            stats.already_complete = done_path == os.fspath(out)
+            return stats
+    tmp = E.partial_path(target)
+    f, done, why = (E.open_resumable(tmp, fingerprint, n_rows, row_start, REDSHIFT_FORMAT, REDSHIFT_VERSION,
+                                     "z_fit") if resume else (None, 0, ""))
+    if why:
+        _say(progress, f"{tmp}: discarding partial output ({why}); starting over")
+    if f is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        attrs = {
+            "fingerprint": fingerprint, "model": os.path.abspath(model_path) if model_path else "",
+            "model_sha256": model_sha, "instrument": instrument, "n_latent": int(cfg.n_latent),
+            "z_max_model": float(cfg.z_max), "options": json.dumps(opts), "device": str(device),
+            "batch_size": batch_size, "row_start": np.int64(row_start), "row_stop": np.int64(row_stop),
+            "n_total": np.int64(n_total), "shard": f"{i_shard}/{n_shard}",
+            "chi2_definition": "chi2 = sum(w * valid * (y - y_model)^2) (unreduced); chi2_reduced = chi2 / "
+                               "(sum(valid * (w > 0)) - n_latent - 1)",
+            "fastspec_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        f = E.create_rows_file(tmp, _columns(n_rows, int(cfg.n_latent)), attrs, [i.path for i in inputs],
+                               REDSHIFT_FORMAT, REDSHIFT_VERSION)
+    elif done:
+        _say(progress, f"{tmp}: resuming after {done} of {n_rows} spectra")
+    stats.rows_skipped = done
+    flush_rows = -(-(flush_rows or 8 * batch_size) // batch_size) * batch_size
+    workers = (4 if device.type == "cuda" else 0) if workers is None else workers
+    fit_kw = dict(opts)
+    t_start = time.perf_counter()
+    writer = E.RowWriter(f, inputs, row_start, flush_rows)
+    writer.start()
+    bar = E.progress_bar(progress, n_rows, done, target)
+    try:
+        if done < n_rows:
+            for batch, t_wait in E.stream_batches(inputs, row_start + done, row_stop, batch_size, workers,
+                                                  device, check_z=False):
+                t1 = time.perf_counter()
+                r = fit_redshift(model, batch.y, batch.w, **fit_kw)
+                host = {"z_fit": r.z.numpy(), "z_err": r.z_err.numpy(), "chi2": r.chi2.numpy(),
+                        "chi2_reduced": r.chi2_reduced.float().numpy(), "delta_chi2": r.delta_chi2.numpy(),
+                        "z_secondary": r.z_secondary.numpy(), "z_scan": r.z_scan.numpy(),
+                        "latents": r.latents.numpy()}
+                writer.put(int(batch.index[0]), host)
+                stats.wait_s += t_wait
+                stats.compute_s += time.perf_counter() - t1
+                stats.n += len(batch.z)
+                if bar is not None:
+                    bar.update(len(batch.z))
+        writer.finish()
+        stats.write_s = writer.busy
+        E.finish_output(f, tmp, target)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.cancel()
+            f.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    stats.seconds = time.perf_counter() - t_start
+    return stats
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        import sys
+
+        print(msg, file=sys.stderr, flush=True)
+
+
 __all__ = ["C_KMS", "RedshiftFit", "redshift_grid", "default_step", "node_latents", "chi2_scan", "pick_minima",
-           "gauss_newton", "fit_redshift", "velocity_offset", "nmad"]
+           "gauss_newton", "fit_redshift", "velocity_offset", "nmad", "RedshiftError", "RedshiftFile",
+           "redshift_files", "merge_redshift_shards", "REDSHIFT_FORMAT", "FIT_OPTIONS"]

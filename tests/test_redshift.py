@@ -1,6 +1,8 @@
 """Redshift fitting (fastspec.redshift): the χ²(z) scan against a brute-force float64 scan, planted redshifts
 recovered with honest uncertainties, the secondary-minimum bookkeeping, and errors."""
 import math
+import os
+import re
 
 import numpy as np
 import pytest
@@ -128,3 +130,116 @@ def test_errors():
         fit_redshift(model, y[:, :100], w)
     with pytest.raises(ValueError, match="latents must have shape"):
         fit_redshift(model, y, w, latents=s_true[:, :2])
+
+
+# ---- files and the command ------------------------------------------------------------------------------
+
+FAST = dict(step=4e-3, n_nodes=4, refine_steps=5, polish=1)
+
+
+@pytest.fixture(scope="module")
+def zdata(tmp_path_factory):
+    from test_encode import TINY, write_spectra
+
+    from fastspec.model import ModelConfig, SpectrumAutoencoder
+
+    d = tmp_path_factory.mktemp("redshift")
+    torch.manual_seed(0)
+    SpectrumAutoencoder(ModelConfig(**TINY)).eval().save(d / "model.pt")
+    files = [write_spectra(d / "a.h5", 13, seed=1, id0=100), write_spectra(d / "b.h5", 7, seed=2, id0=9000)]
+    return d, str(d / "model.pt"), files
+
+
+def _read(path):
+    from fastspec.redshift import RedshiftFile
+
+    with RedshiftFile(path) as f:
+        return {k: f[k] for k in f.row_columns()}
+
+
+def test_files_rows_in_order_equal_the_api_and_resume(zdata):
+    import h5py
+
+    from fastspec import encode as E
+    from fastspec.encode import prepare
+    from fastspec.model import load_model
+    from fastspec.redshift import RedshiftError, RedshiftFile, redshift_files
+    from fastspec.spectra_io import open_spectra
+
+    d, model_path, files = zdata
+    model = load_model(model_path)
+    out = d / "z.h5"
+    stats = redshift_files(model, files, out, batch_size=8, flush_rows=8, progress=False, **FAST)
+    assert stats.n == 20
+    got = _read(out)
+    with open_spectra(files[1]) as f:
+        b = f.read(0, 7)
+    y, w, _ = prepare(b)
+    ref = fit_redshift(model, torch.as_tensor(y), torch.as_tensor(w), **FAST)
+    # rows 13.. are file b; batches of 8 split it differently from the single call above: same numbers
+    np.testing.assert_allclose(got["z_fit"][13:], ref.z.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(got["object_id"][13:], np.arange(9000, 9007))
+    np.testing.assert_array_equal(got["Z"][13:], b.z)
+    assert got["latents"].shape == (20, model.n_latent)
+    # an interrupted run (rows_done 8, rows past it garbled) resumes to the same values
+    os.replace(out, E.partial_path(out))
+    with h5py.File(E.partial_path(out), "r+") as h:
+        h.attrs.modify("complete", False)
+        h.attrs.modify("rows_done", np.int64(8))
+        h["z_fit"][8:] = np.nan
+    with pytest.raises(RedshiftError, match="incomplete output .8 of 20 rows.*fastspec redshift"):
+        RedshiftFile(E.partial_path(out))
+    stats = redshift_files(model, files, out, batch_size=8, flush_rows=8, progress=False, **FAST)
+    assert stats.rows_skipped == 8 and stats.n == 12
+    again = _read(out)
+    for k in got:
+        np.testing.assert_array_equal(again[k], got[k], err_msg=k)
+    # complete: nothing to do; other options: a new job
+    assert redshift_files(model, files, out, progress=False, **FAST).already_complete
+    with pytest.raises(RedshiftError, match="unknown redshift option"):
+        redshift_files(model, files, out, progress=False, nodes=3)
+
+
+def test_cli_shards_merge_and_errors(zdata, tmp_path, capsys):
+    import h5py
+
+    from fastspec import cli
+    from fastspec.h5format import SpectraWriter
+    from fastspec.instruments import get_instrument
+
+    d, model_path, files = zdata
+    out = tmp_path / "z.h5"
+    fast = ["--step", "4e-3", "--nodes", "4", "--refine", "5", "-q"]
+    for i in (0, 1):
+        assert cli.main(["redshift", model_path, *files, "-o", str(out), "--shard", f"{i}/2", *fast]) == 0
+    assert cli.main(["redshift", "--merge", "-o", str(out), "-q"]) == 0
+    merged = _read(out)
+    assert len(merged["z_fit"]) == 20 and np.all(np.isfinite(merged["z_fit"]))
+    np.testing.assert_array_equal(merged["source_row"], np.r_[np.arange(13), np.arange(7)])
+    # errors name file, row and field
+    bad = tmp_path / "bad.h5"
+    from test_encode import write_spectra
+
+    write_spectra(bad, 5, seed=3, id0=0, nan_row=3)
+    assert cli.main(["redshift", model_path, str(bad), "-o", str(tmp_path / "o.h5"), *fast]) == 1
+    assert re.search(r"bad\.h5: row 3, field spectrum_flux", capsys.readouterr().err)
+    desi = tmp_path / "desi.h5"
+    with SpectraWriter(desi, "desi") as w:
+        L = get_instrument("desi").L
+        w.write(np.ones((2, L)), np.ones((2, L)), np.zeros((2, L), bool), [0.1, 0.2], [0, 0], [1, 2])
+    assert cli.main(["redshift", model_path, str(desi), "-o", str(tmp_path / "o.h5"), *fast]) == 1
+    assert "desi.h5: spectra of instrument 'desi'" in capsys.readouterr().err
+    assert cli.main(["redshift", model_path, str(tmp_path / "missing.h5"), "-o", str(tmp_path / "o.h5")]) == 1
+    assert "missing.h5: input file not found" in capsys.readouterr().err
+    assert cli.main(["redshift", model_path, files[0], "-o", str(tmp_path / "o.h5"), "--z-min", "0.6"]) == 1
+    assert "z_min < z_max" in capsys.readouterr().err
+    assert cli.main(["redshift", "--merge", "-o", str(tmp_path / "none.h5")]) == 2
+    assert "no finished shard files" in capsys.readouterr().err
+    # unknown Z is fine for a redshift fit (it is only copied)
+    nan_z = tmp_path / "nan_z.h5"
+    write_spectra(nan_z, 3, seed=4, id0=0)
+    with h5py.File(nan_z, "r+") as h:
+        h["Z"][1] = np.nan
+    assert cli.main(["redshift", model_path, str(nan_z), "-o", str(tmp_path / "nz.h5"), *fast]) == 0
+    assert np.isnan(_read(tmp_path / "nz.h5")["Z"][1])
+    assert not os.path.exists(tmp_path / "o.h5")
