@@ -15,6 +15,7 @@ from .commands import (
     encode,
     ingest,
     mock,
+    outliers,
     profile,
     redshift,
     report,
@@ -24,7 +25,7 @@ from .commands import (
 )
 
 # Order shown in --help; the pipeline order (files → HDF5 → model → outputs).
-COMMANDS = [mock, download, ingest, validate, train, encode, redshift, report, profile, science, demo]
+COMMANDS = [mock, download, ingest, validate, train, encode, redshift, outliers, report, profile, science, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -187,5 +187,93 @@ def roc_auc(score_normal, score_anomalous) -> float:
     return float(u / (len(a) * len(b)))
 
 
+# ---- files: `fastspec outliers` ---------------------------------------------------------------------------
+
+OUTLIERS_FORMAT = "fastspec-outliers"
+OUTLIERS_VERSION = 1
+
+
+def read_latents(model, path, *, model_sha256: str | None = None, refine: int = 0, batch_size: int = 256,
+                 progress: bool = False) -> dict:
+    """Latents (and Z, object_id) of one input: a latents file from `fastspec encode` of this model (checked
+    by its model_sha256), or a spectra file, encoded here (optionally refined for `refine` steps)."""
+    import h5py
+
+    from . import encode as E
+    from .spectra import as_object_id
+    from .spectra_io import open_spectra
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise OutlierError(f"{path}: input file not found")
+    fmt = None
+    try:
+        with h5py.File(path, "r") as h:
+            fmt = h.attrs.get("format")
+    except OSError:
+        pass
+    if fmt == E.LATENTS_FORMAT:
+        with E.LatentsFile(path) as lf:
+            if model_sha256 and lf.attrs.get("model_sha256") != model_sha256:
+                raise OutlierError(f"{path}: attribute model_sha256: latents made by another model")
+            s = check_latents(lf["latents"], path)
+            return {"latents": s, "Z": lf["Z"], "object_id": lf["object_id"]}
+    with open_spectra(path) as f:
+        n = len(f)
+        parts = {"latents": [], "Z": [], "object_id": []}
+        for a in range(0, n, 4096):
+            b = f.read(a, min(n, a + 4096))
+            y, w, z = E.prepare(b)
+            if not np.isfinite(z).all():
+                raise OutlierError(f"{path}: row {a + int(np.argmax(~np.isfinite(z)))}, field Z: not a finite "
+                                   "redshift (the encoder needs it; fit it first with `fastspec redshift`)")
+            enc = E.encode_arrays(model, y, w, z, batch_size=batch_size, refine=refine)
+            parts["latents"].append(enc["latents"])
+            parts["Z"].append(b.z.astype(np.float64))
+            parts["object_id"].append(as_object_id(np.asarray(b.object_id), path, a))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def write_scores(out, paths, parts: list[dict], log_prob: np.ndarray, attrs: dict) -> str:
+    """The scores file (rows in input order): log_prob, latents, Z, object_id, source_file, source_row."""
+    from . import encode as E
+
+    n = len(log_prob)
+    S = parts[0]["latents"].shape[1]
+    cols = {"log_prob": ((n,), np.float64), "latents": ((n, S), np.float32), "Z": ((n,), np.float64),
+            "object_id": ((n,), np.uint64), "source_file": ((n,), np.int32), "source_row": ((n,), np.int64)}
+    tmp = os.fspath(out) + ".partial"
+    f = E.create_rows_file(tmp, cols, attrs, [os.fspath(p) for p in paths], OUTLIERS_FORMAT, OUTLIERS_VERSION)
+    try:
+        f["log_prob"][:] = log_prob
+        f["latents"][:] = np.concatenate([p["latents"] for p in parts])
+        f["Z"][:] = np.concatenate([p["Z"] for p in parts])
+        f["object_id"][:] = np.concatenate([p["object_id"] for p in parts])
+        f["source_file"][:] = np.concatenate([np.full(len(p["Z"]), i, np.int32) for i, p in enumerate(parts)])
+        f["source_row"][:] = np.concatenate([np.arange(len(p["Z"]), dtype=np.int64) for p in parts])
+        f.attrs.modify("rows_done", np.int64(n))
+        E.finish_output(f, tmp, os.fspath(out))
+    except BaseException:
+        f.close()
+        raise
+    return os.fspath(out)
+
+
+def read_scores(path) -> dict:
+    """log_prob, Z, object_id, source_file, source_row of a `fastspec outliers` output."""
+    import h5py
+
+    path = os.fspath(path)
+    try:
+        with h5py.File(path, "r") as h:
+            if h.attrs.get("format") != OUTLIERS_FORMAT:
+                raise OutlierError(f"{path}: not a {OUTLIERS_FORMAT} file (format {h.attrs.get('format')!r})")
+            if not h.attrs.get("complete", False):
+                raise OutlierError(f"{path}: incomplete output")
+            return {k: h[k][()] for k in ("log_prob", "Z", "object_id", "source_file", "source_row")}
+    except OSError as err:
+        raise OutlierError(f"{path}: cannot open as HDF5 ({err})") from None
+
+
 __all__ = ["FlowConfig", "LatentFlow", "OutlierError", "fit_flow", "default_flow_path", "check_latents",
-           "roc_auc", "FLOW_FORMAT"]
+           "roc_auc", "FLOW_FORMAT", "OUTLIERS_FORMAT", "read_latents", "write_scores", "read_scores"]

@@ -1,6 +1,7 @@
 """Outlier scores (fastspec.outliers): the flow's log-probability against a Gaussian with a known density,
 save/reload without training data, ROC AUC against a direct count, and errors."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -82,3 +83,44 @@ def test_latent_errors():
         check_latents(np.array([[0.0, 1], [1, 2], [np.nan, 0]]), "train.h5")
     with pytest.raises(OutlierError, match="too few"):
         fit_flow(np.zeros((5, 3)))
+
+
+def test_cli_fits_saves_reuses_and_scores(tmp_path, capsys):
+    import h5py
+    from test_encode import TINY, write_spectra
+
+    from fastspec import cli
+    from fastspec.model import ModelConfig, SpectrumAutoencoder
+    from fastspec.outliers import read_scores
+
+    torch.manual_seed(0)
+    SpectrumAutoencoder(ModelConfig(**TINY)).eval().save(tmp_path / "m.pt")
+    model = str(tmp_path / "m.pt")
+    train = write_spectra(tmp_path / "train.h5", 40, seed=1, id0=0)
+    test = write_spectra(tmp_path / "test.h5", 9, seed=2, id0=500)
+    out = tmp_path / "scores.h5"
+    assert cli.main(["outliers", model, test, "-o", str(out), "-q"]) == 2
+    assert "give --train" in capsys.readouterr().err
+    assert cli.main(["outliers", model, test, "-o", str(out), "--train", train, "--steps", "50",
+                     "--transforms", "1", "-q"]) == 0
+    assert os.path.exists(tmp_path / "m.flow.pt")
+    a = read_scores(out)
+    assert a["log_prob"].shape == (9,) and np.all(np.isfinite(a["log_prob"]))
+    np.testing.assert_array_equal(a["object_id"], np.arange(500, 509))
+    # a latents file of the same model scores the same; the flow is reused without --train
+    assert cli.main(["encode", model, test, "-o", str(tmp_path / "lat.h5"), "-q"]) == 0
+    assert cli.main(["outliers", model, str(tmp_path / "lat.h5"), "-o", str(tmp_path / "s2.h5"), "-q"]) == 0
+    np.testing.assert_allclose(read_scores(tmp_path / "s2.h5")["log_prob"], a["log_prob"], rtol=1e-5)
+    # another model's flow / latents are refused; a spectrum without Z names file, row, field
+    torch.manual_seed(1)
+    SpectrumAutoencoder(ModelConfig(**TINY)).eval().save(tmp_path / "other.pt")
+    assert cli.main(["outliers", str(tmp_path / "other.pt"), test, "-o", str(out), "--flow",
+                     str(tmp_path / "m.flow.pt"), "-q"]) == 1
+    assert "another model" in capsys.readouterr().err
+    assert cli.main(["outliers", str(tmp_path / "other.pt"), str(tmp_path / "lat.h5"), "-o", str(out),
+                     "--train", train, "--steps", "20", "-q"]) == 1
+    assert "lat.h5: attribute model_sha256" in capsys.readouterr().err
+    with h5py.File(test, "r+") as h:
+        h["Z"][4] = np.nan
+    assert cli.main(["outliers", model, test, "-o", str(out), "-q"]) == 1
+    assert "test.h5: row 4, field Z: not a finite" in capsys.readouterr().err
