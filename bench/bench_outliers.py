@@ -89,7 +89,7 @@ def inject(kind, d, rng):
             y[i] = y[i] * tilt / norm_median(tilt, wave, z[i])
             w[i] = w[i] / np.maximum(tilt / norm_median(tilt, wave, z[i]), 1e-3) ** 2
         elif kind == "sky_residual":
-            typ = np.median(sig[i][np.isfinite(sig[i])])
+            typ = np.median(sig[i][w[i] > 0])
             r = np.zeros_like(wave)
             for line in SKY:
                 r += rng.uniform(5, 30) * typ * rng.choice([-1, 1]) * np.exp(-0.5 * ((wave - line) / 1.5) ** 2)

@@ -33,6 +33,10 @@ from fastspec.redshift import C_KMS, fit_redshift, nmad, velocity_offset  # noqa
 from fastspec.spectra_io import open_spectra  # noqa: E402
 
 
+def _jsonable(v):
+    return v.tolist() if isinstance(v, np.ndarray) else float(v)
+
+
 def stats(dv, mask=None) -> dict:
     dv = np.asarray(dv)
     if mask is not None:
@@ -62,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-mock", type=int, default=96)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--node-steps", type=int, default=30, help="fit_redshift's node_steps (default 30)")
     ap.add_argument("--tag", default="redshift")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -85,12 +90,12 @@ def main(argv=None) -> int:
         sn = f.read_column("source/sn_median")
     y, w, _ = prepare(b)
     z_cat, z_err_cat = b.z.astype(np.float64), b.z_err.astype(np.float64)
-    fit, dt = run_fit(model, y, w, args.batch)
+    fit, dt = run_fit(model, y, w, args.batch, node_steps=args.node_steps)
     dv = velocity_offset(fit["z"], z_cat)
     good = (zw == 0)
     in_range = z_cat <= model.config.z_max
     res = {"machine": machine_info(), "model": os.path.abspath(args.model), "test": os.path.abspath(test),
-           "load_average": os.getloadavg(), "options": {"batch": args.batch, "threads": args.threads}}
+           "load_average": os.getloadavg(), "options": {"batch": args.batch, "threads": args.threads, "node_steps": args.node_steps}}
     real = {"all_zwarning0": stats(dv, good), "zwarning0_in_range": stats(dv, good & in_range),
             "zwarning_nonzero": stats(dv, ~good), "seconds": dt, "spectra_per_s": len(y) / dt,
             "n_beyond_z_max": int((good & ~in_range).sum())}
@@ -124,21 +129,25 @@ def main(argv=None) -> int:
     wm *= (target_sn / np.maximum(sig_med, 1e-6))[:, None] ** 2  # scale ivar so that median S/N = target
     wm *= valid.numpy()
     ym = np.where(wm > 0, clean + rng.standard_normal(clean.shape) / np.sqrt(np.maximum(wm, 1e-30)), 0).astype(np.float32)
-    mfit, mdt = run_fit(model, ym, wm.astype(np.float32), args.batch)
+    mfit, mdt = run_fit(model, ym, wm.astype(np.float32), args.batch, node_steps=args.node_steps)
     mdv = velocity_offset(mfit["z"], z_true)
     mock = {"all": stats(mdv), "seconds": mdt, "spectra_per_s": len(idx) / mdt,
             "by_sn": [{"sn": f"{lo:g}–{hi:g}", **stats(mdv, (target_sn >= lo) & (target_sn < hi))}
                       for lo, hi in ((5, 10), (10, 20), (20, 50.1))],
             "nmad_pull": nmad(mdv / (mfit["z_err"] * C_KMS / (1 + z_true))),
             "catastrophic_delta_chi2": [float(v) for v in mfit["delta_chi2"][np.abs(mdv) > 1000]],
-            "median_delta_chi2_good": float(np.median(mfit["delta_chi2"][np.abs(mdv) <= 1000]))}
+            "median_delta_chi2_good": float(np.median(mfit["delta_chi2"][np.abs(mdv) <= 1000])),
+            "rows": {"z_true": z_true, "z_fit": mfit["z"], "z_scan": mfit["z_scan"], "z_secondary": mfit["z_secondary"],
+                     "delta_chi2": mfit["delta_chi2"], "chi2_reduced": mfit["chi2_reduced"], "sn": target_sn,
+                     "source_index": idx}}
     res["mock"] = mock
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(res, indent=2, default=float))
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(res, indent=2, default=_jsonable))
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     md = [f"# Redshift fitting with the learned model ({args.tag})", "",
           f"Model `{args.model}`; held-out spectra `{test}` ({len(y)}; {int(good.sum())} with ZWARNING = 0). "
-          f"CPU, {args.threads} torch thread(s), batches of {args.batch}; load average before/after: "
+          f"CPU, {args.threads} torch thread(s), batches of {args.batch}, node_steps {args.node_steps}; "
+          "load average before/after: "
           f"{res['load_average']} / {os.getloadavg()}.", "",
           "| set | n | NMAD Δz/(1+z) | NMAD [km/s] | catastrophic (>1000 km/s) | max |Δv| [km/s] |",
           "|---|---|---|---|---|---|"]

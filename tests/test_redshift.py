@@ -78,7 +78,7 @@ def test_grid_is_uniform_in_log_one_plus_z():
 def test_planted_redshifts_are_recovered_within_their_errors():
     model = toy_model()
     y, w, z, s_true = planted(model, n=8, seed=3, sigma=0.01)
-    r = fit_redshift(model, y, w, refine_steps=150)
+    r = fit_redshift(model, y, w, refine_steps=150, node_steps=5)
     dz = (r.z - z.double()).numpy()
     # a toy pixel is Δlog10 λ = 4e-4 (Δz ≈ 1e-3 (1+z)); the fit is far inside it
     assert np.all(np.abs(dz) < 2e-4), dz
@@ -90,7 +90,7 @@ def test_planted_redshifts_are_recovered_within_their_errors():
     # the scan alone lands within its trial spacing of the truth
     assert np.all(np.abs(np.log1p(r.z_scan.numpy()) - np.log1p(z.double().numpy())) < 2e-3)
     # same answer through the model's method, with the true latents fixed for the scan
-    r2 = model.fit_redshift(y, w, latents=s_true, refine_steps=50)
+    r2 = model.fit_redshift(y, w, latents=s_true, refine_steps=50)  # fixed latents: no node fitting
     assert np.all(np.abs((r2.z - z.double()).numpy()) < 2e-4)
 
 
@@ -134,7 +134,7 @@ def test_errors():
 
 # ---- files and the command ------------------------------------------------------------------------------
 
-FAST = dict(step=4e-3, n_nodes=4, refine_steps=5, polish=1)
+FAST = dict(step=4e-3, n_nodes=4, refine_steps=5, polish=1, node_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,9 @@ def register(sub):
                    help="trial spacing in ln(1+z) (default: half the restframe grid's median pixel)")
     p.add_argument("--nodes", type=int, default=32,
                    help="redshifts at which the encoder's latents are computed for the scan (default 32)")
+    p.add_argument("--node-steps", type=int, default=30, metavar="N",
+                   help="Adam steps fitting the scan's latents at each node redshift (default 30; 0: the encoder's "
+                   "latents as they are, faster, fine for redshifts the model was trained on)")
     p.add_argument("--refine", type=int, default=100, metavar="N",
                    help="Adam steps of the joint latent + z refinement (default 100; 0 skips it)")
     p.add_argument("--dv-secondary", type=float, default=1500.0,
@@ -92,7 +95,7 @@ def run(args) -> int:
             model, data, args.out, shard=shard, batch_size=args.batch_size or (512 if device.startswith("cuda") else 64),
             flush_rows=args.flush_rows, progress=progress, model_path=args.model, resume=not args.no_resume,
             z_min=args.z_min, z_max=args.z_max, step=args.step, n_nodes=args.nodes, refine_steps=args.refine,
-            dv_secondary=args.dv_secondary,
+            dv_secondary=args.dv_secondary, node_steps=args.node_steps,
         )
     except (Z.RedshiftError, E.EncodeError, SpectraFormatError) as err:
         print(f"fastspec redshift: error: {err}", file=sys.stderr)
