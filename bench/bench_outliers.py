@@ -93,9 +93,11 @@ def inject(kind, d, rng):
             r = np.zeros_like(wave)
             for line in SKY:
                 r += rng.uniform(5, 30) * typ * rng.choice([-1, 1]) * np.exp(-0.5 * ((wave - line) / 1.5) ** 2)
-            near = r != 0
-            w[i] = np.where((w[i] == 0) & (np.abs(r) > typ), 1 / typ**2, w[i])  # the pipeline did not mask them
-            y[i] = np.where(w[i] > 0, np.where(near, y[i] + r, y[i]), 0)
+            ok = w[i] > 0
+            cont = np.where(ok, y[i], np.interp(wave, wave[ok], y[i][ok]))  # masked pixels hold 0: fill them
+            unmask = ~ok & (np.abs(r) > typ)  # the pipeline did not mask these residuals
+            w[i] = np.where(unmask, 1 / typ**2, w[i])
+            y[i] = np.where(w[i] > 0, cont + r + np.where(unmask, rng.standard_normal(len(wave)) * typ, 0), 0)
     return y.astype(np.float32), w.astype(np.float32), z
 
 
@@ -105,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train", required=True)
     ap.add_argument("--test", required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--manifest", default=str(Path(__file__).resolve().parents[2] / "shared/data/real/sdss-dr14/MANIFEST.tsv"),
+                    help="the real spectra's MANIFEST.tsv (subclass labels for the figure)")
     ap.add_argument("--tag", default="outliers")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,7 +133,14 @@ def main(argv=None) -> int:
         examples[kind] = (y[0], w[0])
     res["seconds"] = time.perf_counter() - t0
 
-    # figure: least and most probable held-out galaxies with reconstructions
+    # figure: least and most probable held-out galaxies with reconstructions, labelled by the SDSS subclass
+    subclass = {}
+    manifest = Path(args.manifest)
+    if manifest.exists():
+        import csv
+
+        with open(manifest) as fh:
+            subclass = {r["specobjid"]: r["subclass"] or "-" for r in csv.DictReader(fh, delimiter="\t")}
     order = np.argsort(lp0)
     picks = list(order[:4]) + list(order[-3:])
     rec = encode_arrays(model, test["y"][picks], test["w"][picks], test["z"][picks].astype(np.float32),
@@ -141,12 +152,15 @@ def main(argv=None) -> int:
         good = test["w"][i] > 0
         k = 5
         sm = np.convolve(np.where(good, test["y"][i], np.nan), np.ones(k) / k, mode="same")
-        ax.plot(wave, sm, color="0.5", lw=0.6, label="observed (5-px mean)")
-        ax.plot(wave, yh, color="tab:orange", lw=0.8, label="reconstruction")
-        lo, hi = np.nanpercentile(sm, [0.5, 99.5])
-        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.2 * (hi - lo))
-        sub = test["sub"][i]
-        sub = sub.decode() if isinstance(sub, bytes) else str(sub)
+        ax.plot(wave, sm, color="k", lw=0.6, label="observed (5-px mean)")
+        ax.plot(wave, np.where(good, yh, np.nan), color="tab:orange", lw=0.6, alpha=0.8, label="reconstruction")
+        lo, hi = np.nanpercentile(np.r_[sm, yh[good]], [0.5, 99.5])
+        resid = np.convolve(np.where(good, test["y"][i] - yh, np.nan), np.ones(k) / k, mode="same")
+        base = lo - 0.25 * (hi - lo)
+        ax.plot(wave, base + resid, color="tab:blue", lw=0.5, label="residual (offset)")
+        ax.axhline(base, color="tab:blue", lw=0.3, ls=":")
+        ax.set_ylim(base - 0.25 * (hi - lo), hi + 0.15 * (hi - lo))
+        sub = subclass.get(str(test["id"][i]), "")
         tag = "LEAST probable" if i in order[:4] else "most probable"
         ax.set_title(f"{tag}: object {test['id'][i]}  z = {test['z'][i]:.4f}  log p = {lp0[i]:.1f}  "
                      f"χ²_red = {c:.2f}  S/N = {test['sn'][i]:.0f}  {sub}", fontsize=8)
@@ -168,8 +182,8 @@ def main(argv=None) -> int:
     fig.tight_layout()
     save_figure(fig, RESULTS / f"{args.tag}-injected.png")
     res["extremes"] = [{"object_id": str(test["id"][i]), "z": float(test["z"][i]), "log_prob": float(lp0[i]),
-                        "chi2": float(c), "class": (test["sub"][i].decode() if isinstance(test["sub"][i], bytes)
-                                                     else str(test["sub"][i]))} for i, c in zip(picks, rec["chi2"])]
+                        "chi2": float(c), "subclass": subclass.get(str(test["id"][i]), "")}
+                       for i, c in zip(picks, rec["chi2"])]
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(res, indent=2, default=float))
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     md = [f"# Outlier scores on real held-out SDSS galaxies with injected anomalies ({args.tag})", "",
