@@ -129,13 +129,14 @@ def fit_flow(latents, *, transforms: int = 5, hidden=(64, 64), steps: int = 2000
     if n < 10:
         raise OutlierError(f"training latents: {n} rows are too few to fit a flow (need ≥ 10)")
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     n_val = max(1, int(round(val_fraction * n))) if val_fraction > 0 else 0
     t = torch.as_tensor(s)
     val, train = t[perm[:n_val]], t[perm[n_val:]]
-    flow = LatentFlow(FlowConfig(S, transforms, tuple(hidden)), train.mean(0), train.std(0).clamp_min(1e-6),
-                      model_sha256=model_sha256)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG state
+        torch.manual_seed(seed)
+        flow = LatentFlow(FlowConfig(S, transforms, tuple(hidden)), train.mean(0), train.std(0).clamp_min(1e-6),
+                          model_sha256=model_sha256)
     opt = torch.optim.AdamW(flow.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     best, best_state, since = -math.inf, None, 0
