@@ -9,10 +9,23 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import demo, download, encode, ingest, mock, profile, report, science, train, validate
+from .commands import (
+    demo,
+    download,
+    encode,
+    ingest,
+    mock,
+    outliers,
+    profile,
+    redshift,
+    report,
+    science,
+    train,
+    validate,
+)
 
 # Order shown in --help; the pipeline order (files → HDF5 → model → outputs).
-COMMANDS = [mock, download, ingest, validate, train, encode, report, profile, science, demo]
+COMMANDS = [mock, download, ingest, validate, train, encode, redshift, outliers, report, profile, science, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -292,16 +292,27 @@ def _columns(n: int, S: int, R: int, chi2: bool, restframe: bool, refine: bool =
 
 def _create_output(path: str, n: int, S: int, wave_rest: np.ndarray | None, chi2: bool, restframe: bool,
                    attrs: dict, sources: list[str], refine: bool = False) -> h5py.File:
+    R = 0 if wave_rest is None else len(wave_rest)
+    extra = {"wave_rest": np.asarray(wave_rest, dtype=np.float64)} if restframe else {}
+    return create_rows_file(path, _columns(n, S, R, chi2, restframe, refine), attrs, sources, LATENTS_FORMAT,
+                            LATENTS_VERSION, extra)
+
+
+def create_rows_file(path: str, columns: dict, attrs: dict, sources: list[str], fmt: str, version: int,
+                     extra: dict | None = None) -> h5py.File:
+    """A new row-output file (open for writing): one preallocated contiguous dataset per column
+    ``{name: (shape, dtype)}`` (first dimension = rows), `source_files`, the datasets `extra` (not per row),
+    and attributes format/format_version/complete=False/rows_done=0 plus `attrs`. Shared by every command
+    that writes one row per input spectrum (encode, redshift, outliers)."""
     f = h5py.File(path, "w")
     try:
-        R = 0 if wave_rest is None else len(wave_rest)
-        for name, (shape, dtype) in _columns(n, S, R, chi2, restframe, refine).items():
+        for name, (shape, dtype) in columns.items():
             f.create_dataset(name, shape=shape, dtype=dtype, dcpl=_dcpl())
         f.create_dataset("source_files", data=np.array(sources, dtype=object), dtype=h5py.string_dtype())
-        if restframe:
-            f.create_dataset("wave_rest", data=np.asarray(wave_rest, dtype=np.float64))
-        f.attrs["format"] = LATENTS_FORMAT
-        f.attrs["format_version"] = LATENTS_VERSION
+        for name, arr in (extra or {}).items():
+            f.create_dataset(name, data=arr)
+        f.attrs["format"] = fmt
+        f.attrs["format_version"] = version
         f.attrs["complete"] = False
         f.attrs["rows_done"] = np.int64(0)
         for k, v in attrs.items():
@@ -313,7 +324,8 @@ def _create_output(path: str, n: int, S: int, wave_rest: np.ndarray | None, chi2
     return f
 
 
-def _finish(f: h5py.File, tmp: str, final: str) -> None:
+def finish_output(f: h5py.File, tmp: str, final: str) -> None:
+    """Mark a row-output file complete, close it and rename it from its temporary name to `final`."""
     f.attrs.modify("complete", True)
     f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     f.flush()
@@ -321,7 +333,7 @@ def _finish(f: h5py.File, tmp: str, final: str) -> None:
     publish(tmp, final)
 
 
-def _is_complete(path: str, fingerprint: str) -> bool:
+def is_complete(path: str, fingerprint: str) -> bool:
     """True if `path` is a finished output of the job `fingerprint`."""
     if not os.path.exists(path):
         return False
@@ -332,8 +344,10 @@ def _is_complete(path: str, fingerprint: str) -> bool:
         return False
 
 
-def _open_resumable(path: str, fingerprint: str, n: int, row_start: int) -> tuple[h5py.File | None, int, str]:
-    """Reopen a partial output of the same job; (file, rows_done, why-not) — file None when unusable."""
+def open_resumable(path: str, fingerprint: str, n: int, row_start: int, fmt: str = LATENTS_FORMAT,
+                   version: int = LATENTS_VERSION, key: str = "latents") -> tuple[h5py.File | None, int, str]:
+    """Reopen a partial output of the same job; (file, rows_done, why-not) — file None when unusable.
+    fmt, version: the output's format; key: a per-row dataset whose length must be n."""
     if not os.path.exists(path):
         return None, 0, ""
     try:
@@ -342,11 +356,11 @@ def _open_resumable(path: str, fingerprint: str, n: int, row_start: int) -> tupl
         return None, 0, f"cannot be opened ({err})"
     try:
         a = f.attrs
-        if a.get("format") != LATENTS_FORMAT or int(a.get("format_version", -1)) != LATENTS_VERSION:
-            why = "not a fastspec latents file of this version"
+        if a.get("format") != fmt or int(a.get("format_version", -1)) != version:
+            why = f"not a {fmt} file of version {version}"
         elif a.get("fingerprint") != fingerprint:
             why = "made by a different model, inputs or options"
-        elif int(a.get("row_start", -1)) != row_start or f["latents"].shape[0] != n:
+        elif int(a.get("row_start", -1)) != row_start or f[key].shape[0] != n:
             why = "covers different rows"
         else:
             done = int(a.get("rows_done", 0))
@@ -362,30 +376,42 @@ def _open_resumable(path: str, fingerprint: str, n: int, row_start: int) -> tupl
 # ---- reading the output ---------------------------------------------------------------------------------
 
 
-class LatentsFile(H5Reader):
-    """Read a finished latents file. Refuses partial files and shards-in-progress by their `complete` flag."""
+class RowsFile(H5Reader):
+    """Read a finished row-output file (one row per input spectrum) of format `FORMAT`, whose per-row dataset
+    `KEY` gives the row count. Refuses partial files and shards-in-progress by their `complete` flag."""
+
+    FORMAT = ""
+    KEY = ""
+    COMMAND = ""  # the command that finishes an incomplete file
+    ERROR = FastspecError
 
     def __init__(self, path, allow_partial: bool = False):
         self.path = os.fspath(path)
         try:
             self.h5 = h5py.File(self.path, "r")
         except OSError as err:
-            raise EncodeError(f"{self.path}: cannot open as HDF5 ({err})") from None
+            raise self.ERROR(f"{self.path}: cannot open as HDF5 ({err})") from None
         a = self.h5.attrs
-        if a.get("format") != LATENTS_FORMAT:
+        if a.get("format") != self.FORMAT:
             self.h5.close()
-            raise EncodeError(f"{self.path}: not a fastspec latents file (format {a.get('format')!r})")
+            raise self.ERROR(f"{self.path}: not a {self.FORMAT} file (format {a.get('format')!r})")
         self.complete = bool(a.get("complete", False))
         if not self.complete and not allow_partial:
-            done, n = int(a.get("rows_done", 0)), self.h5["latents"].shape[0]
+            done, n = int(a.get("rows_done", 0)), self.h5[self.KEY].shape[0]
             self.h5.close()
-            raise EncodeError(
-                f"{self.path}: incomplete output ({done} of {n} rows); run `fastspec encode` again to finish it"
+            raise self.ERROR(
+                f"{self.path}: incomplete output ({done} of {n} rows); run `{self.COMMAND}` again to finish it"
             )
         self.attrs = dict(a)
 
     def __len__(self) -> int:
-        return int(self.h5["latents"].shape[0])
+        return int(self.h5[self.KEY].shape[0])
+
+    def row_columns(self) -> list[str]:
+        """The per-row datasets (first dimension = rows), in file order."""
+        n = len(self)
+        return [k for k, d in self.h5.items() if isinstance(d, h5py.Dataset) and d.ndim >= 1
+                and d.shape[0] == n and k != "source_files"]
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.h5:
@@ -398,6 +424,15 @@ class LatentsFile(H5Reader):
     @property
     def source_files(self) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else str(s) for s in self.h5["source_files"][()]]
+
+
+class LatentsFile(RowsFile):
+    """A finished latents file of `fastspec encode`."""
+
+    FORMAT = LATENTS_FORMAT
+    KEY = "latents"
+    COMMAND = "fastspec encode"
+    ERROR = EncodeError
 
 
 
@@ -423,7 +458,7 @@ class EncodeStats:
         return self.n / self.seconds if self.seconds > 0 else float("nan")
 
 
-class _Writer(threading.Thread):
+class RowWriter(threading.Thread):
     """Writes finished rows in input order; after each flushed block it advances `rows_done`."""
 
     def __init__(self, f: h5py.File, inputs: list[InputFile], row_start: int, flush_rows: int):
@@ -478,7 +513,7 @@ class _Writer(threading.Thread):
                     self.busy += time.perf_counter() - t0
                     return
                 self._pending.append((first, arrays))
-                if sum(len(a["latents"]) for _, a in self._pending) >= self.flush_rows:
+                if sum(len(next(iter(a.values()))) for _, a in self._pending) >= self.flush_rows:
                     self._flush()
                 self.busy += time.perf_counter() - t0
         except BaseException as err:  # handed to the main thread by put()/finish()
@@ -518,7 +553,7 @@ class _Writer(threading.Thread):
         first = self._pending[0][0]
         arrays = {k: np.concatenate([p[1][k] for p in self._pending]) for k in self._pending[0][1]}
         self._pending = []
-        b = first + len(arrays["latents"])
+        b = first + len(next(iter(arrays.values())))
         arrays.update(self._copy_columns(first, b))
         lo, hi = first - self.row_start, b - self.row_start
         for name, arr in arrays.items():
@@ -548,6 +583,44 @@ def _selection(inputs: list[InputFile], a: int, b: int) -> list[np.ndarray | Non
     return rows
 
 
+def stream_batches(inputs: list[InputFile], a: int, b: int, batch_size: int, workers: int, device,
+                   check_z: bool = True):
+    """Global rows [a, b) of the inputs as loader batches (y, w, z prepared as in training, on `device`), in
+    order and without gaps (checked), each with the seconds spent waiting for it. With `check_z`, a row whose
+    Z is not finite is an error naming file, row and field."""
+    from .loader import SpectraLoader
+
+    loader = SpectraLoader(
+        [i.path for i in inputs], batch_size=batch_size, block_rows=min(1024, batch_size),
+        shuffle_blocks=max(1, -(-batch_size // 1024)), shuffle=False, num_workers=workers,
+        prefetch=2, device=device, drop_last=False, persistent_workers=False,
+        rows=_selection(inputs, a, b),
+    )
+    expect = a
+    try:
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            t_wait = time.perf_counter() - t0
+            if check_z and not bool(torch.isfinite(batch.z).all()):
+                i = int(batch.index[~torch.isfinite(batch.z).cpu()][0])
+                path, row = _locate(inputs, i)
+                raise EncodeError(f"{path}: row {row}, field Z: not a finite redshift")
+            first = int(batch.index[0])
+            if first != expect:  # the loader must deliver rows in order, without gaps
+                raise EncodeError(f"internal error: expected row {expect}, loader gave {first}")
+            expect += len(batch.z)
+            yield batch, t_wait
+    finally:
+        loader.close()
+    if expect != b:
+        raise EncodeError(f"internal error: read rows up to {expect}, expected {b}")
+
+
 def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple[int, int] | None = None,
                  batch_size: int = 512, flush_rows: int | None = None, precision: str = "fp32",
                  chi2: bool = False, restframe: bool = False, workers: int | None = None,
@@ -562,8 +635,6 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
     each spectrum's latents for up to this many steps after the encoder pass (see `encode_batch`).
     Returns the timing split (EncodeStats).
     """
-    from .loader import SpectraLoader
-
     device = next(model.parameters()).device
     autocast_context(device, precision)  # validates precision for this device before any work
     if batch_size < 1:
@@ -586,7 +657,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
     stats = EncodeStats(out=target)
 
     for done_path in dict.fromkeys([os.fspath(out), target]):
-        if _is_complete(done_path, fingerprint):
+        if is_complete(done_path, fingerprint):
             _say(progress, f"{done_path}: already complete, nothing to do")
             stats.rows_skipped = n_rows
             stats.already_complete = done_path == os.fspath(out)
@@ -595,7 +666,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
         _say(progress, f"{target}: exists from another job; it is replaced when this one completes")
 
     tmp = partial_path(target)
-    f, done, why = _open_resumable(tmp, fingerprint, n_rows, row_start) if resume else (None, 0, "")
+    f, done, why = open_resumable(tmp, fingerprint, n_rows, row_start) if resume else (None, 0, "")
     if why:
         _say(progress, f"{tmp}: discarding partial output ({why}); starting over")
     if f is None:
@@ -634,55 +705,31 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
     if workers is None:
         workers = 4 if device.type == "cuda" else 0
     t_start = time.perf_counter()
-    writer = _Writer(f, inputs, row_start, flush_rows)
+    writer = RowWriter(f, inputs, row_start, flush_rows)
     writer.start()
-    bar = _bar(progress, n_rows, done, target)
+    bar = progress_bar(progress, n_rows, done, target)
     try:
         if todo > 0:
-            loader = SpectraLoader(
-                [i.path for i in inputs], batch_size=batch_size, block_rows=min(1024, batch_size),
-                shuffle_blocks=max(1, -(-batch_size // 1024)), shuffle=False, num_workers=workers,
-                prefetch=2, device=device, drop_last=False, persistent_workers=False,
-                rows=_selection(inputs, row_start + done, row_stop),
-            )
-            expect = row_start + done
             n_outside = 0
-            batches = iter(loader)
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
+            for batch, t_wait in stream_batches(inputs, row_start + done, row_stop, batch_size, workers, device):
                 t1 = time.perf_counter()
-                if not bool(torch.isfinite(batch.z).all()):
-                    i = int(batch.index[~torch.isfinite(batch.z).cpu()][0])
-                    path, row = _locate(inputs, i)
-                    raise EncodeError(f"{path}: row {row}, field Z: not a finite redshift")
                 n_outside += int(((batch.z < 0) | (batch.z > z_max)).sum())
                 res = encode_batch(model, batch.y, batch.w, batch.z, precision, chi2=chi2, restframe=restframe,
                                    refine=refine)
                 host = {k: v.cpu().numpy() for k, v in res.items()}
                 t2 = time.perf_counter()
-                first = int(batch.index[0])
-                if first != expect:  # the loader must deliver rows in order, without gaps
-                    raise EncodeError(f"internal error: expected row {expect}, loader gave {first}")
-                expect += len(batch.z)
-                writer.put(first, host)
-                stats.wait_s += t1 - t0
+                writer.put(int(batch.index[0]), host)
+                stats.wait_s += t_wait
                 stats.compute_s += t2 - t1
                 stats.n += len(batch.z)
                 if bar is not None:
                     bar.update(len(batch.z))
-            loader.close()
             if n_outside:
                 _say(progress, f"note: {n_outside} spectra have z outside the model's range [0, {z_max:g}]; "
                                "their latents extrapolate beyond the training redshifts")
-            if expect != row_stop:
-                raise EncodeError(f"internal error: encoded rows up to {expect}, expected {row_stop}")
         writer.finish()
         stats.write_s = writer.busy
-        _finish(f, tmp, target)
+        finish_output(f, tmp, target)
     except BaseException:
         # Leave the partial file as it is: the next run resumes from its rows_done.
         with contextlib.suppress(Exception):
@@ -701,7 +748,7 @@ def _say(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _bar(progress: bool, total: int, initial: int, desc: str):
+def progress_bar(progress: bool, total: int, initial: int, desc: str):
     if not progress:
         return None
     from tqdm.auto import tqdm
@@ -726,7 +773,7 @@ def find_shards(out) -> list[str]:
 
 
 def merge_shards(out, n: int | None = None, remove: bool = True, progress: bool = True,
-                 block_rows: int = 65536) -> str:
+                 block_rows: int = 65536, reader: type[RowsFile] = LatentsFile) -> str:
     """Concatenate the complete shards `<out>.shard-i-of-n`, i = 0…n-1, in order into `out` (atomically).
 
     Checks that they are all present and complete, belong to one job (same fingerprint) and cover the rows
@@ -739,43 +786,43 @@ def merge_shards(out, n: int | None = None, remove: bool = True, progress: bool 
         if not sizes:
             partials = glob.glob(glob.escape(out) + ".shard-*-of-*.partial")
             hint = f" ({len(partials)} unfinished: {', '.join(sorted(partials))})" if partials else ""
-            raise EncodeError(f"{out}: no finished shard files {out}.shard-i-of-n to merge{hint}")
+            raise reader.ERROR(f"{out}: no finished shard files {out}.shard-i-of-n to merge{hint}")
         if len(sizes) > 1:
-            raise EncodeError(f"{out}: shard files of several shard counts {sizes}; pass the count to merge")
+            raise reader.ERROR(f"{out}: shard files of several shard counts {sizes}; pass the count to merge")
         n = sizes[0]
     paths = [shard_path(out, i, n) for i in range(n)]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise EncodeError(f"{out}: cannot merge, {len(missing)} of {n} shards not finished: {', '.join(missing)}")
+        raise reader.ERROR(f"{out}: cannot merge, {len(missing)} of {n} shards not finished: {', '.join(missing)}")
     files = []
     try:
         for p in paths:
-            files.append(LatentsFile(p))
+            files.append(reader(p))
         a0 = files[0].attrs
         pos = 0
         for i, lf in enumerate(files):
             a = lf.attrs
             if a.get("fingerprint") != a0.get("fingerprint"):
-                raise EncodeError(f"{lf.path}: shard of a different job (model, inputs or options) than {paths[0]}")
+                raise reader.ERROR(f"{lf.path}: shard of a different job (model, inputs or options) than {paths[0]}")
             if a.get("shard") != f"{i}/{n}" or int(a["row_start"]) != pos:
-                raise EncodeError(f"{lf.path}: covers rows from {int(a['row_start'])}, expected {pos}")
+                raise reader.ERROR(f"{lf.path}: covers rows from {int(a['row_start'])}, expected {pos}")
             pos = int(a["row_stop"])
         if pos != int(a0["n_total"]):
-            raise EncodeError(f"{out}: shards cover {pos} rows, the inputs have {int(a0['n_total'])}")
+            raise reader.ERROR(f"{out}: shards cover {pos} rows, the inputs have {int(a0['n_total'])}")
         n_total = pos
-        chi2 = "chi2" in files[0]
-        restframe = "spec_rest" in files[0]
-        refine = "chi2_after" in files[0]
-        wave_rest = files[0]["wave_rest"] if restframe else None
+        first = files[0]
+        names = first.row_columns()
+        columns = {k: ((n_total, *first.h5[k].shape[1:]), first.h5[k].dtype) for k in names}
+        extra = {k: d[()] for k, d in first.h5.items()
+                 if isinstance(d, h5py.Dataset) and k not in names and k != "source_files"}
         attrs = {k: v for k, v in a0.items() if k not in ("format", "format_version", "complete", "rows_done",
                                                           "completed")}
         attrs.update(row_start=np.int64(0), row_stop=np.int64(n_total), shard="0/1", merged_from=n)
         tmp = f"{out}.merge.partial"
-        S = files[0].h5["latents"].shape[1]
-        g = _create_output(tmp, n_total, S, wave_rest, chi2, restframe, attrs, files[0].source_files, refine)
-        bar = _bar(progress, n_total, 0, out + " (merge)")
+        g = create_rows_file(tmp, columns, attrs, first.source_files, first.FORMAT,
+                             int(first.attrs["format_version"]), extra)
+        bar = progress_bar(progress, n_total, 0, out + " (merge)")
         try:
-            names = list(_columns(0, S, 0, chi2, restframe, refine))
             for lf in files:
                 lo = int(lf.attrs["row_start"])
                 for a in range(0, len(lf), block_rows):
@@ -785,7 +832,7 @@ def merge_shards(out, n: int | None = None, remove: bool = True, progress: bool 
                     if bar is not None:
                         bar.update(b - a)
             g.attrs.modify("rows_done", np.int64(n_total))
-            _finish(g, tmp, out)
+            finish_output(g, tmp, out)
         except BaseException:
             g.close()
             with contextlib.suppress(FileNotFoundError):

@@ -375,14 +375,22 @@ class SpectrumEncoder(nn.Module):
         h, k = torch.split(x, [self.n_feature, self.n_feature], dim=1)
         return h, k
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    def pooled(self, y: torch.Tensor) -> torch.Tensor:
+        """The attention-pooled features e (N, C) of y: everything of the encoder that does not see z."""
         h, k = self.features(y)
-        e = kernels.attention_pool(h, k)
+        return kernels.attention_pool(h, k)
+
+    def head(self, e: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (N, S) from pooled features e (N, C) [and z (N,)]. Split from `pooled` so that redshift
+        fitting runs the convolutions once per spectrum and only this small MLP at each trial redshift."""
         if self.conditioned:
             if z is None:
                 raise ValueError("this encoder is conditioned on the redshift: pass z (N,)")
             e = torch.cat([e, z.to(e.dtype).unsqueeze(1)], dim=1)
         return self.mlp(e)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.pooled(y), z)
 
 
 class SpectrumDecoder(nn.Module):
@@ -567,6 +575,14 @@ class SpectrumAutoencoder(nn.Module):
         """Each spectrum's latents (and z if fit_z=True) optimised through the frozen decoder; see
         `fastspec.fit.refine` for the options and what it returns."""
         return fit.refine(self, y, w, z, **kw)
+
+    def fit_redshift(self, y: torch.Tensor, w: torch.Tensor, **kw):
+        """Each spectrum's redshift (with uncertainty, χ² and a reliability Δχ²) from this model alone: a scan
+        of χ²(z) over [0, z_max] and a joint refinement of latents and z; see `fastspec.redshift.fit_redshift`
+        for the options and what it returns."""
+        from .redshift import fit_redshift
+
+        return fit_redshift(self, y, w, **kw)
 
     @torch.no_grad()
     def init_output(self, mean_rest, weight_scale: float = 0.1) -> None:

@@ -11,6 +11,8 @@
     latents_truth.png        (mock data) latents coloured by the true template mixture weights
     loss.png                 training and validation loss (from history.json beside the model)
     chi2.png                 distribution of the reduced χ² of the reconstructions
+    log_prob.png             (with scores from `fastspec outliers`) the distribution of the latents'
+                             log-probability under the flow, against redshift, the least probable marked
     report.md, summary.json  the numbers, and the figures with captions
 
 The figures use a sample of the data (`n_spectra`, evenly spread blocks of rows); a latents file from
@@ -440,6 +442,30 @@ def plot_chi2(path, chi2, z) -> str:
     return save_figure(fig, path)
 
 
+def plot_log_prob(path, log_prob, z) -> str:
+    plt = pyplot()
+    ok = np.isfinite(log_prob)
+    lp, zz = log_prob[ok], z[ok]
+    fig, (ax, ax_z) = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=[1.2, 1])
+    lo = np.percentile(lp, 1) if lp.size else 0.0
+    ax.hist(lp, bins=50, color="tab:purple", alpha=0.8)
+    ax.axvline(lo, color="k", ls="--", lw=1, label=f"1st percentile {lo:.1f}")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_xlabel("log-probability of the latents under the flow [nats]")
+    ax.set_ylabel("spectra")
+    ax.set_title(f"{ok.sum()} spectra; low = unusual", fontsize=9)
+    ax_z.scatter(zz, lp, s=4, lw=0, color="tab:purple", alpha=0.6, rasterized=True)
+    low = lp < lo
+    ax_z.scatter(zz[low], lp[low], s=14, facecolor="none", edgecolor="tab:red", label="below 1st percentile")
+    ax_z.set_xlabel("redshift z")
+    ax_z.set_ylabel("log-probability")
+    ax_z.legend()
+    fig.suptitle("Outlier scores (fastspec outliers)", fontsize=10, y=1.02)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 # ---- the report ---------------------------------------------------------------------------------------
 
 
@@ -468,7 +494,7 @@ def _redshift_invariance(model, sample, wave_obs, precision, n_latent) -> dict:
 
 def make_report(model_path, data, out_dir, *, n_spectra: int = 1000, n_examples: int = 3, latents=None,
                 history=None, device: str = "cpu", precision: str = "fp32", batch_size: int = 128,
-                progress: bool = True) -> dict:
+                progress: bool = True, scores=None) -> dict:
     """Write the figures, report.md and summary.json for `model_path` on the spectra files `data`.
 
     latents: optional latents file (from `fastspec encode --chi2` on the same data) whose latents and χ² of
@@ -530,6 +556,22 @@ def make_report(model_path, data, out_dir, *, n_spectra: int = 1000, n_examples:
     hist = read_history(model_path, history)
     if hist is not None:
         figures["loss"] = plot_loss(os.path.join(out_dir, "loss.png"), hist)
+    score_summary = None
+    if scores is not None:
+        from .outliers import OutlierError, read_scores
+
+        try:
+            sc = read_scores(scores)
+        except OutlierError as err:
+            raise ReportError(str(err)) from None
+        figures["log_prob"] = plot_log_prob(os.path.join(out_dir, "log_prob.png"), sc["log_prob"], sc["Z"])
+        lp = sc["log_prob"][np.isfinite(sc["log_prob"])]
+        order = np.argsort(sc["log_prob"])
+        score_summary = {"file": os.fspath(scores), "n": int(len(sc["log_prob"])),
+                         "median": float(np.median(lp)) if lp.size else None,
+                         "p1": float(np.percentile(lp, 1)) if lp.size else None,
+                         "least_probable": [{"object_id": str(sc["object_id"][i]), "z": float(sc["Z"][i]),
+                                             "log_prob": float(sc["log_prob"][i])} for i in order[:5]]}
 
     finite = np.isfinite(all_chi2)
     summary = {
@@ -555,6 +597,8 @@ def make_report(model_path, data, out_dir, *, n_spectra: int = 1000, n_examples:
         "device": str(device),
         "figures": {k: os.path.basename(v) for k, v in figures.items()},
     }
+    if score_summary is not None:
+        summary["outlier_scores"] = score_summary
     if hist is not None:
         tr, va = hist.get("train", []), hist.get("val", [])
         summary["training"] = {"history": hist["path"], "final_train_loss": tr[-1]["loss"] if tr else None,
@@ -602,7 +646,15 @@ def _markdown(s: dict) -> str:
             f"| final / best validation loss | {_fmt(tr['final_val_loss'])} / {_fmt(tr['best_val_loss'])} |",
             f"| spectra seen in training | {tr['spectra_seen']:,} |" if tr["spectra_seen"] else "",
         ]
+    sc = s.get("outlier_scores")
+    if sc:
+        lines += [f"| outlier log-probability: median / 1st percentile ({sc['n']} spectra) | "
+                  f"{_fmt(sc['median'])} / {_fmt(sc['p1'])} |"]
     lines += ["", f"Reduced χ²: {s['chi2_definition']}.", ""]
+    if sc:
+        lines += ["Least probable spectra: " + ", ".join(f"{e['object_id']} (z = {e['z']:.3f}, "
+                                                         f"log p = {e['log_prob']:.1f})"
+                                                         for e in sc["least_probable"]), ""]
     captions = {
         "reconstructions": "Reconstructions (cf. Figure 2 of Melchior et al. 2022). Grey: observed spectrum with "
         "±1σ from its weights, red bands masked pixels; orange: the model in the observed frame; blue: the "
@@ -617,10 +669,12 @@ def _markdown(s: dict) -> str:
         "space orders the spectra by their physical composition.",
         "loss": "Training and validation loss against the number of spectra seen.",
         "chi2": "Distribution of the reduced χ² of the reconstructions, and against redshift.",
+        "log_prob": "Log-probability of each spectrum's latents under the normalising flow of `fastspec outliers` "
+        "(low = unusual), and against redshift; circled: below the 1st percentile.",
     }
     titles = {"reconstructions": "Reconstructions", "redshift_invariance": "Redshift invariance",
               "latents_z": "Latent space by redshift", "latents_truth": "Latent space by true mixture weights",
-              "loss": "Loss curves", "chi2": "Reconstruction χ²"}
+              "loss": "Loss curves", "chi2": "Reconstruction χ²", "log_prob": "Outlier scores"}
     for key, fname in s["figures"].items():
         lines += [f"## {titles.get(key, key)}", "", f"![{key}]({fname})", "", captions.get(key, ""), ""]
     if "loss" not in s["figures"]:

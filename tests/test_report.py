@@ -137,3 +137,23 @@ def test_cli_report_errors_name_the_file(setup, tmp_path, capsys):
         w.write(np.ones((3, L)), np.ones((3, L)), np.zeros((3, L), bool), [0.1, 0.2, 0.3], [0] * 3, [1, 2, 3])
     assert cli.main(["report", model, str(desi), "-o", str(tmp_path / "o"), "-q"]) == 1
     assert "desi.h5: field wave_obs is not the grid of the model's instrument" in capsys.readouterr().err
+
+
+def test_report_shows_outlier_scores(setup):
+    from fastspec.outliers import write_scores
+
+    d, model, data, _ = setup
+    rng = np.random.default_rng(0)
+    lp = rng.normal(-5, 2, 90)
+    lp[17] = -40.0
+    parts = [{"latents": np.zeros((90, 5), np.float32), "Z": np.linspace(0.01, 0.4, 90),
+              "object_id": np.arange(90, dtype=np.uint64) + 500}]
+    write_scores(d / "scores.h5", [data], parts, lp, {})
+    s = R.make_report(model, [data], d / "out-s", n_spectra=20, n_examples=1, scores=d / "scores.h5",
+                      progress=False)
+    assert (d / "out-s" / "log_prob.png").exists() and s["figures"]["log_prob"] == "log_prob.png"
+    assert s["outlier_scores"]["least_probable"][0] == {"object_id": "517", "z": pytest.approx(parts[0]["Z"][17]),
+                                                        "log_prob": -40.0}
+    assert "Outlier scores" in (d / "out-s" / "report.md").read_text()
+    with pytest.raises(R.ReportError, match="not a fastspec-outliers file"):
+        R.make_report(model, [data], d / "out-s", n_spectra=20, n_examples=1, scores=data, progress=False)

@@ -23,6 +23,8 @@ def register(sub):
     p.add_argument("--latents", default=None,
                    help="latents file from `fastspec encode --chi2` of the same data: latent and chi2 figures "
                    "then show every spectrum")
+    p.add_argument("--scores", default=None,
+                   help="scores file from `fastspec outliers`: adds the log-probability distribution")
     p.add_argument("--history", default=None, help="training history.json (default: the one beside MODEL)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -51,7 +53,8 @@ def run(args) -> int:
     try:
         summary = make_report(args.model, args.data, args.out, n_spectra=args.n_spectra, n_examples=args.examples,
                               latents=args.latents, history=args.history, device=device,
-                              precision=args.precision, batch_size=args.batch_size, progress=not args.quiet)
+                              precision=args.precision, batch_size=args.batch_size, progress=not args.quiet,
+                              scores=args.scores)
     except (ReportError, EncodeError, SpectraFormatError, FileNotFoundError, ValueError) as err:
         print(f"fastspec report: error: {err}", file=sys.stderr)
         return 1
