@@ -10,6 +10,7 @@ import sys
 
 from . import __version__
 from .commands import demo, download, encode, ingest, mock, profile, report, science, train, validate
+from .commands.common import register_commands
 
 # Order shown in --help; the pipeline order (files → HDF5 → model → outputs).
 COMMANDS = [mock, download, ingest, validate, train, encode, report, profile, science, demo]
@@ -22,8 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fastspec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        command.register(sub)
+    register_commands(sub, COMMANDS)
     return parser
 
 
