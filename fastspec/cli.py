@@ -1,7 +1,8 @@
 """The `fastspec` command line: one parser with a subcommand per module of `fastspec.commands`.
 
 Each command module has `register(subparsers)` and `run(args)`, and imports what is heavy (torch, h5py)
-only inside `run`, so `--help` stays fast.
+only inside `run`, so `--help` stays fast. The options every command takes (-q/--quiet) are added once, by
+`fastspec.commands.common.register_commands`.
 """
 from __future__ import annotations
 
