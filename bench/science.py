@@ -18,11 +18,13 @@ sys.path.insert(0, str(HERE))
 from common import RESULTS, machine_info  # noqa: E402
 
 from fastspec.commands import science as science_cmd  # noqa: E402
+from fastspec.commands.common import add_common_options  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench/science.py", description=__doc__.split("\n\n")[0])
     science_cmd.add_arguments(p, default_out=str(RESULTS))
+    add_common_options(p)  # -q/--quiet, as every fastspec command has
     args = p.parse_args(argv)
     return science_cmd.run(args, machine=machine_info())
 

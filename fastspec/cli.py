@@ -1,7 +1,8 @@
 """The `fastspec` command line: one parser with a subcommand per module of `fastspec.commands`.
 
 Each command module has `register(subparsers)` and `run(args)`, and imports what is heavy (torch, h5py)
-only inside `run`, so `--help` stays fast.
+only inside `run`, so `--help` stays fast. The options every command takes (-q/--quiet) are added once, by
+`fastspec.commands.common.register_commands`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .commands import (
     train,
     validate,
 )
+from .commands.common import register_commands
 
 # Order shown in --help; the pipeline order (files → HDF5 → model → outputs).
 COMMANDS = [mock, download, ingest, validate, train, encode, redshift, outliers, report, profile, science, demo]
@@ -35,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fastspec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        command.register(sub)
+    register_commands(sub, COMMANDS)
     return parser
 
 

@@ -88,11 +88,19 @@ class SpectraWriter:
 
     With ``append=True`` an existing file is copied to the temporary name and extended; its instrument must
     match. Use as a context manager; on an exception the temporary file is removed and `path` is untouched.
+    ``compression=N`` (1–9) stores the columns it creates gzip-compressed at level N with the byte shuffle
+    filter (for files that ship, like the bundled sample); readers then go through h5py instead of the memory
+    map, so files for training stay uncompressed (None, the default).
     """
 
-    def __init__(self, path, instrument: str | Instrument, append: bool = False, attrs: dict | None = None):
+    def __init__(self, path, instrument: str | Instrument, append: bool = False, attrs: dict | None = None,
+                 compression: int | None = None):
         self.path = os.fspath(path)
         self.instrument = get_instrument(instrument)
+        if compression is not None and not (isinstance(compression, int) and 1 <= compression <= 9):
+            raise ValueError(f"{self.path}: compression must be a gzip level 1-9 or None, got {compression!r}")
+        self._filters = {} if compression is None else \
+            {"compression": "gzip", "compression_opts": compression, "shuffle": True}
         self._closed = True
         append = append and os.path.exists(self.path)
         if append:
@@ -153,7 +161,7 @@ class SpectraWriter:
         chunks = (_chunk_rows(row_size),) + data.shape[1:]
         dtype = h5py.string_dtype() if data.dtype.kind in "SUO" else data.dtype
         ds = self.h5.create_dataset(
-            name, shape=data.shape, dtype=dtype, maxshape=(None,) + data.shape[1:], chunks=chunks
+            name, shape=data.shape, dtype=dtype, maxshape=(None,) + data.shape[1:], chunks=chunks, **self._filters
         )
         if data.shape[0]:
             ds[:] = data

@@ -208,3 +208,14 @@ def test_bad_list_exit_2(tmp_path, capsys):
     lst.write_text("266 51602 -13\n")
     assert cli.main(["download", str(lst), "-d", str(tmp_path)]) == 2
     assert "l.txt: line 1: field fiber: -13 must be positive" in capsys.readouterr().err
+
+
+def test_download_quiet_prints_only_failures(archive, tmp_path, capfd):
+    lst = tmp_path / "list.txt"
+    lst.write_text("266 51602 13\n1234 52000 100\n")
+    rc = cli.main(["download", str(lst), "-d", str(tmp_path / "dl"), "--base-url", archive.url, "--retries", "0",
+                   "-j", "1", "-q"])
+    cap = capfd.readouterr()
+    assert rc == 1 and cap.out == ""
+    assert "1 of 2 file(s) failed" in cap.err
+    assert (tmp_path / "dl" / "0266" / SDSS_FILE).read_bytes() == archive.src[SDSS_FILE].read_bytes()

@@ -106,6 +106,26 @@ def test_chunked_by_rows(tmp_path):
         assert 16 <= rows <= 100 and rows * L_SDSS * 4 <= (1 << 20)
 
 
+def test_compressed_file_round_trips_and_streams(tmp_path):
+    from fastspec.loader.mapped import MappedFile
+
+    path = tmp_path / "c.h5"
+    rows = _rows(40)
+    with SpectraWriter(path, "sdss", compression=6) as w:
+        w.write(**rows, extra=_extra(40))
+    with SpectraWriter(path, "sdss", append=True) as w:  # appended rows go through the same filters
+        w.write(**_rows(5, seed=3, id0=40), extra=_extra(5))
+    with h5py.File(path, "r") as h:
+        for name in ("spectrum_flux", "spectrum_ivar", "spectrum_mask", "Z", "source/file"):
+            assert h[name].compression == "gzip" and h[name].shuffle, name
+        assert h["wave_obs"].compression is None
+    with SpectraFile(path) as f:
+        assert len(f) == 45 and MappedFile.open(f) is None  # no memory map of filtered data: read via h5py
+        np.testing.assert_array_equal(f.read(0, 40).flux, rows["flux"])
+    with pytest.raises(ValueError, match="compression must be a gzip level 1-9"):
+        SpectraWriter(tmp_path / "x.h5", "sdss", compression="lzf")
+
+
 def test_zero_row_file_is_valid(tmp_path):
     path = tmp_path / "empty.h5"
     with SpectraWriter(path, "boss"):

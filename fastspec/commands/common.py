@@ -1,5 +1,6 @@
-"""What the `fastspec` subcommands share: finding the data files they are given, where the bundled real
-spectra live, and how a command reports a usage error. Commands import this, not each other (except
+"""What the `fastspec` subcommands share: the options every command takes (`register_commands` adds them,
+so no command defines them itself), finding the data files they are given, where the real spectra of a
+source checkout live, and how a command reports a usage error. Commands import this, not each other (except
 `demo`, whose job is to run the others through their `register` and `run`)."""
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ import glob
 import os
 import sys
 from pathlib import Path
+
+
+def add_common_options(parser) -> None:
+    """The options of every command: -q/--quiet (no progress bars or messages on stdout; warnings and errors
+    still go to stderr, results still go to their files, the exit code is unchanged)."""
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or messages (warnings and errors still go to stderr)")
+
+
+def register_commands(subparsers, commands) -> None:
+    """Register each command module's subcommand(s) on `subparsers` and give each the common options."""
+    for command in commands:
+        before = set(subparsers.choices)
+        command.register(subparsers)
+        for name in sorted(set(subparsers.choices) - before):
+            add_common_options(subparsers.choices[name])
+
+
+def say(args, *parts, **kwargs) -> None:
+    """print() unless the command was given -q/--quiet (for messages, not for errors)."""
+    if not getattr(args, "quiet", False):
+        print(*parts, **kwargs)
 
 
 def add_data_argument(parser) -> None:
@@ -29,7 +52,8 @@ def expand_data(items) -> list[str]:
 
 
 def default_real_dir() -> Path:
-    """The bundled real spectra: $FASTSPEC_SHARED/data/real, else ../shared/data/real beside the repository."""
+    """The real spectra of a source checkout: $FASTSPEC_SHARED/data/real, else ../shared/data/real beside the
+    repository (an installed fastspec ships its own sample: `fastspec.data.sample`)."""
     env = os.environ.get("FASTSPEC_SHARED")
     base = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
     return base / "data" / "real"

@@ -1,5 +1,6 @@
-"""`fastspec demo`: the whole pipeline on built-in defaults — mock spectra, ingest of the bundled real files,
-a short training run, bulk encoding and the report — on CPU, with no network."""
+"""`fastspec demo`: the whole pipeline on built-in defaults — mock spectra, the real SDSS sample shipped in the
+package (or real FITS files ingested from --real-dir), a short training run, bulk encoding and the report — on
+CPU, with no network."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import encode, ingest, mock, report, train, validate
-from .common import default_real_dir
+from .common import register_commands, say, usage_error
 
 STEPS = (mock, ingest, validate, train, encode, report)  # the commands the demo runs, by their own parsers
 
@@ -15,9 +16,10 @@ STEPS = (mock, ingest, validate, train, encode, report)  # the commands the demo
 def register(sub):
     p = sub.add_parser(
         "demo",
-        help="run the whole pipeline on mock data and the bundled real files (CPU, ~10 min)",
-        description="Make mock spectra, ingest the bundled real SDSS/BOSS/DESI files, train a small model, "
-        "encode the spectra and write the report. Every step prints its progress.",
+        help="run the whole pipeline on mock data and real SDSS spectra (CPU, ~10 min)",
+        description="Make mock spectra, take the real SDSS spectra shipped with fastspec (or ingest the FITS "
+        "files of --real-dir), train a small model, encode the spectra and write the report. Every step "
+        "prints its progress.",
     )
     p.add_argument("-o", "--out", default="demo-output", help="output directory (default: demo-output)")
     p.add_argument("-n", "--n-mock", type=int, default=3000, help="number of mock spectra (default: 3000)")
@@ -25,46 +27,61 @@ def register(sub):
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                    help="training/encoding precision on CPU (default: bf16 autocast; fp32 for exact arithmetic)")
-    p.add_argument("--real-dir", default=None, help="folder of real FITS files (default: ../shared/data/real)")
+    p.add_argument("--real-dir", default=None,
+                   help="folder with sdss/spec-*.fits and/or desi/coadd-*.fits to ingest (default: the SDSS "
+                   "sample shipped with fastspec, fastspec.data.sample('sdss'))")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
-def _parser() -> argparse.ArgumentParser:
-    """A `fastspec` parser with just the commands the demo runs."""
+def _parser(quiet: bool = False) -> argparse.ArgumentParser:
+    """A `fastspec` parser with just the commands the demo runs (each quiet when the demo is)."""
     parser = argparse.ArgumentParser(prog="fastspec")
     sub = parser.add_subparsers(dest="command")
-    for command in STEPS:
-        command.register(sub)
+    register_commands(sub, STEPS)
+    for step in sub.choices.values():
+        step.set_defaults(quiet=quiet)
     return parser
 
 
 def _step(parser: argparse.ArgumentParser, title: str, argv: list[str]) -> None:
     """Print the command line of one step, then run it as `fastspec` would."""
-    print(f"\n== {title}\n$ fastspec {' '.join(argv)}", flush=True)
-    t0 = time.perf_counter()
     args = parser.parse_args(argv)
+    say(args, f"\n== {title}\n$ fastspec {' '.join(argv)}", flush=True)
+    t0 = time.perf_counter()
     rc = args.func(args)
     if rc not in (0, None):
         raise SystemExit(f"demo: step '{title}' failed with exit code {rc}")
-    print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
+    say(args, f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
 def run(args) -> int:
-    parser = _parser()
+    parser = _parser(args.quiet)
     out = Path(args.out)
+    sdss_files, desi_files = [], []
+    if args.real_dir:  # the user's files, ingested; finding none is an error, not a demo without real spectra
+        real = Path(args.real_dir)
+        sdss_files = sorted(str(p) for p in (real / "sdss").glob("spec-*.fits"))
+        desi_files = sorted(str(p) for p in (real / "desi").glob("coadd-*.fits"))
+        if not sdss_files and not desi_files:
+            return usage_error("demo", f"--real-dir {real}: found no sdss/spec-*.fits or desi/coadd-*.fits files")
+        real_sdss = out / "real-sdss.h5" if sdss_files else None
+    else:
+        from ..data import sample
+
+        real_sdss = sample("sdss")
     out.mkdir(parents=True, exist_ok=True)
-    real = Path(args.real_dir) if args.real_dir else default_real_dir()
     mock_file = out / "mock-sdss.h5"
     _step(parser, "mock spectra with ground truth",
           ["mock", "-n", str(args.n_mock), "-o", str(mock_file), "--seed", str(args.seed)])
-    sdss_files = sorted(str(p) for p in (real / "sdss").glob("spec-*.fits"))
-    desi_files = sorted(str(p) for p in (real / "desi").glob("coadd-*.fits"))
+    if not args.real_dir:
+        say(args, f"\n== real spectra: the SDSS sample shipped with fastspec (no ingest needed)\n   {real_sdss}\n"
+            f"   provenance and the SDSS acknowledgement: {real_sdss.parent / 'README.md'}", flush=True)
     if sdss_files:
-        _step(parser, "ingest the bundled SDSS/BOSS spectra",
+        _step(parser, "ingest the SDSS/BOSS spectra of --real-dir",
               ["ingest", *sdss_files, "-o", str(out / "real-sdss.h5"), "--instrument", "sdss"])
     if desi_files:
-        _step(parser, "ingest the bundled DESI spectra",
+        _step(parser, "ingest the DESI spectra of --real-dir",
               ["ingest", *desi_files, "-o", str(out / "real-desi.h5"), "--instrument", "desi"])
     _step(parser, "validate the mock file", ["validate", str(mock_file)])
     run_dir = out / "run"
@@ -74,7 +91,7 @@ def run(args) -> int:
         train_argv.append("--resume")  # a demo interrupted during training picks up where it stopped
     _step(parser, "train a small model (paper architecture, S=10, redshift augmentation)", train_argv)
     model = run_dir / "final.pt"
-    sets = [("mock", mock_file)] + [("real", p) for p in (out / "real-sdss.h5",) if p.exists()]
+    sets = [("mock", mock_file)] + ([("real", real_sdss)] if real_sdss else [])
     for tag, path in sets:
         latents = out / f"latents-{tag}.h5"
         _step(parser, f"encode the {tag} spectra", ["encode", str(model), str(path), "-o", str(latents), "--chi2",
@@ -82,8 +99,8 @@ def run(args) -> int:
         _step(parser, f"report on the {tag} spectra", ["report", str(model), str(path), "-o",
                                                        str(out / f"report-{tag}"), "--latents", str(latents),
                                                        "--precision", args.precision])
-    print(f"\ndemo finished: outputs in {out.resolve()}")
+    say(args, f"\ndemo finished: outputs in {out.resolve()}")
     for tag, _ in sets:
-        print(f"  {tag:4s} spectra: figures and summary in {(out / f'report-{tag}').resolve()}/report.md, "
+        say(args, f"  {tag:4s} spectra: figures and summary in {(out / f'report-{tag}').resolve()}/report.md, "
               f"latents in {(out / f'latents-{tag}.h5').resolve()}")
     return 0

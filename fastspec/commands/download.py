@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from .common import say
+
 
 def register(sub):
     from ..download import DEFAULT_BASE_URL, TEMPLATE_FIELDS
@@ -31,7 +33,7 @@ def register(sub):
     p.add_argument("--timeout", type=float, default=60.0, help="network timeout per request in s (default 60)")
     p.add_argument("-j", "--jobs", type=int, default=4, help="parallel downloads (default 4)")
     p.add_argument("--report", metavar="FILE", default=None, help="write a JSON report")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (messages stay)")
     p.set_defaults(func=run)
 
 
@@ -53,8 +55,8 @@ def run(args) -> int:
         return 2
     report = download(targets, args.dir, base_url=args.base_url, template=args.path_template,
                       retries=args.retries, jobs=args.jobs, timeout=args.timeout, backoff=args.backoff,
-                      progress=not args.no_progress)
-    print(report.summary(), flush=True)
+                      progress=not (args.quiet or args.no_progress))
+    say(args, report.summary(), flush=True)
     if args.report:
         report.write_json(args.report)
     if report.failed:

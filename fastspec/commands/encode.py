@@ -46,7 +46,6 @@ def register(sub):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-resume", action="store_true", help="discard a partial output instead of resuming it")
     p.add_argument("--keep-shards", action="store_true", help="keep the shard files after merging")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=run)
 
 

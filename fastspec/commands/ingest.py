@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .common import say, usage_error
+
 
 def register(sub):
     p = sub.add_parser(
@@ -42,7 +44,7 @@ def register(sub):
         choices=["fast", "astropy"],
         help="FITS reader: fast (built in, default) or astropy (the reference, ~10x slower)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary stays)")
     p.set_defaults(func=run)
 
 
@@ -52,8 +54,7 @@ def run(args) -> int:
     spectypes = None if args.spectype.strip().lower() in ("any", "all", "") else \
         tuple(s for s in args.spectype.split(",") if s.strip())
     if args.jobs is not None and args.jobs < 1:
-        print(f"fastspec ingest: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
-        return 2
+        return usage_error("ingest", f"--jobs must be >= 1, got {args.jobs}")
     report = ingest(
         args.paths,
         args.output,
@@ -62,16 +63,23 @@ def run(args) -> int:
         spectypes=spectypes,
         zwarn_zero=args.zwarn_zero,
         append=args.append,
-        progress=not args.no_progress,
+        progress=not (args.quiet or args.no_progress),
         reader=args.fits_reader,
     )
     from ..ingest import format_summary
 
-    print(format_summary(report), flush=True)
+    say(args, format_summary(report), flush=True)
     if args.report:
         report.write_json(args.report)
-        print(f"report: {args.report}")
+        say(args, f"report: {args.report}")
+    if args.quiet and report.n_ingested and (report.n_skipped or report.n_failed_files):
+        # nothing is dropped silently, even when quiet
+        print(f"fastspec ingest: warning: {report.n_failed_files} file(s) not read, {report.n_skipped} spectra "
+              "skipped; the reasons are in the summary (run without -q)"
+              + (f" and in {args.report}" if args.report else ""), file=sys.stderr)
     if report.n_ingested == 0:
+        if args.quiet:  # the reasons are the error's detail
+            print(format_summary(report), file=sys.stderr)
         print(
             f"fastspec ingest: nothing could be ingested from {len(report.files)} file(s); "
             "see the reasons above" + (f" and in {args.report}" if args.report else ""),

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import say
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -43,7 +45,7 @@ def register(sub):
                    help="also store the noiseless observed spectrum truth/model_obs (N x L floats)")
     p.add_argument("--id-offset", type=int, default=0,
                    help="first object_id (default 0; use distinct ranges to combine mock files)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (messages stay)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +56,7 @@ def run(args) -> int:
         info = write_mock(
             args.output, args.n, instrument=args.instrument, seed=args.seed, z_max=args.z_max, z_min=args.z_min,
             z_dist=args.z_dist, snr_median=args.snr_median, restframe_truth=not args.no_restframe_truth,
-            observed_truth=args.observed_truth, id_offset=args.id_offset, progress=not args.no_progress,
+            observed_truth=args.observed_truth, id_offset=args.id_offset, progress=not (args.quiet or args.no_progress),
         )
     except MockError as err:
         print(f"fastspec mock: {err}", file=sys.stderr)
@@ -64,7 +66,8 @@ def run(args) -> int:
         truth += ", spec_rest"
     if args.observed_truth:
         truth += ", model_obs"
-    print(
+    say(
+        args,
         f"wrote {info['n']} {info['instrument']} mock spectra to {info['path']} "
         f"({info['bytes'] / 2**20:.1f} MiB) in {info['seconds']:.1f} s: {info['spectra_per_s']:.0f} spectra/s\n"
         f"truth/: {truth}",

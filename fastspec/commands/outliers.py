@@ -31,7 +31,6 @@ def register(sub):
     p.add_argument("--transforms", type=int, default=5, help="autoregressive layers of the flow (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="device for encoding spectra inputs (default cpu)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import add_data_argument, expand_data, usage_error
+from .common import add_data_argument, expand_data, say, usage_error
 
 
 def register(sub):
@@ -67,13 +67,13 @@ def run(args) -> int:
         results = profile_training(
             data, args.out, backends=backends, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
             precision=args.precision, model={"n_latent": args.n_latent, "z_max": args.z_max},
-            num_workers=args.workers, device=args.device)
+            num_workers=args.workers, device=args.device, progress=not args.quiet)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         return _err(str(err))
-    print(f"training step, batch {args.batch_size}, {args.precision}, {args.steps} profiled steps "
-          f"(self time per op category per step)")
-    print(format_table(results))
+    say(args, f"training step, batch {args.batch_size}, {args.precision}, {args.steps} profiled steps "
+        f"(self time per op category per step)")
+    say(args, format_table(results))
     write_json(os.path.join(args.out, "profile.json"), results, sync=False, indent=1)
     for b, r in results.items():
-        print(f"trace ({b}): {r['trace']}")
+        say(args, f"trace ({b}): {r['trace']}")
     return 0

@@ -31,7 +31,6 @@ def register(sub):
     p.add_argument("--backend", choices=["auto", "triton", "numba", "torch"], default=None,
                    help="kernel backend (default: auto)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
 

@@ -42,7 +42,6 @@ def add_arguments(p, default_out: str) -> None:
                    help="rewrite science-<mode>.md from science-<mode>.json (no training, no experiments)")
     p.add_argument("--note", default=None, help="free text stored in the JSON and shown in the Markdown "
                    "(e.g. the load the training ran under)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
 def register(sub):

@@ -84,7 +84,6 @@ def register(sub):
                    help="CPU training: keep memory freed by one step in the process for the next instead of "
                    "returning it to the OS (glibc; changes this process's allocator for good; see "
                    "bench/bench_allocator.py for what it buys) (default on)")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

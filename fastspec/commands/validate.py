@@ -3,6 +3,9 @@ exit 1 when any problem is found."""
 from __future__ import annotations
 
 import os
+import sys
+
+from .common import say
 
 
 def register(sub):
@@ -53,14 +56,17 @@ def run(args) -> int:
     reports = []
     for path in args.files:
         rep = validate_file(path, z_max=args.z_max, instrument=args.instrument, max_report=args.max_report,
-                            progress=True)
+                            progress=not args.quiet)
         reports.append(rep)
-        print(rep.summary())
-        print()
+        if not args.quiet:
+            print(rep.summary())
+            print()
+        elif not rep.ok:  # quiet: only the problems, on stderr
+            print(rep.summary(), file=sys.stderr)
     if len(reports) > 1:
-        print(_overview(reports))
+        say(args, _overview(reports))
     if args.json:
         write_json(args.json, [r.to_dict() for r in reports], sync=False, indent=1)
     n_bad = sum(not r.ok for r in reports)
-    print(f"{len(reports) - n_bad} of {len(reports)} file(s) clean" + ("" if not n_bad else f"; {n_bad} with problems"))
+    say(args, f"{len(reports) - n_bad} of {len(reports)} file(s) clean" + ("" if not n_bad else f"; {n_bad} with problems"))
     return 1 if n_bad else 0
