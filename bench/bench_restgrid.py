@@ -34,8 +34,8 @@ from fastspec.mock import LINE_NAMES, LINE_WAVE, MockGenerator, MockSpectra  # n
 from fastspec.model import ModelConfig  # noqa: E402
 
 GRIDS = {"linear (spender's kind, R = 5882)": dict(rest_grid="linear"),
-         "log, Δlog10 λ = 1e-4 (default)": dict(rest_grid="log"),
-         "log, oversample 2": dict(rest_grid="log", oversample=2)}
+         "log, Δlog10 λ = 1e-4 (R = 5682)": dict(rest_grid="log", oversample=1),
+         "log, oversampled 2× (the default, R = 11363)": dict(rest_grid="log", oversample=2)}
 
 
 def mocks_on(wave_rest: np.ndarray, n: int, seed: int, fine_dlog: float, snr: float | None) -> MockSpectra:

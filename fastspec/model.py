@@ -78,8 +78,8 @@ class ModelConfig:
         as 'linear'.
     oversample: restframe pixels per instrument pixel; None (default): 2 on a log grid, 1 on a linear one.
         A grid as fine as the instrument's pixels interpolates sharp lines coarsely: the round trip of noiseless
-        mock spectra through it and back costs 0.22 noise variances per emission-line pixel at S/N 10 (1e-4
-        log grid; 0.13 for the linear grid), 0.011 oversampled 2× (bench/results/restgrid/).
+        mock spectra through it and back costs 0.20 noise variances per emission-line pixel at S/N 10 (1e-4
+        log grid; 0.13 for the linear grid), 0.012 oversampled 2× (bench/results/restgrid/).
     """
 
     instrument: str | dict = "sdss"
