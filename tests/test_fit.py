@@ -13,7 +13,8 @@ TOY = {"name": "toy", "start": 3.6, "step": 4e-4, "L": 256, "loglinear": True}
 def toy_model(seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(instrument=dict(TOY), n_latent=3, z_max=0.5, encoder_channels=(8, 16, 32),
-                      encoder_hidden=(16, 8), decoder_hidden=(16, 32, 64), activation="speculator")
+                      encoder_hidden=(16, 8), decoder_hidden=(16, 32, 64), activation="speculator",
+                      rest_grid="log")
     model = SpectrumAutoencoder(cfg)
     # a continuum with narrow lines around which the latents vary, so that redshift is well defined
     logw = torch.log10(model.wave_rest.double())

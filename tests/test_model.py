@@ -109,20 +109,25 @@ def test_sdss_shapes_follow_the_design():
     np.testing.assert_allclose(linear.wave_rest[0].item(), 10**3.578 / 1.5, rtol=1e-6)
     np.testing.assert_allclose(linear.wave_rest[-1].item(), 10 ** (3.578 + 3920e-4), rtol=1e-6)
     # log-linear with the SDSS step from λ_min/(1+z_max), covering λ_max: R = 5682
-    single = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5, oversample=1))
+    single = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5, rest_grid="log",
+                                             oversample=1))
     assert single.config.rest_spacing == "log" and single.wave_rest.shape == (5682,)
     logw = np.log10(single.wave_rest.double().numpy())
     np.testing.assert_allclose(logw[0], 3.578 - np.log10(1.5), atol=1e-7)
     np.testing.assert_allclose(np.diff(logw), 1e-4, atol=1e-7)  # float32 wavelengths: ~3e-8 in log10
     assert single.wave_rest[-1].item() >= 10 ** (3.578 + 3920e-4) * (1 - 1e-7)
-    # the default for SDSS: the same, oversampled 2× (half the SDSS step)
-    model = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5)).eval()
-    assert model.config.rest_oversample == 2 and model.wave_rest.shape == (11363,)
-    logw2 = np.log10(model.wave_rest.double().numpy())
+    # the log grid's default: oversampled 2× (half the SDSS step)
+    double = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5, rest_grid="log"))
+    assert double.config.rest_oversample == 2 and double.wave_rest.shape == (11363,)
+    logw2 = np.log10(double.wave_rest.double().numpy())
     np.testing.assert_allclose(logw2[0], logw[0], atol=1e-7)
     np.testing.assert_allclose(np.diff(logw2), 5e-5, atol=1e-7)
-    assert model.wave_rest[-1].item() >= 10 ** (3.578 + 3920e-4) * (1 - 1e-7)
-    # DESI (a linear instrument): the linear grid, not oversampled, unless asked
+    assert double.wave_rest[-1].item() >= 10 ** (3.578 + 3920e-4) * (1 - 1e-7)
+    # the default: the linear grid; 'auto' picks log for log-linear instruments, linear for DESI
+    model = SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=0.5)).eval()
+    assert model.config.rest_spacing == "linear" and torch.equal(model.wave_rest, linear.wave_rest)
+    assert ModelConfig(instrument="sdss", rest_grid="auto").rest_spacing == "log"
+    assert ModelConfig(instrument="desi", rest_grid="auto").rest_spacing == "linear"
     assert ModelConfig(instrument="desi").rest_spacing == "linear"
     assert ModelConfig(instrument="desi").n_restframe == get_instrument("desi").n_rest(0.5)
     assert ModelConfig(instrument="desi", oversample=2).n_restframe == 2 * get_instrument("desi").n_rest(0.5)
@@ -255,7 +260,7 @@ def test_generate_on_other_grids_and_redshifts():
 
 def test_checkpoint_rebuilds_the_model(tmp_path):
     torch.manual_seed(6)
-    cfg = toy_config(activation="speculator", dropout=0.1)
+    cfg = toy_config(activation="speculator", dropout=0.1, rest_grid="log")
     model = SpectrumAutoencoder(cfg).eval()
     json.dumps(cfg.to_dict())  # the config is JSON
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -268,9 +273,9 @@ def test_checkpoint_rebuilds_the_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(y, z)[0], model(y, z)[0])
 
-    # a config given as a dict takes the defaults (log-linear restframe grid on a log-linear instrument);
-    # a checkpoint written before `rest_grid` existed was built on the linear grid and loads as such
-    assert ModelConfig.from_dict({"instrument": dict(TOY)}).rest_spacing == "log"
+    # a config given as a dict takes the defaults; a checkpoint written before `rest_grid` existed was built
+    # on the linear grid and loads as such, whatever the default
+    assert ModelConfig.from_dict({"instrument": dict(TOY), "rest_grid": "auto"}).rest_spacing == "log"
     payload = torch.load(path, weights_only=True)
     del payload["config"]["rest_grid"]
     lin = SpectrumAutoencoder(toy_config(activation="speculator", dropout=0.1, rest_grid="linear"))

@@ -287,4 +287,4 @@ def test_training_starts_from_the_mean_spectrum(data, tmp_path):
         train(config(data, out, steps=2, init_decoder=init, log_every=1, checkpoint_every=0, val_fraction=0.2))
         runs[init] = json.loads((out / "history.json").read_text())["train"][0]["loss"]
     assert runs["mean"] < 0.2 * runs["none"], runs
-    assert SpectrumAutoencoder.load(tmp_path / "mean" / "final.pt").config.rest_spacing == "log"  # the default
+    assert SpectrumAutoencoder.load(tmp_path / "mean" / "final.pt").config.rest_spacing == "linear"  # the default
