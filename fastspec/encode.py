@@ -658,17 +658,17 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
 
     for done_path in dict.fromkeys([os.fspath(out), target]):
         if is_complete(done_path, fingerprint):
-            _say(progress, f"{done_path}: already complete, nothing to do")
+            say_progress(progress, f"{done_path}: already complete, nothing to do")
             stats.rows_skipped = n_rows
             stats.already_complete = done_path == os.fspath(out)
             return stats
     if os.path.exists(target):
-        _say(progress, f"{target}: exists from another job; it is replaced when this one completes")
+        say_progress(progress, f"{target}: exists from another job; it is replaced when this one completes")
 
     tmp = partial_path(target)
     f, done, why = open_resumable(tmp, fingerprint, n_rows, row_start) if resume else (None, 0, "")
     if why:
-        _say(progress, f"{tmp}: discarding partial output ({why}); starting over")
+        say_progress(progress, f"{tmp}: discarding partial output ({why}); starting over")
     if f is None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -696,7 +696,7 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
         f = _create_output(tmp, n_rows, S, wave_rest, chi2, restframe, attrs, [i.path for i in inputs],
                            refine=bool(refine))
     elif done:
-        _say(progress, f"{tmp}: resuming after {done} of {n_rows} spectra")
+        say_progress(progress, f"{tmp}: resuming after {done} of {n_rows} spectra")
     stats.rows_skipped = done
 
     flush_rows = flush_rows or 32 * batch_size
@@ -725,8 +725,8 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
                 if bar is not None:
                     bar.update(len(batch.z))
             if n_outside:
-                _say(progress, f"note: {n_outside} spectra have z outside the model's range [0, {z_max:g}]; "
-                               "their latents extrapolate beyond the training redshifts")
+                say_progress(progress, f"note: {n_outside} spectra have z outside the model's range "
+                                       f"[0, {z_max:g}]; their latents extrapolate beyond the training redshifts")
         writer.finish()
         stats.write_s = writer.busy
         finish_output(f, tmp, target)
@@ -743,7 +743,8 @@ def encode_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tuple
     return stats
 
 
-def _say(progress: bool, msg: str) -> None:
+def say_progress(progress: bool, msg: str) -> None:
+    """A progress message on stderr unless progress is off (the other row-writing commands use it too)."""
     if progress:
         print(msg, file=sys.stderr, flush=True)
 
@@ -861,7 +862,7 @@ def wait_for_shards(out, n: int, poll_s: float = 1.0, timeout_s: float | None = 
         if not missing:
             return
         if not said:
-            _say(progress, f"waiting for {len(missing)} other shard(s) to finish …")
+            say_progress(progress, f"waiting for {len(missing)} other shard(s) to finish …")
             said = True
         if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
             raise EncodeError(f"{out}: shards still missing after {timeout_s:.0f} s: {', '.join(missing)}")

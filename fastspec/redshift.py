@@ -386,7 +386,7 @@ def redshift_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tup
     stats = E.EncodeStats(out=target)
     for done_path in dict.fromkeys([os.fspath(out), target]):
         if E.is_complete(done_path, fingerprint):
-            _say(progress, f"{done_path}: already complete, nothing to do")
+            E.say_progress(progress, f"{done_path}: already complete, nothing to do")
             stats.rows_skipped = n_rows
             stats.already_complete = done_path == os.fspath(out)
             return stats
@@ -394,7 +394,7 @@ def redshift_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tup
     f, done, why = (E.open_resumable(tmp, fingerprint, n_rows, row_start, REDSHIFT_FORMAT, REDSHIFT_VERSION,
                                      "z_fit") if resume else (None, 0, ""))
     if why:
-        _say(progress, f"{tmp}: discarding partial output ({why}); starting over")
+        E.say_progress(progress, f"{tmp}: discarding partial output ({why}); starting over")
     if f is None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -412,7 +412,7 @@ def redshift_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tup
         f = E.create_rows_file(tmp, _columns(n_rows, int(cfg.n_latent)), attrs, [i.path for i in inputs],
                                REDSHIFT_FORMAT, REDSHIFT_VERSION)
     elif done:
-        _say(progress, f"{tmp}: resuming after {done} of {n_rows} spectra")
+        E.say_progress(progress, f"{tmp}: resuming after {done} of {n_rows} spectra")
     stats.rows_skipped = done
     flush_rows = -(-(flush_rows or 8 * batch_size) // batch_size) * batch_size
     workers = (4 if device.type == "cuda" else 0) if workers is None else workers
@@ -450,13 +450,6 @@ def redshift_files(model, paths: Sequence[str | os.PathLike], out, *, shard: tup
             bar.close()
     stats.seconds = time.perf_counter() - t_start
     return stats
-
-
-def _say(progress: bool, msg: str) -> None:
-    if progress:
-        import sys
-
-        print(msg, file=sys.stderr, flush=True)
 
 
 __all__ = ["C_KMS", "RedshiftFit", "redshift_grid", "default_step", "node_latents", "chi2_scan", "pick_minima",

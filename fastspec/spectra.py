@@ -11,6 +11,7 @@ The training loader's `Batch` is not a second spectra type: it holds the torch t
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ class H5Reader:
         return False
 
 
-class SpectraReader(H5Reader):
+class SpectraReader(H5Reader, abc.ABC):
     """What a reader of a spectra file offers, whatever the file's format.
 
     Attributes: `path`, `kind` (the format's name), `instrument` and `wave_obs` (its grid). `read(start, stop)`
@@ -183,11 +184,13 @@ class SpectraReader(H5Reader):
             self.h5.close()
             raise
 
+    @abc.abstractmethod
     def _open(self, instrument, **options) -> None:
-        raise NotImplementedError
+        """Check the opened file (`self.h5`) and set `instrument`, `wave_obs`."""
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of spectra (rows)."""
 
     @property
     def n(self) -> int:
@@ -196,11 +199,13 @@ class SpectraReader(H5Reader):
     def columns(self) -> list[str]:
         return datasets(self.h5)
 
+    @abc.abstractmethod
     def read(self, start: int = 0, stop: int | None = None) -> Spectra:
-        raise NotImplementedError
+        """Rows [start, stop) as `Spectra` on the instrument grid."""
 
+    @abc.abstractmethod
     def read_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        raise NotImplementedError
+        """One column by its fastspec name, rows [start, stop)."""
 
     def _stored_column(self, name: str, start: int, stop: int | None) -> np.ndarray:
         """Dataset `name` as stored (native byte order): rows [start, stop), or all of a scalar."""
