@@ -240,11 +240,11 @@ def main(argv=None) -> int:
         fl = kc["flagged_by_delta_chi2_lt_9"]
         notes += [f"Mock set: {kc['all']['n']} held-out `fastspec.mock` spectra (kcorrect templates with lines, "
                   "SDSS-like z distribution, median S/N 10, another seed than the training mocks) fitted with "
-                  f"`{mock_model_path}`, trained on {mock_split.__name__}'s training mocks with `fastspec train`'s "
+                  f"`{mock_model_path}`, trained on bench/mock_split.py's training mocks with `fastspec train`'s "
                   f"defaults; {kc['spectra_per_s']:.2f} spectra/s. Median z_err {kc['median_z_err_kms']:.1f} km/s; "
                   f"NMAD of Δv / z_err = {kc['nmad_pull']:.2f}; median χ²_red {kc['median_chi2_reduced']:.2f}. "
                   f"Catastrophic failures: {kc['catastrophic']}; Δχ² < 9 flags {fl['catastrophic']} of them and "
-                  f"{fl['good']} good fits (median Δχ² of good fits {kc['median_delta_chi2_good']}).", ""]
+                  f"{fl['good']} good fits (median Δχ² of good fits {kc['median_delta_chi2_good'] or float('nan'):.0f}).", ""]
     res["load_average_after"] = os.getloadavg()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

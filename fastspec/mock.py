@@ -28,6 +28,14 @@ import numpy as np
 from .errors import FastspecError
 from .h5format import SpectraWriter
 from .instruments import NORM_WINDOW, Instrument, get_instrument
+from .mockvar import (
+    add_agn,
+    apply_systematics,
+    draw_lines,
+    draw_systematics,
+    lsf_sigma_kms,
+    parse_features,
+)
 from .prep import apply_normalization, bad_pixel_mask, normalization
 from .spectra import Spectra
 
@@ -48,6 +56,9 @@ LINES = (
     ("OII_3726", 3727.09), ("OII_3729", 3729.88), ("Hdelta", 4102.89), ("Hgamma", 4341.69),
     ("Hbeta", 4862.68), ("OIII_4959", 4960.30), ("OIII_5007", 5008.24), ("NII_6548", 6549.86),
     ("Halpha", 6564.61), ("NII_6584", 6585.27), ("SII_6717", 6718.29), ("SII_6731", 6732.67),
+    # lines the templates lose and only the `extra_lines` feature adds back (zero flux without it)
+    ("NeIII_3869", 3869.86), ("HeI_5876", 5877.25), ("OI_6300", 6302.05), ("OI_6363", 6365.54),
+    ("ArIII_7135", 7137.77), ("SIII_9069", 9071.10),
 )
 LINE_NAMES = tuple(n for n, _ in LINES)
 LINE_WAVE = np.array([w for _, w in LINES])
@@ -72,6 +83,8 @@ NII_RATIO = 3.05  # 6584 / 6548
 OII_RATIO = 1.3  # 3729 / 3726 (n_e ~ 100 cm^-3)
 SII_RATIO = 1.3  # 6717 / 6731
 EBV_STARS_PER_GAS = 0.44  # Calzetti (2000): the continuum sees 0.44 of the nebular E(B−V)
+CASE_B = {"HALPHA_HBETA": HALPHA_HBETA, "HGAMMA_HBETA": HGAMMA_HBETA, "HDELTA_HBETA": HDELTA_HBETA,
+          "OIII_RATIO": OIII_RATIO, "NII_RATIO": NII_RATIO, "OII_RATIO": OII_RATIO, "SII_RATIO": SII_RATIO}
 
 # Default median S/N per pixel of each survey's galaxies (lognormal spread SNR_SPREAD in ln).
 SNR_MEDIAN = {"sdss": 10.0, "boss": 5.0, "desi": 4.0}
@@ -160,14 +173,14 @@ def _sample_row(buf, log0, dlog, logw_out, wave_out, shift, a, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def _render(templates, rows, coefs, lines, line_start, k_lo, line_coefs, log0, dlog, log1pz, ebv_star,
+def _render(templates, rows, coefs, lines, line_start, k_gas, line_coefs, log0, dlog, log1pz, ebv_star,
             logw_obs, wave_obs, model_obs, logw_rest, wave_rest, rest, do_rest):
     """Noiseless spectra, one galaxy per iteration, its fine-grid spectrum kept in a row buffer (cache-resident).
 
     templates (T·K, F) pre-broadened templates; rows/coefs (N, P): which rows each galaxy mixes and how much
     (two neighbouring dispersions per template); lines (J, K, W) unit-flux profiles starting at line_start (J,);
-    k_lo (N,) lower dispersion index; line_coefs (N, J, 2) line fluxes at k_lo and k_lo+1, already divided by
-    the continuum dust at the line. Writes model_obs (N, L) and, if do_rest, rest (N, R) (z = 0)."""
+    k_gas (N,) lower dispersion index of the gas; line_coefs (N, J, 2) line fluxes at k_gas and k_gas+1,
+    already divided by the continuum dust at the line. Writes model_obs (N, L) and, if do_rest, rest (N, R) (z = 0)."""
     N, P = rows.shape
     F = templates.shape[1]
     J, _, W = lines.shape
@@ -178,7 +191,7 @@ def _render(templates, rows, coefs, lines, line_start, k_lo, line_coefs, log0, d
             c = coefs[n, p]
             for i in range(F):
                 buf[i] += c * templates[row, i]
-        k = k_lo[n]
+        k = k_gas[n]
         for j in range(J):
             s = line_start[j]
             c0 = line_coefs[n, j, 0]
@@ -215,6 +228,14 @@ def _median_snr(model, shape2, sky2, sky_ratio, stride):
     f = model[:, ::stride].astype(np.float64)
     b = sky_ratio[:, None]
     return np.median(f / np.sqrt(shape2[::stride] * (np.maximum(f, 0.0) + b * sky2[::stride]) / (1.0 + b)), axis=1)
+
+
+def _dispersion_mix(v):
+    """Lower SIGMA_GRID index k and weight a of k+1 whose mixture has kernel variance exactly v²."""
+    K = SIGMA_GRID.size
+    k = np.clip(np.searchsorted(SIGMA_GRID, v) - 1, 0, K - 2)
+    s1, s2 = SIGMA_GRID[k], SIGMA_GRID[k + 1]
+    return k, (v**2 - s1**2) / (s2**2 - s1**2)
 
 
 def _template_path():
@@ -369,8 +390,12 @@ class MockGenerator:
 
     def __init__(self, instrument="sdss", seed: int = 0, z_max: float = 0.5, z_min: float = 0.0,
                  z_dist: str = "sdss", snr_median: float | None = None, restframe_truth: bool = True,
-                 observed_truth: bool = False, id_offset: int = 0):
+                 observed_truth: bool = False, id_offset: int = 0, features=()):
         self.instrument = get_instrument(instrument)
+        try:
+            self.features = parse_features(features)
+        except ValueError as err:
+            raise MockError(str(err)) from None
         inst = self.instrument
         if not (isinstance(seed, (int, np.integer)) and seed >= 0):
             raise MockError(f"seed must be a non-negative integer, got {seed!r}")
@@ -394,6 +419,7 @@ class MockGenerator:
             raise MockError(f"id_offset must be a non-negative integer, got {id_offset!r}")
         self.id_offset = int(id_offset)
 
+        self.lsf_kms = lsf_sigma_kms(inst.name) if "lsf" in self.features else 0.0
         self.wave_obs = inst.wave_obs
         self.logw_obs = np.log10(self.wave_obs)
         self.wave_rest = inst.wave_rest(self.z_max)
@@ -442,7 +468,7 @@ class MockGenerator:
         log_o2hb = np.where(q, 0.55 + 0.15 * g[:, 4], 0.35 - 0.5 * (x_sf + 0.45) + 0.1 * g[:, 4])
         log_s2ha = np.where(q, -0.2, -0.55) + 0.1 * g[:, 5]
         hbeta = (p["weights"] @ self.basis.hbeta_ew) * 10.0 ** (0.15 * g[:, 6])
-        F = np.empty((M, len(LINES)))
+        F = np.zeros((M, len(LINES)))  # the extra lines stay 0 unless a mockvar feature adds them
         F[:, _IL["Hbeta"]] = hbeta
         F[:, _IL["Halpha"]] = HALPHA_HBETA * hbeta
         F[:, _IL["Hgamma"]] = HGAMMA_HBETA * hbeta
@@ -482,11 +508,9 @@ class MockGenerator:
     def _render(self, p: dict, M: int):
         """Noiseless observed spectra (M, L) and restframe spectra (M, R) or None, window units, with dust."""
         B = self.basis
+        k, a = _dispersion_mix(np.hypot(p["vdisp"], self.lsf_kms))
+        kg, ag = (k, a) if "vdisp_gas" not in p else _dispersion_mix(np.hypot(p["vdisp_gas"], self.lsf_kms))
         K = SIGMA_GRID.size
-        v = p["vdisp"]
-        k = np.clip(np.searchsorted(SIGMA_GRID, v) - 1, 0, K - 2)
-        s1, s2 = SIGMA_GRID[k], SIGMA_GRID[k + 1]
-        a = (v**2 - s1**2) / (s2**2 - s1**2)  # mixture weight that makes the kernel's variance exactly v²
         T = p["weights"].shape[1]
         base = np.arange(T)[None, :] * K + k[:, None]
         rows = np.concatenate([base, base + 1], axis=1)
@@ -494,12 +518,16 @@ class MockGenerator:
         # Lines enter before the continuum dust that _sample_row applies, so pre-divide by it.
         ebv_star = EBV_STARS_PER_GAS * p["ebv"]
         lf = p["line_flux"] * 10.0 ** (0.4 * self.k_lines[None, :] * ebv_star[:, None])
-        line_coefs = np.stack([lf * (1 - a)[:, None], lf * a[:, None]], axis=2)
+        line_coefs = np.stack([lf * (1 - ag)[:, None], lf * ag[:, None]], axis=2)
         model = np.empty((M, self.instrument.L), np.float32)
         rest = np.empty((M, self.wave_rest.size) if self.restframe_truth else (M, 1), np.float32)
-        _render(B.templates, rows, coefs.astype(np.float32), B.lines, B.line_start, k,
+        _render(B.templates, rows, coefs.astype(np.float32), B.lines, B.line_start, kg,
                 line_coefs.astype(np.float32), B.log0, B.dlog, np.log10(1.0 + p["z"]), ebv_star,
                 self.logw_obs, self.wave_obs, model, self.logw_rest, self.wave_rest, rest, self.restframe_truth)
+        if "broad" in p and (p["broad"][:, 2] > 0).any():  # broad-line AGN: broad Balmer lines + power law
+            add_agn(model, self.wave_obs, p["z"], p["broad"], self.lsf_kms)
+            if self.restframe_truth:
+                add_agn(rest, self.wave_rest, np.zeros(M), p["broad"], self.lsf_kms)
         return model, (rest if self.restframe_truth else None)
 
     def chunk(self, c: int, m: int = CHUNK) -> MockSpectra:
@@ -514,7 +542,13 @@ class MockGenerator:
         M, L = m, inst.L
         ss = np.random.SeedSequence(self.seed, spawn_key=(int(c),))
         rng_par, rng_noise, rng_bad = (np.random.default_rng(s) for s in ss.spawn(3))
-        p = {k: v[:M] for k, v in self._draw_parameters(rng_par, CHUNK).items()}
+        p = self._draw_parameters(rng_par, CHUNK)
+        sys_ = None
+        if self.features:  # their own generators (children 3, 4): the basic draws above stay as they were
+            rng_var, rng_sys = (np.random.default_rng(s) for s in ss.spawn(2))
+            draw_lines(rng_var, p, self.features, _IL, self.basis.hbeta_ew, self.k_lines, CASE_B)
+            sys_ = {k: v[:M] for k, v in draw_systematics(rng_sys, CHUNK, self.features, len(inst.sky_lines)).items()}
+        p = {k: v[:M] for k, v in p.items()}
         eps = rng_noise.standard_normal((M, L), dtype=np.float32)
         bad = self._draw_bad_pixels(rng_bad, CHUNK)[:M]
 
@@ -525,6 +559,8 @@ class MockGenerator:
         flux_raw = np.empty((M, L), np.float32)
         ivar_raw = np.empty((M, L), np.float32)
         _add_noise(model, self.noise_shape2, self.sky2, p["sky_ratio"], scale, p["amp"], eps, flux_raw, ivar_raw)
+        if sys_ is not None:
+            apply_systematics(flux_raw, ivar_raw, self.wave_obs, inst.sky_lines, sys_)
         flux_raw[bad] = 0.0
         ivar_raw[bad] = 0.0
 
@@ -545,6 +581,13 @@ class MockGenerator:
             "snr": p["snr"].astype(np.float32),
             "quiescent": p["quiescent"],
         }
+        if self.features:
+            broad = p["broad"].copy()
+            broad[:, :2] *= scale_out  # fluxes in stored units; σ and the power-law fraction as they are
+            truth.update(line_class=p["line_class"], vdisp_gas=p["vdisp_gas"].astype(np.float32),
+                         broad=broad.astype(np.float32), calibration=sys_["calibration"].astype(np.float32),
+                         sky_residual=sys_["sky_residual"].astype(np.float32),
+                         ivar_scale=sys_["ivar_scale"].astype(np.float32))
         if rest is not None:
             rest *= scale_out32
             truth["spec_rest"] = rest
@@ -573,40 +616,43 @@ def _check_n(n) -> int:
 
 def make_mock(n: int, instrument="sdss", seed: int = 0, z_max: float = 0.5, z_min: float = 0.0,
               z_dist: str = "sdss", snr_median: float | None = None, restframe_truth: bool = True,
-              observed_truth: bool = False, id_offset: int = 0) -> MockSpectra:
+              observed_truth: bool = False, id_offset: int = 0, features=()) -> MockSpectra:
     """`n` mock spectra in memory (see MockSpectra for the fields and the truth they carry).
 
     instrument: 'sdss' | 'boss' | 'desi'; z_dist: 'sdss' (main-sample-like n(z), truncated to [z_min, z_max])
     or 'uniform'; snr_median: median S/N per pixel (default per survey: SDSS 10, BOSS 5, DESI 4);
     restframe_truth: keep the noiseless restframe spectrum (n × R floats); observed_truth: keep the noiseless
-    observed spectrum too.
+    observed spectrum too. features: 'basic' (none, the default), 'rich' (all) or a list of
+    fastspec.mockvar.FEATURES — the variation beyond a template mixture (see fastspec.mockvar).
     """
     n = _check_n(n)
     gen = MockGenerator(instrument, seed, z_max, z_min, z_dist, snr_median, restframe_truth, observed_truth,
-                        id_offset)
+                        id_offset, features)
     return MockSpectra.concat(list(gen.rows(0, n)))
 
 
 def write_mock(path, n: int, instrument="sdss", seed: int = 0, z_max: float = 0.5, z_min: float = 0.0,
                z_dist: str = "sdss", snr_median: float | None = None, restframe_truth: bool = True,
-               observed_truth: bool = False, id_offset: int = 0, progress: bool = True) -> dict:
+               observed_truth: bool = False, id_offset: int = 0, progress: bool = True, features=()) -> dict:
     """Write `n` mock spectra to `path` in the fastspec HDF5 layout (atomically), truth under `truth/`.
 
     File-level extras: `truth_wave_rest` (R,) the restframe grid of truth/spec_rest, `truth_line_wave` and
     `truth_line_names` (12,) for truth/line_flux; attrs record the mock parameters. Returns a summary dict
     (path, n, seconds, spectra_per_s, bytes). object_id runs from `id_offset` (to keep ids unique across files).
+    features: as for make_mock.
     """
     from tqdm import tqdm
 
     n = _check_n(n)
     gen = MockGenerator(instrument, seed, z_max, z_min, z_dist, snr_median, restframe_truth, observed_truth,
-                        id_offset)
+                        id_offset, features)
     inst = gen.instrument
     attrs = {
         "mock": True, "mock_seed": gen.seed, "mock_z_min": gen.z_min, "mock_z_max": gen.z_max,
         "mock_z_dist": gen.z_dist, "mock_snr_median": gen.snr_median, "mock_templates": TEMPLATE_FILE,
         "mock_dust": "Calzetti (2000); continuum E(B-V) = 0.44 * truth/ebv",
-        "mock_chunk": CHUNK,
+        "mock_chunk": CHUNK, "mock_features": ",".join(gen.features) or "basic",
+        "mock_lsf_kms": gen.lsf_kms,
     }
     t0 = time.perf_counter()
     with SpectraWriter(path, inst, attrs=attrs) as w, \

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..mockvar import FEATURES
 from .common import say
 
 
@@ -45,6 +46,9 @@ def register(sub):
                    help="also store the noiseless observed spectrum truth/model_obs (N x L floats)")
     p.add_argument("--id-offset", type=int, default=0,
                    help="first object_id (default 0; use distinct ranges to combine mock files)")
+    p.add_argument("--features", default="basic", metavar="SET",
+                   help="variation beyond a template mixture: basic (none, default), rich (all), or a comma-separated "
+                   "list of: " + ", ".join(FEATURES) + " (see fastspec.mockvar)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (messages stay)")
     p.set_defaults(func=run)
 
@@ -57,6 +61,7 @@ def run(args) -> int:
             args.output, args.n, instrument=args.instrument, seed=args.seed, z_max=args.z_max, z_min=args.z_min,
             z_dist=args.z_dist, snr_median=args.snr_median, restframe_truth=not args.no_restframe_truth,
             observed_truth=args.observed_truth, id_offset=args.id_offset, progress=not (args.quiet or args.no_progress),
+            features=args.features,
         )
     except MockError as err:
         print(f"fastspec mock: {err}", file=sys.stderr)
@@ -66,6 +71,8 @@ def run(args) -> int:
         truth += ", spec_rest"
     if args.observed_truth:
         truth += ", model_obs"
+    if args.features != "basic":
+        truth += ", line_class, vdisp_gas, broad, calibration, sky_residual, ivar_scale"
     say(
         args,
         f"wrote {info['n']} {info['instrument']} mock spectra to {info['path']} "
