@@ -88,7 +88,9 @@ class ScienceConfig:
     mode: str = "quick"
     n_train: int = 12000
     n_test: int = 2000
-    n_lowz: int = 800  # uniform in LOWZ_RANGE: [O II] unobserved below z ≈ 0.013, observed above ≈ 0.023
+    # uniform in lowz_range; exp_extended_restframe counts [O II] unobserved below z ≈ 0.0078 (λ_obs,min/(1+z)
+    # > 3755 Å, the window's red edge + 5 Å) and observed above z ≈ 0.030 (< 3675 Å, the blue sideband − 5 Å)
+    n_lowz: int = 800
     lowz_range: tuple = (0.002, 0.035)
     n_invariance: int = 150
     invariance_z: tuple = tuple(np.round(np.linspace(0.0, 0.5, 11), 3))
