@@ -1153,7 +1153,7 @@ def _mock_file(cfg, path, n, seed, id_offset) -> str:
 def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None) -> dict:
     """All five experiments; writes figures to <out_dir>/science-<mode>/, numbers to science-<mode>.json and a
     Markdown table to science-<mode>.md. Returns the results dict."""
-    from .report import plot_reconstructions, plot_redshift_invariance
+    from .plotting import plot_reconstructions, plot_redshift_invariance
 
     t_start, c_start = time.perf_counter(), _cpu_s()
     timings = {}
