@@ -34,7 +34,8 @@ from fastspec.mock import stellar_templates
 wave, flux, _ = stellar_templates()  # kcorrect's template file, found through importlib.resources
 out = {"fastspec": fastspec.__file__, "sample": str(sample("sdss")), "templates": list(flux.shape)}
 for name in ("fastspec.commands", "fastspec.commands.demo", "fastspec.kernels", "fastspec.kernels.resampling",
-             "fastspec.loader", "fastspec.surveys", "fastspec.surveys.sdss_dr7", "fastspec.data"):
+             "fastspec.loader", "fastspec.surveys", "fastspec.surveys.sdss_dr7", "fastspec.data",
+             "fastspec.science", "fastspec.science.experiments.fidelity"):
     out[name] = importlib.import_module(name).__file__
 out["readme"] = (Path(out["sample"]).parent / "README.md").read_text()
 out["n_commands"] = len(fastspec.cli.build_parser()._subparsers._group_actions[0].choices)
@@ -80,7 +81,7 @@ def test_installed_package_has_commands_kernels_sample_and_templates(installed, 
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in ("fastspec", "sample", "fastspec.commands", "fastspec.commands.demo", "fastspec.kernels",
                  "fastspec.kernels.resampling", "fastspec.loader", "fastspec.surveys", "fastspec.surveys.sdss_dr7",
-                 "fastspec.data"):
+                 "fastspec.data", "fastspec.science", "fastspec.science.experiments.fidelity"):
         assert Path(got[name]).resolve().is_relative_to(installed.resolve()), (name, got[name])
     assert Path(got["sample"]).name == SAMPLES["sdss"][0] and Path(got["sample"]).stat().st_size > 1e6
     assert "Funding for the SDSS" in got["readme"]
