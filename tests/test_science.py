@@ -172,9 +172,16 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     cfg = ScienceConfig.for_mode("smoke", workdir=str(work), out_dir=str(out), real_dir=str(real_data_dir),
                                  progress=False, device="cpu")
     assert saved["mode"] == "smoke" and saved["config"] == json.loads(json.dumps(cfg.to_dict()))
-    for key in ("fidelity", "extended_restframe", "redshift_invariance", "latent_physics", "real_spectra",
-                "learning_curve", "fidelity_by_wavelength"):
+    for key in ("fidelity", "method_scan", "extended_restframe", "redshift_invariance", "latent_physics",
+                "real_spectra", "learning_curve", "fidelity_by_wavelength"):
         assert key in saved, key
+    # two seeds of every variant and variant (a) at S = 2: 8 trainings; the scan's rows are the runs' medians
+    ms = saved["method_scan"]
+    assert len(saved["scan_training"]) == 8 and set(ms["by_S"]) == {"2", "10"}
+    assert ms["by_S"]["10"]["ae_one_pass"][0] == pytest.approx(saved["fidelity"]["ae_a"]["chi2"]["median"], rel=1e-6)
+    assert ms["by_S"]["2"]["pca"] == pytest.approx(saved["fidelity"]["pca_rank_scan"]["S=2"]["chi2"]["median"], rel=1e-6)
+    assert all(len(v["one_pass"]) == 2 for v in ms["by_variant"].values())
+    assert "## 1b. AE against PCA over S and seeds" in (out / "science-smoke.md").read_text()
     assert set(saved["redshift_invariance"]["variants"]) == {"ae_a", "ae_b", "ae_c"}
     assert saved["training"]["ae_c"]["consistency"] == cfg.consistency
     # every phase has its wall and CPU time

@@ -38,6 +38,11 @@ def add_arguments(p, default_out: str) -> None:
     p.add_argument("--consistency", type=float, default=None, help="consistency weight of variant (c)")
     p.add_argument("--variants", default=None, help="subset of a,b,c (default all three)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--seeds", type=int, default=None, help="trainings per variant, with seeds seed, seed+1, … (default 2)")
+    p.add_argument("--s-scan", default=None, metavar="S,S,…",
+                   help="latent sizes besides 10 trained for variant (a) and compared with the PCA (default 2,4,6)")
+    p.add_argument("--mock-features", default=None, metavar="SET",
+                   help="mock variation (fastspec.mockvar): rich (default), basic, or a comma list of features")
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite science-<mode>.md from science-<mode>.json (no training, no experiments)")
     p.add_argument("--note", default=None, help="free text stored in the JSON and shown in the Markdown "
@@ -105,6 +110,25 @@ def run(args, machine: dict | None = None) -> int:
         if bad or not variants:
             return _err(f"--variants takes a comma list of {', '.join(VARIANTS)}, got {args.variants!r}")
         over["variants"] = variants
+    if args.seeds is not None:
+        if args.seeds < 1:
+            return _err(f"--seeds must be ≥ 1, got {args.seeds}")
+        over["n_seeds"] = args.seeds
+    if args.s_scan is not None:
+        try:
+            over["s_scan"] = tuple(int(v) for v in args.s_scan.split(",") if v.strip())
+        except ValueError:
+            over["s_scan"] = (0,)
+        if any(v < 1 for v in over["s_scan"]):
+            return _err(f"--s-scan takes a comma list of positive latent sizes, got {args.s_scan!r}")
+    if args.mock_features is not None:
+        from ..mockvar import parse_features
+
+        try:
+            parse_features(args.mock_features)
+        except ValueError as err:
+            return _err(f"--mock-features: {err}")
+        over["mock_features"] = args.mock_features
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     real = args.real_dir or None
     if real and not (Path(real) / "MANIFEST.tsv").is_file():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -142,6 +142,7 @@ class PCABaseline:
     test: dict  # WeightedPCA.fit_observed of the held-out set
     lowz: dict  # ... of the low-z set
     rank_scan: dict  # S -> χ² and signal-error summaries of a rank-S PCA on the held-out set (cfg.pca_scan)
+    rank_chi2: dict = field(default_factory=dict)  # S -> per-spectrum held-out χ² (the scan's ranks and n_latent)
 
 
 def fit_pca_baseline(cfg: ScienceConfig, train_path: str, test: dict, lowz: dict, wave_obs, wave_rest) -> PCABaseline:
@@ -157,16 +158,18 @@ def fit_pca_baseline(cfg: ScienceConfig, train_path: str, test: dict, lowz: dict
     del y_fit, w_fit
     pca = WeightedPCA(cfg.n_latent).fit(x_rest, w_rest, n_iter=cfg.pca_iter, seed=cfg.seed, progress=cfg.progress)
     pca_test = pca.fit_observed(test["y"], test["w"], test["z"], wave_rest, wave_obs)
-    pca_scan = {}
-    for S in cfg.pca_scan:
+    pca_scan, rank_chi2 = {}, {cfg.n_latent: pca_test["chi2"]}
+    for S in sorted((set(cfg.pca_scan) | set(cfg.s_scan)) - {cfg.n_latent}):
         p_s = WeightedPCA(S).fit(x_rest, w_rest, n_iter=cfg.pca_iter, seed=cfg.seed)
         fit_s = p_s.fit_observed(test["y"], test["w"], test["z"], wave_rest, wave_obs)
         pca_scan[S] = {"chi2": chi2_summary(fit_s["chi2"]), "signal_error": chi2_summary(
             signal_error(test["truth/model_obs"], fit_s["spec_obs"], test["w"], fit_s["valid"])),
             "iterations": len(p_s.history)}
+        rank_chi2[S] = fit_s["chi2"]
     del x_rest, w_rest
     pca_lowz = pca.fit_observed(lowz["y"], lowz["w"], lowz["z"], wave_rest, wave_obs)
-    return PCABaseline(pca=pca, n_fit=int(len(b.z)), test=pca_test, lowz=pca_lowz, rank_scan=pca_scan)
+    return PCABaseline(pca=pca, n_fit=int(len(b.z)), test=pca_test, lowz=pca_lowz, rank_scan=pca_scan,
+                       rank_chi2=rank_chi2)
 
 
 def _standardise(train, test):

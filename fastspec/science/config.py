@@ -22,15 +22,18 @@ VARIANTS = {
 MODES = {
     # seconds on a laptop: for tests of the experiment code, numbers mean nothing
     "smoke": dict(n_train=320, n_test=96, n_lowz=64, n_invariance=8, n_pca_fit=256, pca_iter=4, pca_scan=(2,),
-                  steps=4, batch_size=32, lr=2e-3, model=TINY_MODEL, invariance_z=(0.0, 0.25, 0.5)),
+                  s_scan=(2,), n_refine=32, real_steps=4, steps=4, batch_size=32, lr=2e-3, model=TINY_MODEL,
+                  invariance_z=(0.0, 0.25, 0.5)),
     # < 20 min on an idle 2-core CPU, three variants included. bf16 autocast with the fused numba kernels reaches
     # the fp32 loss (400 steps of 64: val loss 0.02169 vs 0.02151, held-out median χ² 1.318 vs 1.307) at half the
     # step time. Measured at batch 64 on the 2-core CPU (load 1–1.7, validation included): (a) 0.05–0.055 s/step,
     # (b) 0.08–0.09, (c) 0.095–0.11 → 3200 steps ≈ 170 + 280 + 330 s of training, plus ~2 min for compile, mocks,
     # PCA and analysis: ~15–16 min. Tuning (variant a, 3000 steps): held-out median χ² 1.061 at lr 2e-3, 1.048 at
     # 4e-3, 1.048 at 8e-3.
+    # With two seeds of every variant and the S scan (12 trainings) the steps drop to 1600 (bench/results/
+    # science-quick.md gives the time of each phase).
     "quick": dict(n_train=12000, n_test=2000, n_lowz=800, n_invariance=150, n_pca_fit=4000, pca_iter=25,
-                  steps=3200, batch_size=64, lr=4e-3, precision="bf16", model=QUICK_MODEL),
+                  steps=1600, batch_size=64, lr=4e-3, precision="bf16", model=QUICK_MODEL),
     # a GPU: the paper's architecture, ~100 epochs of 100k spectra
     "full": dict(n_train=100_000, n_test=10_000, n_lowz=4000, n_invariance=1000, n_pca_fit=20_000, pca_iter=30,
                  steps=40_000, batch_size=256, lr=1e-3, model={}, precision="bf16", num_workers=4),
@@ -60,11 +63,16 @@ class ScienceConfig:
     precision: str = "bf16"
     consistency: float = 0.1
     variants: tuple = ("a", "b", "c")
+    n_seeds: int = 2  # trainings per variant (seeds seed, seed+1, …): the spread between them is reported
+    s_scan: tuple = (2, 4, 6)  # latent sizes besides n_latent, trained for scan_variant (each with n_seeds seeds)
+    scan_variant: str = "a"
+    mock_features: str = "rich"  # fastspec.mockvar: 'rich' (all features), 'basic' (template mixture), or a list
     n_pca_fit: int = 4000
     pca_iter: int = 25
-    pca_scan: tuple = (2, 4, 6, 8)  # smaller PCA ranks: how many dimensions the mocks need
+    pca_scan: tuple = (2, 4, 6, 8, 12, 16, 20)  # other PCA ranks: how many dimensions the mocks need
     curve_fractions: tuple = (0.1, 0.25, 0.5, 0.75)  # learning-curve snapshots, as fractions of the steps
     refine_steps: int = 100  # fidelity also with each spectrum's latents refined (fastspec.fit.refine); 0: off
+    n_refine: int = 1000  # held-out spectra refined for every run of the S/seed scan (the first n_refine)
     n_curve: int = 500  # held-out spectra the learning curve is measured on (the first n_curve of the test set)
     seed: int = 1
     device: str = "cpu"
@@ -72,6 +80,8 @@ class ScienceConfig:
     workdir: str = "/tmp/fastspec-science"
     out_dir: str = "bench/results"
     real_dir: str | None = None
+    real_dr14: str | None = None  # ../shared/data/real/sdss-dr14: AE vs PCA trained on real galaxies (if given)
+    real_steps: int = 1500  # training steps of the real-data AE (QUICK_MODEL on ~470 spectra)
     progress: bool = True
 
     @classmethod

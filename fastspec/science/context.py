@@ -3,7 +3,7 @@ variants, PCA baseline and encodings, made once) and the Experiment record each 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
@@ -31,6 +31,7 @@ class Context:
     inv_idx: np.ndarray  # rows of `test` moved in redshift (data.invariance_sample)
     moved: dict  # those rows at every z of cfg.invariance_z, K = len(cfg.invariance_z) consecutive rows each
     enc: dict  # training.encode_variants: "test", "refined", "lowz", "moved" -> {model name: encoding}
+    scan: dict = field(default_factory=dict)  # training.scan_encodings: every run's held-out χ² (S/seed scan)
 
     @property
     def main(self) -> str:

@@ -18,10 +18,12 @@ def observed_arrays(flux, ivar, mask) -> tuple[np.ndarray, np.ndarray]:
     return y, w
 
 
-def mock_set(n, seed, id_offset, z_dist="sdss", z_range=(0.0, 0.5), restframe=True, observed=True) -> dict:
+def mock_set(n, seed, id_offset, z_dist="sdss", z_range=(0.0, 0.5), restframe=True, observed=True,
+             features="basic", snr_median=None) -> dict:
     """In-memory mock spectra as arrays: y, w, z, object_id, snr and the truth columns (`truth/...`)."""
     m = make_mock(n, "sdss", seed=seed, z_min=z_range[0], z_max=z_range[1], z_dist=z_dist,
-                  restframe_truth=restframe, observed_truth=observed, id_offset=id_offset)
+                  restframe_truth=restframe, observed_truth=observed, id_offset=id_offset, features=features,
+                  snr_median=snr_median)
     y, w = observed_arrays(m.flux, m.ivar, m.mask)
     out = {"y": y, "w": w, "z": m.z.astype(np.float64), "object_id": m.object_id, "wave_obs": m.wave_obs,
            "wave_rest_truth": m.wave_rest}
@@ -39,13 +41,18 @@ def mock_file(cfg, path, n, seed, id_offset) -> str:
     """The training mock file, reused if it exists with the same parameters."""
     import h5py
 
+    from ..mockvar import parse_features
+
+    features = ",".join(parse_features(cfg.mock_features)) or "basic"
     if os.path.exists(path):
         with h5py.File(path, "r") as f:
-            if (f.attrs.get("mock_seed") == seed and len(f["Z"]) == n and int(f["object_id"][0]) == id_offset):
+            if (f.attrs.get("mock_seed") == seed and len(f["Z"]) == n and int(f["object_id"][0]) == id_offset
+                    and f.attrs.get("mock_features", "basic") == features):
                 say(cfg, f"reusing {path}")
                 return path
-    say(cfg, f"writing {n} training mock spectra to {path}")
-    write_mock(path, n, "sdss", seed=seed, restframe_truth=False, id_offset=id_offset, progress=cfg.progress)
+    say(cfg, f"writing {n} training mock spectra ({cfg.mock_features} features) to {path}")
+    write_mock(path, n, "sdss", seed=seed, restframe_truth=False, id_offset=id_offset, progress=cfg.progress,
+               features=cfg.mock_features)
     return path
 
 
@@ -53,9 +60,9 @@ def held_out_sets(cfg: ScienceConfig) -> tuple[dict, dict]:
     """The held-out test set (SDSS-like n(z)) and the low-z set (z uniform in cfg.lowz_range, restframe truth only),
     each from a seed and an object_id range of its own."""
     say(cfg, f"making {cfg.n_test} held-out and {cfg.n_lowz} low-z mock spectra")
-    test = mock_set(cfg.n_test, cfg.seed + 1000, 10**9)
+    test = mock_set(cfg.n_test, cfg.seed + 1000, 10**9, features=cfg.mock_features)
     lowz = mock_set(cfg.n_lowz, cfg.seed + 2000, 2 * 10**9, z_dist="uniform", z_range=cfg.lowz_range,
-                    observed=False)
+                    observed=False, features=cfg.mock_features)
     return test, lowz
 
 

@@ -9,9 +9,10 @@ CAVEATS = {
     "quick": "Quick mode trains each variant for a few minutes on a CPU (bf16 autocast) with an encoder of "
              "16/32/64 channels (the paper: 128/256/512 on a GPU for many epochs of ~500k spectra); the learning "
              "curve shows whether the models were still improving when the budget ran out, and every number here "
-             "is a statement about that budget, not about the architecture's limit. Each variant is one training "
-             "run (one seed): the brackets give the test-set sampling error only, so small differences between "
-             "variants may be training noise. The full mode (`fastspec science --full`, a GPU) uses the paper's "
+             "is a statement about that budget, not about the architecture's limit. Every variant is trained with "
+             "two seeds (section 1b gives both and their spread); the other sections use the first seed, and their "
+             "brackets give the test-set sampling error only, so differences smaller than the seed spread of 1b "
+             "may be training noise. The full mode (`fastspec science --full`, a GPU) uses the paper's "
              "encoder, 100k mocks and 40k steps of 256.",
     "full": "Full mode: the paper's encoder, 100k mocks, 40k steps of 256 spectra per variant.",
     "smoke": "Smoke mode checks that the code runs; its numbers mean nothing.",
@@ -43,7 +44,8 @@ def markdown(r: dict) -> str:
           f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}; load average (1, 5, 15 min) at the start of the analysis "
           f"{', '.join(fmt(x, '.1f') for x in (r.get('load_average_start') or []))}; total "
           f"{fmt(r['timings'].get('end_to_end_s', r['timings']['total_s']), '.0f')} s wall (training "
-          f"{fmt(sum(float(t.get('wall_s') or 0) for t in r['training'].values()), '.0f')} s"
+          f"{fmt(sum(float(t.get('wall_s') or 0) for t in r.get('scan_training', r['training']).values()), '.0f')} s "
+          f"for {len(r.get('scan_training', r['training']))} trainings"
           + (f", trained in an earlier run: {', '.join(r['timings']['training_reused'])}"
              if r["timings"].get("training_reused") else "") + "), "
           f"{fmt(r['timings'].get('end_to_end_cpu_s', r['timings'].get('total_cpu_s')), '.0f')} CPU s — on an idle machine between "

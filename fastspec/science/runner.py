@@ -21,12 +21,14 @@ from .data import held_out_sets, invariance_sample, mock_file
 from .experiments import EXPERIMENTS
 from .page import markdown
 from .training import (
+    all_runs,
     cpu_seconds,
     encode_variants,
     load_average,
     load_variant,
     plot_training,
     read_histories,
+    scan_encodings,
     train_variant,
 )
 
@@ -57,7 +59,10 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
         wave_obs = get_instrument("sdss").wave_obs
 
     with _timed(timings, "training"):
-        training = {v: train_variant(cfg, v, train_path) for v in cfg.variants}
+        runs = all_runs(cfg)
+        training = {v: train_variant(cfg, v, train_path) for v in cfg.variants}  # the primary runs first
+        scan_training = {r.key: (training[r.variant] if r.primary else train_variant(cfg, r.variant, train_path, r))
+                          for r in runs}
     models = {v: load_variant(cfg, v) for v in cfg.variants}
     wave_rest = next(iter(models.values())).wave_rest.double().numpy()
     n_params = int(sum(p.numel() for p in next(iter(models.values())).parameters()))
@@ -71,6 +76,7 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
         say(cfg, "encoding held-out, low-z and moved spectra with every variant")
         inv_idx, moved = invariance_sample(cfg, test, wave_obs)
         enc = encode_variants(cfg, models, test, lowz, moved)
+        scan = scan_encodings(cfg, runs, test, enc)
 
     results = {
         "experiment": "fastspec science: the findings of Melchior, Hahn & Liang 2022 against mock ground truth",
@@ -79,13 +85,15 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
         "training_budget": budget, "model_parameters": n_params, "chi2_definition": CHI2_DEFINITION,
         "variants": {f"ae_{v}": VARIANTS[v]["label"] for v in cfg.variants},
         "training": {f"ae_{v}": training[v] for v in cfg.variants},
+        "scan_training": {k: {kk: t.get(kk) for kk in ("wall_s", "cpu_s", "reused", "val_losses")}
+                          for k, t in scan_training.items()},
         "pca": {"method": WeightedPCA.__doc__.split("\n")[0].strip(), "n_components": cfg.n_latent,
                 "n_fit": baseline.n_fit, "iterations": len(baseline.pca.history),
                 "weighted_ssr_history": baseline.pca.history},
     }
     ctx = Context(cfg=cfg, fig_dir=fig_dir, budget=budget, wave_obs=wave_obs, wave_rest=wave_rest, test=test,
                   lowz=lowz, models=models, training=results["training"], baseline=baseline, inv_idx=inv_idx,
-                  moved=moved, enc=enc)
+                  moved=moved, enc=enc, scan=scan)
     figures = {}
     for exp in EXPERIMENTS:
         if exp.enabled(cfg):
@@ -97,10 +105,10 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
     timings["total_s"] = time.perf_counter() - t_start
     timings["total_cpu_s"] = cpu_seconds() - c_start
     # Models reused from an earlier run of the same configuration: count the training as it was recorded then.
-    reused = [v for v in cfg.variants if training[v].get("reused")]
+    reused = [k for k, t in scan_training.items() if t.get("reused")]
     timings["training_reused"] = reused
-    extra_wall = sum(float(training[v].get("wall_s") or 0) for v in reused)
-    extra_cpu = sum(float(training[v].get("cpu_s") or 0) for v in reused)
+    extra_wall = sum(float(scan_training[k].get("wall_s") or 0) for k in reused)
+    extra_cpu = sum(float(scan_training[k].get("cpu_s") or 0) for k in reused)
     timings["end_to_end_s"] = timings["total_s"] + extra_wall
     timings["end_to_end_cpu_s"] = timings["total_cpu_s"] + extra_cpu
     # On an idle machine the wall time lies between CPU time / cores (all of it parallel) and CPU time.

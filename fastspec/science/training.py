@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,15 +33,50 @@ def load_average():
         return None
 
 
-def _variant_train_config(cfg: ScienceConfig, variant: str, data_path: str):
+@dataclass(frozen=True)
+class Run:
+    """One training of a science run: a variant at a latent size with a seed. The primary run of each variant
+    (n_latent, the run's seed) is the one every experiment reads; the others feed the S/seed scan."""
+
+    variant: str
+    n_latent: int
+    seed: int
+    primary: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"ae_{self.variant}" if self.primary else f"ae_{self.variant}_S{self.n_latent}_seed{self.seed}"
+
+    @property
+    def dirname(self) -> str:
+        return f"model-{self.variant}" if self.primary else f"model-{self.variant}-S{self.n_latent}-seed{self.seed}"
+
+
+def primary_run(cfg: ScienceConfig, variant: str) -> Run:
+    return Run(variant, cfg.n_latent, cfg.seed, primary=True)
+
+
+def all_runs(cfg: ScienceConfig) -> list[Run]:
+    """The primary run of every variant, then the other seeds of every variant at n_latent, then the S scan of
+    cfg.scan_variant (every seed)."""
+    seeds = [cfg.seed + i for i in range(max(1, cfg.n_seeds))]
+    runs = [primary_run(cfg, v) for v in cfg.variants]
+    runs += [Run(v, cfg.n_latent, s) for v in cfg.variants for s in seeds[1:]]
+    if cfg.scan_variant in cfg.variants:
+        runs += [Run(cfg.scan_variant, S, s) for S in cfg.s_scan if S != cfg.n_latent for s in seeds]
+    return runs
+
+
+def _variant_train_config(cfg: ScienceConfig, variant: str, data_path: str, run: Run | None = None):
     from ..train import TrainConfig
 
+    run = run or primary_run(cfg, variant)
     v = VARIANTS[variant]
     cons = cfg.consistency if v["consistency"] is None else v["consistency"]
-    model = {"n_latent": cfg.n_latent, "z_max": 0.5, **cfg.model}
+    model = {"n_latent": run.n_latent, "z_max": 0.5, **cfg.model}
     return TrainConfig(
-        data=[data_path], out=os.path.join(cfg.workdir, f"model-{variant}"), model=model, steps=cfg.steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision, seed=cfg.seed, augment=v["augment"],
+        data=[data_path], out=os.path.join(cfg.workdir, run.dirname), model=model, steps=cfg.steps,
+        batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision, seed=run.seed, augment=v["augment"],
         consistency=float(cons), val_fraction=0.05, checkpoint_every=0, log_every=10, device=cfg.device,
         num_workers=cfg.num_workers, progress=cfg.progress, block_rows=256, shuffle_blocks=8,
     )
@@ -56,21 +92,24 @@ def _same_config(path: str, want: dict) -> bool:
     return all(json.dumps(have.get(k), sort_keys=True) == json.dumps(want.get(k), sort_keys=True) for k in keys)
 
 
-def train_variant(cfg: ScienceConfig, variant: str, data_path: str) -> dict:
+def train_variant(cfg: ScienceConfig, variant: str, data_path: str, run: Run | None = None) -> dict:
     """Train (or reuse a finished run with the same configuration) and return a training summary."""
-    tc = _variant_train_config(cfg, variant, data_path)
+    run = run or primary_run(cfg, variant)
+    tc = _variant_train_config(cfg, variant, data_path, run)
     final = os.path.join(tc.out, "final.pt")
     want = tc.to_dict()
-    want["model"] = {**{"n_latent": cfg.n_latent, "z_max": 0.5}, **cfg.model}
+    want["model"] = {**{"n_latent": run.n_latent, "z_max": 0.5}, **cfg.model}
     cached = os.path.join(tc.out, "science-train.json")
+    what = f"variant {variant}" + ("" if run.primary else f" (S = {run.n_latent}, seed {run.seed})")
     if os.path.exists(final) and _same_config(cached, {**want, "data": [os.path.abspath(data_path)]}):
-        say(cfg, f"variant {variant}: reusing the trained model in {tc.out}")
+        say(cfg, f"{what}: reusing the trained model in {tc.out}")
         with open(cached) as fh:
             return {**json.load(fh)["summary"], "reused": True}
-    say(cfg, f"training variant {variant} ({VARIANTS[variant]['label']}): {cfg.steps} steps of {cfg.batch_size}")
+    say(cfg, f"training {what} ({VARIANTS[variant]['label']}): {cfg.steps} steps of {cfg.batch_size}")
     from ..train import Trainer
 
-    marks = set(curve_steps(cfg.steps, cfg.curve_fractions))
+    # the learning curve reads the primary runs only
+    marks = set(curve_steps(cfg.steps, cfg.curve_fractions)) if run.primary else set()
     for old in os.listdir(tc.out) if os.path.isdir(tc.out) else ():
         if old.startswith("curve-") and old.endswith(".pt"):
             os.remove(os.path.join(tc.out, old))
@@ -109,9 +148,10 @@ def curve_steps(steps: int, fractions) -> list[int]:
     return sorted({min(steps - 1, max(1, round(f * steps))) for f in fractions} - {0}) if steps > 1 else []
 
 
-def load_variant(cfg: ScienceConfig, variant: str):
-    """The trained model of `variant` (its final checkpoint in the work directory)."""
-    return load_model(os.path.join(cfg.workdir, f"model-{variant}", "final.pt"), cfg.device)
+def load_variant(cfg: ScienceConfig, variant: str, run: Run | None = None):
+    """The trained model of `variant`'s primary run, or of `run` (its final checkpoint in the work directory)."""
+    run = run or primary_run(cfg, variant)
+    return load_model(os.path.join(cfg.workdir, run.dirname, "final.pt"), cfg.device)
 
 
 def encode(model, data, **kw) -> dict:
@@ -131,6 +171,26 @@ def encode_variants(cfg: ScienceConfig, models: dict, test: dict, lowz: dict, mo
         enc["lowz"][name] = encode(model, lowz, restframe=True)
         enc["moved"][name] = encode(model, moved, chi2=True)
     return enc
+
+
+def scan_encodings(cfg: ScienceConfig, runs: list[Run], test: dict, enc: dict) -> dict:
+    """For every run: its held-out χ² with one encoder pass (all test spectra) and with refined latents (the first
+    cfg.n_refine), reusing the primary runs' encodings. {run key: {variant, S, seed, chi2, chi2_refined}}."""
+    n_ref = min(cfg.n_refine, len(test["z"]))
+    sub = {k: test[k][:n_ref] for k in ("y", "w", "z")}
+    out = {}
+    for run in runs:
+        if run.primary:
+            one = enc["test"][run.key]["chi2"]
+            ref = enc["refined"].get(f"{run.key}_refined", {}).get("chi2")
+            ref = ref[:n_ref] if ref is not None else None
+        else:
+            say(cfg, f"encoding the held-out spectra with {run.key}")
+            model = load_variant(cfg, run.variant, run)
+            one = encode(model, test, chi2=True)["chi2"]
+            ref = encode(model, sub, chi2=True, refine=cfg.refine_steps)["chi2"] if cfg.refine_steps else None
+        out[run.key] = {"variant": run.variant, "S": run.n_latent, "seed": run.seed, "chi2": one, "chi2_refined": ref}
+    return out
 
 
 def read_histories(cfg: ScienceConfig) -> dict:

@@ -10,12 +10,14 @@ from . import (
     fidelity_by_wavelength,
     latent_physics,
     learning_curve,
+    method_scan,
     real_spectra,
     redshift_invariance,
 )
 
 EXPERIMENTS = [
     fidelity.EXPERIMENT,
+    method_scan.EXPERIMENT,
     learning_curve.EXPERIMENT,
     fidelity_by_wavelength.EXPERIMENT,
     extended_restframe.EXPERIMENT,
