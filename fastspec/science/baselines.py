@@ -203,8 +203,8 @@ def ridge_predict(X_train, Y_train, X_test, alpha: float = 1.0, quadratic: bool 
     return b @ coef + ym
 
 
-def crossfit_r2(X, Y, method: str = "knn", folds: int = 2, seed: int = 0) -> np.ndarray:
-    """Held-out R² per target: each fold predicted by a regressor fitted on the other folds."""
+def crossfit_predict(X, Y, method: str = "knn", folds: int = 2, seed: int = 0) -> np.ndarray:
+    """Held-out predictions: each fold predicted by a regressor (knn_predict or ridge_predict) fitted on the others."""
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n)
     pred = np.empty_like(np.asarray(Y, np.float64))
@@ -213,4 +213,9 @@ def crossfit_r2(X, Y, method: str = "knn", folds: int = 2, seed: int = 0) -> np.
         train = np.setdiff1d(perm, test)
         fn = knn_predict if method == "knn" else ridge_predict
         pred[test] = fn(X[train], Y[train], X[test])
-    return r2_score(Y, pred)
+    return pred
+
+
+def crossfit_r2(X, Y, method: str = "knn", folds: int = 2, seed: int = 0) -> np.ndarray:
+    """Held-out R² per target: each fold predicted by a regressor fitted on the other folds."""
+    return r2_score(Y, crossfit_predict(X, Y, method, folds, seed))

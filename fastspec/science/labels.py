@@ -8,7 +8,7 @@ from .config import VARIANTS
 
 COLORS = {"ae_a": "tab:blue", "ae_b": "tab:orange", "ae_c": "tab:green", "pca": "tab:purple",
           "ae_a_refined": "navy", "ae_b_refined": "saddlebrown", "ae_c_refined": "darkgreen",
-          "pca_every_pixel": "tab:pink",
+          "pca_every_pixel": "tab:pink", "oii_oracle": "0.2", "oii_lines": "tab:olive",
           "truth_model": "0.4"}
 
 
@@ -19,7 +19,10 @@ def label(name: str) -> str:
     if name.startswith("ae_"):
         return f"AE {VARIANTS[name[3:]]['label']}"
     return {"pca": "weighted restframe PCA", "truth_model": "noiseless truth (perfect model)",
-            "pca_every_pixel": "weighted PCA fitted on every pixel"}.get(name, name)
+            "pca_every_pixel": "weighted PCA fitted on every pixel",
+            "oii_oracle": "oracle ceiling: true fluxes of the observed lines → [O II] (cross-fitted)",
+            "oii_lines": "trivial baseline: Hβ, Hα, [N II] measured on the spectrum + the mocks' relation",
+            }.get(name, name)
 
 
 def fmt(v, spec=".3g") -> str:
