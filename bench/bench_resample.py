@@ -119,17 +119,19 @@ def paired_speedup(base: dict, other: dict) -> float:
     return statistics.median(ratios) if ratios else float("nan")
 
 
-def make_inputs(N: int, device: str, seed: int = 0):
+def make_inputs(N: int, device: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """SDSS-grid inputs; the spectra, the observed fluxes and weights and the output gradient in `dtype`
+    (redshifts and grids stay float32 / the instrument's)."""
     inst = get_instrument("sdss")
     wave_rest = torch.as_tensor(inst.wave_rest(0.5), device=device)
     wave_obs = torch.as_tensor(inst.wave_obs, device=device)
     R, L = wave_rest.numel(), wave_obs.numel()
     g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(N, R, generator=g, device=device).add_(1.0)  # in place: no freed temporaries
+    x = torch.randn(N, R, generator=g, device=device).add_(1.0).to(dtype)  # in place: no freed temporaries
     z = torch.rand(N, generator=g, device=device).mul_(0.5)
-    y = torch.randn(N, L, generator=g, device=device).add_(1.0)
-    w = torch.rand(N, L, generator=g, device=device)
-    grad = torch.randn(N, L, generator=g, device=device)
+    y = torch.randn(N, L, generator=g, device=device).add_(1.0).to(dtype)
+    w = torch.rand(N, L, generator=g, device=device).to(dtype)
+    grad = torch.randn(N, L, generator=g, device=device).to(dtype)
     z_new = torch.rand(N, generator=g, device=device).mul_(0.5)
     return dict(x=x, z=z, y=y, w=w, grad=grad, z_new=z_new, wave_rest=wave_rest, wave_obs=wave_obs, R=R, L=L,
                 loglinear=inst.loglinear)
@@ -214,6 +216,39 @@ def traffic_bytes(op: str, N: int, R: int, L: int, es: int = 4) -> int:
     if op == "redshift_observed_fwd":
         return N * L * es + N * L * (es + 1)
     raise ValueError(op)
+
+
+def measure_case(op: str, d: dict, methods: list[str], repeat: int, floor: float, device: str) -> list[dict]:
+    """One row per method for `op` on the inputs `d` (make_inputs), the calls interleaved round-robin:
+    minimum and median wall time, CPU time, spectra/s, GB/s over the minimal traffic and as a fraction of the
+    copy bandwidth `floor`, and the speed-ups over searchsorted (from the minima, and paired per round)."""
+    N, R, L = d["x"].shape[0], d["R"], d["L"]
+    nbytes = traffic_bytes(op, N, R, L, d["x"].element_size())
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    made = {method: make_case(op, method, d) for method in methods}  # (callable, output bytes)
+    # the references are slow at large N; the kernels are cheap to repeat (and compile on the first call)
+    slow = {m: m in ("torch-index", "searchsorted", "spender") for m in methods}
+    ref_rep = repeat if N < 1024 else max(2, repeat // 2)
+    measured = times_round_robin({m: made[m][0] for m in methods},
+                                 {m: ref_rep if slow[m] else 3 * repeat for m in methods},
+                                 {m: 1 if slow[m] else 2 for m in methods}, sync=sync)
+    rows = []
+    base_t = base_c = None
+    for method in methods:
+        ts = sorted(w for w, _ in measured[method].values())
+        cs = sorted(c for _, c in measured[method].values())
+        t = ts[0]  # the minimum: on a shared machine the rest measures the neighbours
+        if method == "searchsorted":
+            base_t, base_c = t, cs[0]
+        rows.append(dict(op=op, N=N, method=method, device=device, dtype=str(d["x"].dtype).replace("torch.", ""),
+                         time_ms=t * 1e3, median_ms=statistics.median(ts) * 1e3, cpu_ms=cs[0] * 1e3,
+                         spectra_per_s=N / t, GBps=nbytes / t / 1e9, frac_floor=nbytes / t / 1e9 / floor,
+                         out_MB=made[method][1] / 1e6,
+                         paired_speedup_vs_searchsorted=paired_speedup(measured["searchsorted"], measured[method])))
+    for r in rows:
+        r["speedup_vs_searchsorted"] = base_t / (r["time_ms"] / 1e3) if base_t else float("nan")
+        r["cpu_speedup_vs_searchsorted"] = base_c / (r["cpu_ms"] / 1e3) if base_c else float("nan")
+    return rows
 
 
 # ---- memory: one fresh subprocess per case (CPU) ---------------------------------------------------------
@@ -320,7 +355,6 @@ def main(argv=None) -> int:
         if not retained:
             raise SystemExit("--retain-memory: glibc's mallopt is not available here")
     out_name = a.out or ("resample-retain" if retained else "resample")
-    sync = torch.cuda.synchronize if device == "cuda" else None
     info = machine_info()
     floor = bandwidth_floor(device)
     print(f"device {device}; memory-bandwidth floor (copy) {floor:.1f} GB/s; threads {a.threads}; "
@@ -332,30 +366,7 @@ def main(argv=None) -> int:
         for N in a.sizes:
             d = make_inputs(N, device)
             R, L = d["R"], d["L"]
-            nbytes = traffic_bytes(op, N, R, L)
-            made = {method: make_case(op, method, d) for method in methods}  # (callable, output bytes)
-            # the references are slow at large N; the kernels are cheap to repeat (and compile on the first call)
-            slow = {m: m in ("torch-index", "searchsorted", "spender") for m in methods}
-            ref_rep = a.repeat if N < 1024 else max(2, a.repeat // 2)
-            measured = times_round_robin({m: made[m][0] for m in methods},
-                                         {m: ref_rep if slow[m] else 3 * a.repeat for m in methods},
-                                         {m: 1 if slow[m] else 2 for m in methods}, sync=sync)
-            base_t = base_c = None
-            for method in methods:
-                ts = sorted(w for w, _ in measured[method].values())
-                cs = sorted(c for _, c in measured[method].values())
-                t = ts[0]  # the minimum: on a shared machine the rest measures the neighbours
-                if method == "searchsorted":
-                    base_t, base_c = t, cs[0]
-                rows.append(dict(op=op, N=N, method=method, device=device, time_ms=t * 1e3,
-                                 median_ms=statistics.median(ts) * 1e3, cpu_ms=cs[0] * 1e3, spectra_per_s=N / t,
-                                 GBps=nbytes / t / 1e9, frac_floor=nbytes / t / 1e9 / floor,
-                                 out_MB=made[method][1] / 1e6,
-                                 paired_speedup_vs_searchsorted=paired_speedup(measured["searchsorted"],
-                                                                               measured[method])))
-            for r in rows[-len(methods):]:
-                r["speedup_vs_searchsorted"] = base_t / (r["time_ms"] / 1e3) if base_t else float("nan")
-                r["cpu_speedup_vs_searchsorted"] = base_c / (r["cpu_ms"] / 1e3) if base_c else float("nan")
+            rows += measure_case(op, d, methods, a.repeat, floor, device)
         print_table([r for r in rows if r["op"] == op],
                     ["op", "N", "method", "time_ms", "median_ms", "cpu_ms", "spectra_per_s", "GBps", "frac_floor",
                      "speedup_vs_searchsorted", "paired_speedup_vs_searchsorted", "cpu_speedup_vs_searchsorted"],

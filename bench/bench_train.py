@@ -16,7 +16,12 @@ clipping, loss logging) to show the whole loop keeps up with the step.
 Targets on this CPU (same batch and architecture): ≥ 3× spender's fp32 throughput, ≥ 1.5× spender's bf16
 throughput, ≤ half its peak memory, loss falling as fast per spectrum.
 
+On CUDA (`--device cuda`) the batches are moved to the GPU before the timed steps, fastspec runs its Triton
+kernels (backend 'triton'), fp16 runs with a GradScaler, peak memory is torch.cuda.max_memory_allocated over the
+timed steps minus the memory allocated before the model was built, and there is no per-op breakdown.
+
     .venv/bin/python bench/bench_train.py [--batches 64 256] [--steps 2] [--converge-steps 12]
+    .venv/bin/python bench/bench_train.py --device cuda --batches 1024 --precisions fp32,bf16 --side-by-side-only
 """
 from __future__ import annotations
 
@@ -84,38 +89,48 @@ def run_case(case: dict, data: str) -> dict:
     from fastspec.memory import retain_freed_cpu_memory
     from fastspec.profile import categorize_events, scoped_kernels
 
-    if case["impl"] == "fastspec":
+    device = torch.device(case.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    if case["impl"] == "fastspec" and not cuda:
         retain_freed_cpu_memory()  # as CPU training does by default (TrainConfig.retain_cpu_memory)
     if case.get("backend"):
         kernels.set_backend(case["backend"])
     n_steps = case["warmup"] + case["steps"] + int(case["breakdown"])
-    batches = _batches(data, case["batch"], n_steps)
+    batches = [tuple(t.to(device) for t in b) for b in _batches(data, case["batch"], n_steps)]
     # libraries first (the kernels import lazily), so the baseline holds everything but the training state
     if case["impl"] == "spender":
         import spender  # noqa: F401
     else:
         kernels.resample_loss, kernels.attention_pool  # noqa: B018
-    rss0 = rss_mb()
+    if cuda:
+        torch.cuda.synchronize(device)
+    mem0 = torch.cuda.memory_allocated(device) / 1e6 if cuda else rss_mb()
     model, loss_fn = _build(case)
-    model.train()
+    model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=case.get("lr", 1e-3))
-    bf16 = case["precision"] == "bf16"
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case["precision"])
+    scaler = torch.amp.GradScaler(device.type, enabled=case["precision"] == "fp16")
     losses = []
 
     def step(y, w, z):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss = loss_fn(y, w, z)
         opt.zero_grad(set_to_none=True)
-        loss.float().backward()
+        scaler.scale(loss.float()).backward()
         with torch.profiler.record_function("optimizer"):
-            opt.step()
-        losses.append(float(loss.detach()))
+            scaler.step(opt)
+            scaler.update()
+        losses.append(float(loss.detach()))  # synchronises with the GPU
 
     k = 0
     for _ in range(case["warmup"]):
         step(*batches[k])
         k += 1
-    reset = reset_peak()  # the peak of the timed steps: steady state, no first-call compilation
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        reset = True
+    else:
+        reset = reset_peak()  # the peak of the timed steps: steady state, no first-call compilation
     wall, cpu = [], []
     for _ in range(case["steps"]):
         t, c = time.perf_counter(), time.process_time()
@@ -123,11 +138,12 @@ def run_case(case: dict, data: str) -> dict:
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
         k += 1
+    peak = torch.cuda.max_memory_allocated(device) / 1e6 if cuda else peak_mb()
     out = {
         "step_s": min(wall),
         "step_cpu_s": min(cpu),
         "spectra_per_s": case["batch"] / min(wall),
-        "peak_mb": peak_mb() - rss0,
+        "peak_mb": peak - mem0,
         "peak_since": "timed steps" if reset else "process start",
         "losses": losses,
     }
@@ -200,6 +216,11 @@ def main(argv=None) -> int:
     ap.add_argument("--converge-steps", type=int, default=12, help="steps of the convergence check (batch 16)")
     ap.add_argument("--trainer-steps", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per case")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precisions", default=None, help="comma-separated (default fp32,bf16)")
+    ap.add_argument("--side-by-side-only", action="store_true",
+                    help="only fastspec against spender (no torch-backend and paper-architecture rows)")
+    ap.add_argument("--out", default=None, help="results name under bench/results (default train / train-cuda)")
     ap.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -213,6 +234,10 @@ def main(argv=None) -> int:
     if no_spender:
         print(f"note: spender does not import ({no_spender}); fastspec rows only", flush=True)
     small = min(args.batches)
+    cuda = args.device.startswith("cuda")
+    backend = "triton" if cuda else "numba"  # fastspec's kernels for this device
+    precisions = (args.precisions or "fp32,bf16").split(",")
+    extras = not args.side_by_side_only
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         from fastspec.mock import write_mock
 
@@ -223,15 +248,16 @@ def main(argv=None) -> int:
 
         cases = []
         for batch in args.batches:
-            base = dict(batch=batch, warmup=args.warmup, steps=args.steps, breakdown=batch == small)
-            for prec in ("fp32", "bf16"):
-                cases.append(dict(base, impl="fastspec", arch="spender", backend="numba", precision=prec))
+            base = dict(batch=batch, warmup=args.warmup, steps=args.steps, device=args.device,
+                        breakdown=batch == small and not cuda)
+            for prec in precisions:
+                cases.append(dict(base, impl="fastspec", arch="spender", backend=backend, precision=prec))
                 if not no_spender:
                     cases.append(dict(base, impl="spender", arch="spender", backend=None, precision=prec))
-            if batch == small:
+            if batch == small and extras:
                 cases.append(dict(base, impl="fastspec", arch="spender", backend="torch", precision="fp32"))
-                for prec in ("fp32", "bf16"):
-                    cases.append(dict(base, impl="fastspec", arch="paper", backend="numba", precision=prec))
+                for prec in precisions:
+                    cases.append(dict(base, impl="fastspec", arch="paper", backend=backend, precision=prec))
         rows = []
         for case in cases:
             label = f"{case['impl']:8s} {case['arch']:7s} {case['backend'] or '-':5s} {case['precision']} " \
@@ -248,16 +274,16 @@ def main(argv=None) -> int:
         if args.converge_steps:
             impls = ["fastspec"] + ([] if no_spender else ["spender"])
             for impl in impls:
-                for prec in ("fp32", "bf16"):
-                    case = dict(impl=impl, arch="spender", backend="numba" if impl == "fastspec" else None,
+                for prec in precisions:
+                    case = dict(impl=impl, arch="spender", backend=backend if impl == "fastspec" else None,
                                 precision=prec, batch=16, warmup=0, steps=args.converge_steps, breakdown=False,
-                                same_init=True, lr=1e-3)
+                                same_init=True, lr=1e-3, device=args.device)
                     print(f"convergence {impl} {prec} …", flush=True)
                     res = _subprocess(case, data, args.timeout)
                     converge.append({"impl": impl, "precision": prec, "losses": res["losses"]})
 
         trainer = None
-        if args.trainer_steps:
+        if args.trainer_steps and not cuda:
             print(f"fastspec train loop, batch {small} …", flush=True)
             trainer = run_trainer(data, small, args.trainer_steps)
 
@@ -277,8 +303,8 @@ def main(argv=None) -> int:
                                          if sp_same else None)
         r["mem_vs_spender"] = round(r["peak_mb"] / sp32["peak_mb"], 2) if sp32 else None
     for batch in args.batches:
-        f32 = find("fastspec", "spender", "numba", "fp32", batch)
-        fb16 = find("fastspec", "spender", "numba", "bf16", batch)
+        f32 = find("fastspec", "spender", backend, "fp32", batch)
+        fb16 = find("fastspec", "spender", backend, "bf16", batch)
         sp32 = find("spender", "spender", "-", "fp32", batch)
         spb16 = find("spender", "spender", "-", "bf16", batch)
         if not (f32 and sp32):
@@ -297,7 +323,7 @@ def main(argv=None) -> int:
 
     cols = ["impl", "arch", "backend", "precision", "batch", "spectra_per_s", "step_s", "step_cpu_s", "peak_mb",
             "x_spender_fp32", "x_spender_same_precision", "mem_vs_spender"]
-    print_table(rows, cols, title="training step (forward + backward + Adam), SDSS, S=10, CPU")
+    print_table(rows, cols, title=f"training step (forward + backward + Adam), SDSS, S=10, {args.device}")
     cats = None
     bd_rows = []
     for r in rows:
@@ -326,10 +352,11 @@ def main(argv=None) -> int:
               f"peak memory {t['peak_mem_fastspec_fp32_vs_spender_fp32']}x spender's "
               f"(target ≤ 0.5 {'met' if t['target_half_memory_met'] else 'NOT met'})")
     payload = {"machine": machine_info(), "load_average_end": os.getloadavg(), "steps": args.steps,
-               "warmup": args.warmup, "spender": None if no_spender else "0.3", "spender_note": no_spender,
-               "rows": rows, "convergence": converge, "trainer_loop": trainer, "targets": targets}
+               "warmup": args.warmup, "device": args.device, "spender": None if no_spender else "0.3",
+               "spender_note": no_spender, "rows": rows, "convergence": converge, "trainer_loop": trainer,
+               "targets": targets}
     flat = [{k: v for k, v in r.items() if k != "breakdown_ms"} for r in rows]
-    path = write_results("train", payload, flat)
+    path = write_results(args.out or ("train-cuda" if cuda else "train"), payload, flat)
     print(f"results: {path}")
     return 0
 

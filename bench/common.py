@@ -45,8 +45,19 @@ def machine_info() -> dict:
     except Exception:
         pass
     if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_GB"] = round(props.total_memory / 1e9, 1)
+        info["gpu_multiprocessors"] = props.multi_processor_count
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10).stdout.split()
+            if out:
+                info["gpu_driver"] = out[0]
+        except Exception:
+            pass
     return info
 
 
@@ -132,6 +143,23 @@ def print_table(rows: list[dict], columns: list[str] | None = None, title: str |
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def markdown_table(rows: list[dict], columns: dict) -> list[str]:
+    """A Markdown table as lines: `columns` maps each header to (key, format spec or callable); a missing,
+    None or NaN value shows as '–'."""
+
+    def cell(row, key, fmt):
+        v = row.get(key)
+        if v is None or (isinstance(v, float) and v != v):
+            return "–"
+        if callable(fmt):
+            return fmt(v)
+        return format(v, fmt) if fmt else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, key, fmt) for key, fmt in columns.values()) + " |" for r in rows]
+    return lines
 
 
 def write_results(name: str, payload: dict, rows: list[dict] | None = None) -> Path:

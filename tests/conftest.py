@@ -28,3 +28,14 @@ def real_data_dir() -> Path:
     if not REAL_DATA.is_dir():
         pytest.fail(f"real test spectra not found at {REAL_DATA} (set FASTSPEC_SHARED to the shared/ folder)")
     return REAL_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that run on a CUDA device `cuda`, so that `pytest -m cuda` runs exactly those (bench/gpu.py):
+    every test with a parameter "cuda" (the kernel tests' BACKENDS give Triton the CUDA device when one is
+    present), and with CUDA present the Triton-only tests (`test_triton_*`), which run on Triton's device."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_cuda = any(isinstance(v, str) and v.startswith("cuda") for v in params.values())
+        if on_cuda or (_HAS_CUDA and getattr(item, "originalname", item.name).startswith("test_triton_")):
+            item.add_marker(pytest.mark.cuda)
