@@ -41,6 +41,7 @@ from fastspec.model import SpectrumAutoencoder  # noqa: E402
 from fastspec.plotting import pyplot, save_figure  # noqa: E402
 from fastspec.restframe import to_restframe  # noqa: E402
 from fastspec.science import WeightedPCA, bootstrap_ci, median_snr, observed_arrays  # noqa: E402
+from fastspec.science.stats import repeat_retrieval as repeats  # noqa: E402
 
 # --grid-check: the default (linear restframe grid) against these, at the largest S (the log grid without
 # oversampling is compared in bench/results/restgrid: its floor is the highest of the three)
@@ -115,27 +116,6 @@ def pca_eval(train: dict, test: dict, S: int, wave_rest: np.ndarray) -> dict:
     pca = WeightedPCA(S).fit(xr, wr)
     fit = pca.fit_observed(test["y"], test["w"], test["z"], wave_rest, test["wave_obs"])
     return {"chi2": fit["chi2"], "coeffs": fit["coeffs"], "spec": fit["spec_obs"]}
-
-
-def repeats(latents: np.ndarray, group: np.ndarray) -> dict:
-    """For each spectrum of a galaxy observed more than once: distance to its other observation(s) (nearest)
-    against the distance to the nearest spectrum of another galaxy, in latent units standardised per
-    dimension over the set."""
-    x = (latents - latents.mean(0)) / latents.std(0).clip(1e-12)
-    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
-    same = group[:, None] == group[None]
-    np.fill_diagonal(same, False)
-    rows = np.flatnonzero(same.any(1))
-    if not rows.size:
-        return {"n_spectra": 0}
-    d_same = np.where(same, d, np.inf)[rows].min(1)
-    other = ~same
-    np.fill_diagonal(other, False)
-    d_other = np.where(other, d, np.inf)[rows].min(1)
-    ratio = d_same / d_other
-    return {"n_spectra": int(rows.size), "n_galaxies": int(len(set(group[rows]))),
-            "median_ratio": float(np.median(ratio)), "ratio_ci68": bootstrap_ci(np.median, ratio),
-            "self_retrieval": float(np.mean(ratio < 1)), "ratios": ratio.tolist()}
 
 
 def summary(chi2) -> dict:

@@ -8,64 +8,22 @@ SDSS main sample; say so wherever a number comes from them.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
-
-from fastspec.h5format import SpectraWriter
-from fastspec.spectra_io import open_spectra
+from fastspec.science.data import dr14_manifest, dr14_split, group_fraction  # noqa: F401  (re-exported)
 
 SHARED = Path(os.environ.get("FASTSPEC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 DR14 = SHARED / "data" / "real" / "sdss-dr14"
 
 
 def manifest(real_dir=DR14) -> dict[str, dict]:
-    with open(Path(real_dir) / "MANIFEST.tsv") as fh:
-        return {r["filename"]: r for r in csv.DictReader(fh, delimiter="\t")}
-
-
-def group_fraction(groups) -> np.ndarray:
-    """A stable number in [0, 1) per object_group (blake2b of its decimal text)."""
-    return np.array([int(hashlib.blake2b(str(int(g)).encode(), digest_size=8).hexdigest(), 16) / 2.0**64
-                     for g in groups])
+    return dr14_manifest(real_dir)
 
 
 def split(work, test_fraction: float = 0.35, real_dir=DR14) -> dict:
-    """Ingest (once) and split by object_group; returns paths and the per-spectrum manifest columns."""
-    from fastspec.ingest import ingest
-
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    whole = work / "dr14.h5"
-    if not whole.exists():
-        files = sorted(str(p) for p in Path(real_dir).glob("spec-*.fits"))
-        ingest(files, whole, instrument="sdss", jobs=min(2, os.cpu_count() or 1), progress=False)
-    rows = manifest(real_dir)
-    with open_spectra(whole) as f:
-        data = f.read()
-        names = [os.path.basename(p.decode() if isinstance(p, bytes) else str(p))
-                 for p in f.read_column("source/file")]
-    group = np.array([int(rows[n]["object_group"]) for n in names])
-    test = group_fraction(group) < test_fraction
-    extra = {"source/object_group": group,
-             "source/sn_median": np.array([float(rows[n]["sn_median"]) for n in names], np.float32),
-             "source/subclass": np.array([(rows[n]["subclass"] or "-").encode() for n in names]),
-             "source/zwarning": np.array([int(rows[n]["zwarning"]) for n in names])}
-    out = {"n_spectra": len(names), "n_files": len(rows)}
-    for tag, sel in (("train", ~test), ("test", test)):
-        path = work / f"{tag}.h5"
-        idx = np.flatnonzero(sel)
-        with SpectraWriter(path, "sdss") as w:
-            w.write(data.flux[idx], data.ivar[idx], data.mask[idx], data.z[idx], data.z_err[idx],
-                    data.object_id[idx], data.norm[idx], extra={k: v[idx] for k, v in extra.items()})
-        out[tag] = str(path)
-        out[f"n_{tag}"] = int(sel.sum())
-        out[f"groups_{tag}"] = int(len(set(group[sel])))
-    assert not set(group[test]) & set(group[~test])
-    return out
+    """Ingest (once) and split by object_group (fastspec.science.data.dr14_split); paths and counts."""
+    return dr14_split(real_dir, work, test_fraction)
 
 
 def default_model(work, steps: int = 2000) -> str:

@@ -164,13 +164,14 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     from fastspec import cli
 
     work, out = tmp_path / "work", tmp_path / "out"
+    dr14 = real_data_dir / "sdss-dr14"
     rc = cli.main(["science", "--smoke", "--workdir", str(work), "-o", str(out), "--real-dir", str(real_data_dir),
-                   "--device", "cpu", "-q"])
+                   "--real-dr14", str(dr14), "--device", "cpu", "-q"])
     assert rc == 0
     assert "science-smoke.md" in capsys.readouterr().out
     saved = json.loads((out / "science-smoke.json").read_text())
     cfg = ScienceConfig.for_mode("smoke", workdir=str(work), out_dir=str(out), real_dir=str(real_data_dir),
-                                 progress=False, device="cpu")
+                                 real_dr14=str(dr14), progress=False, device="cpu")
     assert saved["mode"] == "smoke" and saved["config"] == json.loads(json.dumps(cfg.to_dict()))
     for key in ("fidelity", "method_scan", "extended_restframe", "redshift_invariance", "latent_physics",
                 "real_spectra", "learning_curve", "fidelity_by_wavelength"):
@@ -182,6 +183,12 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     assert ms["by_S"]["2"]["pca"] == pytest.approx(saved["fidelity"]["pca_rank_scan"]["S=2"]["chi2"]["median"], rel=1e-6)
     assert all(len(v["one_pass"]) == 2 for v in ms["by_variant"].values())
     assert "## 1b. AE against PCA over S and seeds" in (out / "science-smoke.md").read_text()
+    # real DR14 galaxies: split by object_group, every spectrum of a galaxy on one side, two seeds, PCA beside
+    rh = saved["real_heldout"]
+    assert rh["n_files"] == 697 and rh["n_train"] + rh["n_test"] == rh["n_spectra"] > 600 and set(rh["ae"]) == {"1", "2"}
+    assert all(a["refined"]["median"] <= a["one_pass"]["median"] * (1 + 1e-6) for a in rh["ae"].values())
+    assert rh["pca"]["chi2"]["n"] == rh["n_test"] and rh["pca"]["repeats"]["n_spectra"] > 0
+    assert "## 7. Real galaxies: trained and tested on SDSS DR14" in (out / "science-smoke.md").read_text()
     assert set(saved["redshift_invariance"]["variants"]) == {"ae_a", "ae_b", "ae_c"}
     assert saved["training"]["ae_c"]["consistency"] == cfg.consistency
     # every phase has its wall and CPU time

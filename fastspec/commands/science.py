@@ -30,6 +30,10 @@ def add_arguments(p, default_out: str) -> None:
     p.add_argument("-o", "--out", default=default_out, help=f"results folder (default {default_out})")
     p.add_argument("--real-dir", default=str(default_real_dir()),
                    help="bundled real spectra (a folder with MANIFEST.tsv); '' to skip (default ../shared/data/real)")
+    dr14 = default_real_dir() / "sdss-dr14"
+    p.add_argument("--real-dr14", default=str(dr14) if dr14.is_dir() else "",
+                   help="SDSS DR14 folder (spec-*.fits + MANIFEST.tsv with object_group): AE and PCA trained and tested "
+                   "on real galaxies; '' to skip (default ../shared/data/real/sdss-dr14 when present)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=None, help="override training steps per variant")
     p.add_argument("--batch-size", type=int, default=None, help="override the training batch size")
@@ -133,7 +137,10 @@ def run(args, machine: dict | None = None) -> int:
     real = args.real_dir or None
     if real and not (Path(real) / "MANIFEST.tsv").is_file():
         return _err(f"{real}/MANIFEST.tsv not found (pass --real-dir '' to skip real spectra)")
-    cfg = ScienceConfig.for_mode(args.mode, device=device,
+    dr14 = args.real_dr14 or None
+    if dr14 and not (Path(dr14) / "MANIFEST.tsv").is_file():
+        return _err(f"{dr14}/MANIFEST.tsv not found (pass --real-dr14 '' to skip the real-galaxy training)")
+    cfg = ScienceConfig.for_mode(args.mode, device=device, real_dr14=dr14,
                                  workdir=args.workdir or f"/tmp/fastspec-science-{args.mode}",
                                  out_dir=str(out), real_dir=real, progress=not args.quiet, **over)
     res = run_science(cfg, machine=machine or machine_info(), note=args.note)

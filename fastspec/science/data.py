@@ -1,5 +1,6 @@
 """The spectra a science run measures on: the training mock file, held-out and low-z mock sets with their truth,
-held-out spectra moved to other redshifts, and the bundled real SDSS spectra."""
+held-out spectra moved to other redshifts, the bundled real SDSS spectra, and the real SDSS DR14 galaxies split
+into training and held-out galaxies by object_group."""
 from __future__ import annotations
 
 import os
@@ -120,3 +121,76 @@ def real_set(real_dir, workdir) -> dict:
                for fr in rep.files if not fr.n_ingested]
     return {"y": y, "w": w, "z": b.z.astype(np.float64), "object_id": np.asarray(names), "n_files": len(paths),
             "skipped": skipped, "wave_obs": wave_obs}
+
+
+def dr14_manifest(real_dir) -> dict[str, dict]:
+    """MANIFEST.tsv of the DR14 folder: {filename: row} (object_group, subclass, sn_median, zwarning, …)."""
+    import csv
+
+    with open(os.path.join(os.fspath(real_dir), "MANIFEST.tsv")) as fh:
+        return {r["filename"]: r for r in csv.DictReader(fh, delimiter="\t")}
+
+
+def group_fraction(groups) -> np.ndarray:
+    """A stable number in [0, 1) per object_group (blake2b of its decimal text)."""
+    import hashlib
+
+    return np.array([int(hashlib.blake2b(str(int(g)).encode(), digest_size=8).hexdigest(), 16) / 2.0**64
+                     for g in groups])
+
+
+def dr14_split(real_dir, workdir, test_fraction: float = 0.35) -> dict:
+    """Ingest the DR14 spec-lite files once (cached as workdir/dr14.h5) and write train.h5 / test.h5 split by
+    object_group — every observation of a held-out galaxy is held out. Returns the paths and counts."""
+    from pathlib import Path
+
+    from ..h5format import SpectraWriter
+    from ..ingest import ingest
+    from ..spectra_io import open_spectra
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    whole = work / "dr14.h5"
+    if not whole.exists():
+        files = sorted(str(p) for p in Path(real_dir).glob("spec-*.fits"))
+        if not files:
+            raise FileNotFoundError(f"{real_dir}: no spec-*.fits files (the SDSS DR14 folder)")
+        ingest(files, whole, instrument="sdss", jobs=min(2, os.cpu_count() or 1), progress=False)
+    rows = dr14_manifest(real_dir)
+    with open_spectra(whole) as f:
+        data = f.read()
+        names = [os.path.basename(p.decode() if isinstance(p, bytes) else str(p)) for p in f.read_column("source/file")]
+    group = np.array([int(rows[n]["object_group"]) for n in names])
+    test = group_fraction(group) < test_fraction
+    extra = {"source/object_group": group,
+             "source/sn_median": np.array([float(rows[n]["sn_median"]) for n in names], np.float32),
+             "source/subclass": np.array([(rows[n]["subclass"] or "-").encode() for n in names]),
+             "source/zwarning": np.array([int(rows[n]["zwarning"]) for n in names])}
+    out = {"n_spectra": len(names), "n_files": len(rows)}
+    for tag, sel in (("train", ~test), ("test", test)):
+        path = work / f"{tag}.h5"
+        idx = np.flatnonzero(sel)
+        if not path.exists() or os.path.getmtime(path) < os.path.getmtime(whole):
+            with SpectraWriter(path, "sdss") as w:
+                w.write(data.flux[idx], data.ivar[idx], data.mask[idx], data.z[idx], data.z_err[idx],
+                        data.object_id[idx], data.norm[idx], extra={k: v[idx] for k, v in extra.items()})
+        out[tag] = str(path)
+        out[f"n_{tag}"] = int(sel.sum())
+        out[f"groups_{tag}"] = int(len(set(group[sel])))
+    if set(group[test]) & set(group[~test]):
+        raise RuntimeError("a galaxy on both sides of the DR14 split: a bug")
+    return out
+
+
+def dr14_arrays(path) -> dict:
+    """A DR14 split file as arrays: y, w, z, wave_obs, object_group, subclass."""
+    from ..spectra_io import open_spectra
+
+    with open_spectra(path) as f:
+        b = f.read()
+        group = f.read_column("source/object_group")
+        sub = f.read_column("source/subclass")
+        wave_obs = np.asarray(f.wave_obs, np.float64)
+    y, w = observed_arrays(b.flux, b.ivar, b.mask)
+    return {"y": y, "w": w, "z": b.z.astype(np.float64), "wave_obs": wave_obs, "group": np.asarray(group),
+            "subclass": np.array([s.decode() if isinstance(s, bytes) else str(s) for s in sub])}

@@ -11,6 +11,7 @@ from . import (
     latent_physics,
     learning_curve,
     method_scan,
+    real_heldout,
     real_spectra,
     redshift_invariance,
 )
@@ -24,6 +25,7 @@ EXPERIMENTS = [
     redshift_invariance.EXPERIMENT,
     latent_physics.EXPERIMENT,
     real_spectra.EXPERIMENT,
+    real_heldout.EXPERIMENT,
 ]
 
 __all__ = ["EXPERIMENTS"]
