@@ -50,22 +50,30 @@ def spender_loss(y: torch.Tensor, y_hat: torch.Tensor, w: torch.Tensor,
     return (0.5 * w.to(acc) * (y.to(acc) - y_hat.to(acc)) ** 2).sum(dim=1) / y.shape[1]
 
 
-def consistency_loss(s: torch.Tensor, s_aug: torch.Tensor, sigma: float | torch.Tensor | None = None
+def consistency_loss(s: torch.Tensor, s_aug: torch.Tensor, sigma: float | str | torch.Tensor | None = None
                      ) -> torch.Tensor:
     """Consistency penalty per spectrum: sigmoid(Σ_k (s'−s)² / (S·σ²)) − ½, 0 for identical latents.
 
     sigma: the latent distance scale. None uses spender 0.3's choice σ² = mean per-dimension variance of s
     across the batch (not detached, so the penalty cannot be lowered by shrinking the latent space; needs
-    N ≥ 2). A number fixes σ (Melchior+2022 / spender < 0.3 style).
+    N ≥ 2) — but it can by stretching one direction, which raises the mean variance and so shrinks every
+    other direction's penalty. "per_dim" closes that: each dimension k is scaled by its own batch variance σ_k²
+    (Σ_k (s'_k−s_k)² / (S·σ_k²)), invariant to rescaling any direction. A number fixes σ (Melchior+2022 /
+    spender < 0.3 style).
     """
     if s.shape != s_aug.shape or s.ndim != 2:
         raise ValueError(f"s and s_aug must both have shape (N, S), got {tuple(s.shape)} and {tuple(s_aug.shape)}")
     n, size = s.shape
-    if sigma is None:
+    if sigma is None or isinstance(sigma, str):
+        if sigma not in (None, "per_dim"):
+            raise ValueError(f"sigma must be None, 'per_dim' or a number, got {sigma!r}")
         if n < 2:
-            raise ValueError("consistency_loss with sigma=None needs a batch of at least 2 to estimate the "
-                             "latent variance; pass sigma")
-        sigma2 = s.var(dim=0).mean()
+            raise ValueError(f"consistency_loss with sigma={sigma!r} needs a batch of at least 2 to estimate the "
+                             "latent variance; pass a number")
+        var = s.var(dim=0)
+        if sigma == "per_dim":
+            return torch.sigmoid(((s_aug - s) ** 2 / var.clamp(min=1e-12)).sum(dim=1) / size) - 0.5
+        sigma2 = var.mean()
     else:
         sigma2 = torch.as_tensor(sigma, dtype=s.dtype, device=s.device) ** 2
     d2 = ((s_aug - s) ** 2).sum(dim=1) / (size * sigma2)

@@ -530,6 +530,18 @@ class MockGenerator:
                 add_agn(rest, self.wave_rest, np.zeros(M), p["broad"], self.lsf_kms)
         return model, (rest if self.restframe_truth else None)
 
+    def _chunk_draws(self, c: int):
+        """Chunk c's parameters (all CHUNK rows), systematics (or None) and its noise and bad-pixel generators."""
+        ss = np.random.SeedSequence(self.seed, spawn_key=(int(c),))
+        rng_par, rng_noise, rng_bad = (np.random.default_rng(s) for s in ss.spawn(3))
+        p = self._draw_parameters(rng_par, CHUNK)
+        sys_ = None
+        if self.features:  # their own generators (children 3, 4): the basic draws above stay as they were
+            rng_var, rng_sys = (np.random.default_rng(s) for s in ss.spawn(2))
+            draw_lines(rng_var, p, self.features, _IL, self.basis.hbeta_ew, self.k_lines, CASE_B)
+            sys_ = draw_systematics(rng_sys, CHUNK, self.features, len(self.instrument.sky_lines))
+        return p, sys_, rng_noise, rng_bad
+
     def chunk(self, c: int, m: int = CHUNK) -> MockSpectra:
         """The first `m` spectra of chunk c (rows c·CHUNK … c·CHUNK + m − 1).
 
@@ -538,20 +550,47 @@ class MockGenerator:
         depend on m, and a short run costs only its own rows."""
         if not 1 <= m <= CHUNK:
             raise ValueError(f"rows per chunk must be in [1, {CHUNK}], got {m}")
-        inst = self.instrument
-        M, L = m, inst.L
-        ss = np.random.SeedSequence(self.seed, spawn_key=(int(c),))
-        rng_par, rng_noise, rng_bad = (np.random.default_rng(s) for s in ss.spawn(3))
-        p = self._draw_parameters(rng_par, CHUNK)
-        sys_ = None
-        if self.features:  # their own generators (children 3, 4): the basic draws above stay as they were
-            rng_var, rng_sys = (np.random.default_rng(s) for s in ss.spawn(2))
-            draw_lines(rng_var, p, self.features, _IL, self.basis.hbeta_ew, self.k_lines, CASE_B)
-            sys_ = {k: v[:M] for k, v in draw_systematics(rng_sys, CHUNK, self.features, len(inst.sky_lines)).items()}
-        p = {k: v[:M] for k, v in p.items()}
-        eps = rng_noise.standard_normal((M, L), dtype=np.float32)
-        bad = self._draw_bad_pixels(rng_bad, CHUNK)[:M]
+        p, sys_, rng_noise, rng_bad = self._chunk_draws(c)
+        p = {k: v[:m] for k, v in p.items()}
+        sys_ = None if sys_ is None else {k: v[:m] for k, v in sys_.items()}
+        eps = rng_noise.standard_normal((m, self.instrument.L), dtype=np.float32)
+        bad = self._draw_bad_pixels(rng_bad, CHUNK)[:m]
+        ids = self.id_offset + c * CHUNK + np.arange(m, dtype=np.int64)
+        return self._observe(p, sys_, eps, bad, ids, c * CHUNK, f"mock chunk {c}")
 
+    def rerender(self, rows, z, noise_seed: int) -> MockSpectra:
+        """Rows `rows` of this generator's output — the same galaxies (physical parameters and systematics) — at
+        redshifts `z` (one per row), with fresh noise and bad pixels drawn from `noise_seed`: independent
+        observations of the same galaxies at other redshifts. Rows may repeat; object_id stays the row's."""
+        rows = np.asarray(rows, np.int64)
+        z = np.broadcast_to(np.asarray(z, np.float64), rows.shape).copy()
+        if rows.ndim != 1 or rows.size == 0 or rows.min() < 0:
+            raise MockError("rows must be a non-empty 1-d array of non-negative row numbers")
+        if not np.all((z >= 0) & (z <= self.z_max)):
+            raise MockError(f"re-render redshifts must lie in [0, z_max = {self.z_max}]")
+        parts, sys_parts = [], []
+        for c in np.unique(rows // CHUNK):
+            sel = rows[rows // CHUNK == c] - c * CHUNK
+            p, sys_, _, _ = self._chunk_draws(int(c))
+            parts.append({k: v[sel] for k, v in p.items()})
+            sys_parts.append(None if sys_ is None else {k: v[sel] for k, v in sys_.items()})
+        order = np.argsort(rows // CHUNK, kind="stable")  # rows were gathered chunk by chunk
+        back = np.empty_like(order)
+        back[order] = np.arange(order.size)
+        p = {k: np.concatenate([q[k] for q in parts])[back] for k in parts[0]}
+        sys_ = None if sys_parts[0] is None else {k: np.concatenate([q[k] for q in sys_parts])[back]
+                                                    for k in sys_parts[0]}
+        p["z_err"] = p["z_err"] * (1.0 + z) / (1.0 + p["z"])
+        p["z"] = z
+        rng = np.random.default_rng(noise_seed)
+        eps = rng.standard_normal((rows.size, self.instrument.L), dtype=np.float32)
+        bad = self._draw_bad_pixels(rng, rows.size)
+        return self._observe(p, sys_, eps, bad, self.id_offset + rows, 0, "mock re-render")
+
+    def _observe(self, p: dict, sys_, eps, bad, ids, start: int, what: str) -> MockSpectra:
+        """Render the galaxies of `p`, observe them (noise eps, systematics, bad pixels) and normalise as ingest."""
+        inst = self.instrument
+        M, L = len(p["z"]), inst.L
         model, rest = self._render(p, M)
 
         snr1 = _median_snr(model, self.noise_shape2, self.sky2, p["sky_ratio"], 16)
@@ -567,7 +606,7 @@ class MockGenerator:
         norm = normalization(flux_raw, ivar_raw, self.wave_obs, p["z"])
         if not np.all(np.isfinite(norm)):
             n = int(np.flatnonzero(~np.isfinite(norm))[0])
-            raise RuntimeError(f"mock chunk {c} row {n}: no valid normalisation (z={p['z'][n]:.4f}); a bug")
+            raise RuntimeError(f"{what} row {n}: no valid normalisation (z={p['z'][n]:.4f}); a bug")
         flux, ivar = apply_normalization(flux_raw, ivar_raw, norm)
         mask = bad_pixel_mask(ivar, pipeline_mask=bad, sky=self.sky_mask[None, :])
         scale_out = (p["amp"] / norm)[:, None]
@@ -594,10 +633,9 @@ class MockGenerator:
         if self.observed_truth:
             model *= scale_out32
             truth["model_obs"] = model
-        ids = self.id_offset + c * CHUNK + np.arange(M, dtype=np.int64)
-        return MockSpectra(flux, ivar, mask, p["z"], p["z_err"].astype(np.float32), ids.astype(np.uint64),
+        return MockSpectra(flux, ivar, mask, p["z"], p["z_err"].astype(np.float32), np.asarray(ids).astype(np.uint64),
                            norm.astype(np.float32), extra={TRUTH + k: v for k, v in truth.items()},
-                           start=c * CHUNK, instrument=inst, z_max=self.z_max)
+                           start=start, instrument=inst, z_max=self.z_max)
 
     def rows(self, start: int, stop: int):
         """Yield MockSpectra covering rows [start, stop), one (partial) chunk at a time."""

@@ -86,7 +86,9 @@ class TrainConfig:
     augment_noise: bool = False  # ... with added noise (spender's augmentation)
     augment_mask: bool = False  # ... with a random masked window
     consistency: float = 0.0  # weight of the latent consistency penalty (needs augmented copies)
-    consistency_sigma: float | None = None  # None: spender 0.3's batch latent variance (per rank under DDP)
+    # None: spender 0.3's mean batch latent variance (per rank under DDP); "per_dim": each latent dimension's own
+    # batch variance (no gain from stretching one direction); a number: a fixed σ
+    consistency_sigma: float | str | None = None
     val_fraction: float = 0.1
     val_every: int | None = None  # steps between validations; None = once per epoch
     checkpoint_every: int = 500  # steps
@@ -259,7 +261,7 @@ def _bad_rows_message(bad: dict[str, dict[int, str]], limit: int = 10) -> str:
 class TrainStep(nn.Module):
     """The per-batch loss as one module, so DDP sees one forward (and syncs gradients) per step."""
 
-    def __init__(self, model: nn.Module, loss: str = "paper", consistency_sigma: float | None = None,
+    def __init__(self, model: nn.Module, loss: str = "paper", consistency_sigma: float | str | None = None,
                  world_size: int = 1):
         super().__init__()
         self.model = model
@@ -457,6 +459,8 @@ def _check_options(cfg: TrainConfig) -> None:
         cfg.epochs = 10
     if cfg.consistency < 0:
         raise ValueError("consistency weight must be ≥ 0")
+    if isinstance(cfg.consistency_sigma, str) and cfg.consistency_sigma != "per_dim":
+        raise ValueError(f"consistency_sigma must be a number, None or 'per_dim', got {cfg.consistency_sigma!r}")
 
 
 def _data_instrument(paths):

@@ -94,3 +94,32 @@ def test_consistency_loss_limits_and_scale_invariance():
     other = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
     # with the batch-variance scale, rescaling all latents changes nothing
     torch.testing.assert_close(consistency_loss(3 * s, 3 * other), consistency_loss(s, other))
+
+
+def test_consistency_per_dim_closes_the_stretching_loophole():
+    torch.manual_seed(3)
+    s = torch.randn(64, 6, dtype=torch.float64)
+    s_aug = s + 0.3 * torch.randn(64, 6, dtype=torch.float64)
+    s_aug[:, 0] = s[:, 0] + 0.01 * torch.randn(64, dtype=torch.float64)  # a direction redshift does not move
+    var = s.numpy().var(axis=0, ddof=1)
+    expect = 1 / (1 + np.exp(-(((s_aug - s).numpy() ** 2) / var).sum(1) / 6)) - 0.5
+    np.testing.assert_allclose(consistency_loss(s, s_aug, "per_dim").numpy(), expect, rtol=1e-12)
+    # stretch that direction by 10 (the decoder can undo it): spender's mean-variance σ grows and every other
+    # direction's penalty shrinks; per-dimension scaling does not move
+    stretch = torch.ones(6, dtype=torch.float64)
+    stretch[0] = 10
+    mean_before = consistency_loss(s, s_aug).mean()
+    mean_after = consistency_loss(s * stretch, s_aug * stretch).mean()
+    assert mean_after < 0.5 * mean_before
+    torch.testing.assert_close(consistency_loss(s * stretch, s_aug * stretch, "per_dim"),
+                               consistency_loss(s, s_aug, "per_dim"))
+    with pytest.raises(ValueError, match="sigma must be None, 'per_dim' or a number, got 'perdim'"):
+        consistency_loss(s, s_aug, "perdim")
+
+
+def test_cli_consistency_sigma_values(capsys):
+    from fastspec import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "x.h5", "-o", "r", "--consistency-sigma", "wide"])
+    assert "--consistency-sigma takes a positive number or per-dim, got 'wide'" in capsys.readouterr().err

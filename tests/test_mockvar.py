@@ -221,3 +221,36 @@ def test_cli_features(tmp_path, capsys):
         assert f["truth/line_flux"].shape == (8, len(LINE_NAMES))
     assert cli.main(["mock", "-n", "8", "-o", str(path), "--features", "nope"]) == 2
     assert "unknown mock feature(s) 'nope'" in capsys.readouterr().err
+
+
+def test_rerender_same_galaxies_fresh_noise_other_redshift():
+    from fastspec.mock import MockGenerator
+
+    gen = MockGenerator(seed=5, observed_truth=True, features="rich")
+    orig = make_mock(1100, seed=5, observed_truth=True, features="rich")
+    rows = np.array([3, 1050, 3, 700])  # two chunks, a repeated row
+    same = gen.rerender(rows, orig.z[rows], noise_seed=9)
+    # at their own redshift: the same galaxy and noiseless spectrum (up to the normalisation), new noise
+    for k in ("weights", "line_class", "vdisp_gas", "calibration", "z"):
+        np.testing.assert_array_equal(same.truth[k], orig.truth[k][rows], err_msg=k)
+    np.testing.assert_allclose(same.truth["model_obs"] * same.norm[:, None],
+                               orig.truth["model_obs"][rows] * orig.norm[rows, None], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(same.object_id, orig.object_id[rows])
+    assert not np.allclose(same.flux[0], orig.flux[3]) and not np.allclose(same.flux[0], same.flux[2])
+    # at another redshift: the noiseless observed spectrum is the restframe truth seen at λ/(1+z) (np.interp)
+    z_new = np.array([0.05, 0.3, 0.45, 0.2])
+    moved = gen.rerender(rows, z_new, noise_seed=10)
+    np.testing.assert_array_equal(moved.z, z_new)
+    for i in range(len(rows)):
+        expect = np.interp(moved.wave_obs / (1 + z_new[i]), moved.wave_rest, moved.truth["spec_rest"][i])
+        ok = moved.wave_obs / (1 + z_new[i]) >= moved.wave_rest[0]
+        close = np.isclose(moved.truth["model_obs"][i, ok], expect[ok], rtol=2e-3, atol=2e-3)
+        assert close.mean() > 0.95, (i, close.mean())  # the rest: line peaks, interpolated from a coarser grid
+    # the noise is fresh and has unit variance against the noiseless spectrum
+    ok = moved.ivar > 0
+    pull = (moved.flux - moved.truth["model_obs"])[ok] * np.sqrt(moved.ivar[ok] / moved.truth["ivar_scale"].repeat(ok.sum(1)))
+    assert 0.9 < np.std(pull) < 1.15
+    with pytest.raises(MockError, match="re-render redshifts must lie in"):
+        gen.rerender(rows, 0.7, noise_seed=1)
+    with pytest.raises(MockError, match="non-empty 1-d array"):
+        gen.rerender([], 0.1, noise_seed=1)

@@ -176,9 +176,9 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     for key in ("fidelity", "method_scan", "extended_restframe", "redshift_invariance", "latent_physics",
                 "real_spectra", "learning_curve", "fidelity_by_wavelength"):
         assert key in saved, key
-    # two seeds of every variant and variant (a) at S = 2: 8 trainings; the scan's rows are the runs' medians
+    # two seeds of every variant and variant (a) at S = 2: 10 trainings; the scan's rows are the runs' medians
     ms = saved["method_scan"]
-    assert len(saved["scan_training"]) == 8 and set(ms["by_S"]) == {"2", "10"}
+    assert len(saved["scan_training"]) == 10 and set(ms["by_S"]) == {"2", "10"}
     assert ms["by_S"]["10"]["ae_one_pass"][0] == pytest.approx(saved["fidelity"]["ae_a"]["chi2"]["median"], rel=1e-6)
     assert ms["by_S"]["2"]["pca"] == pytest.approx(saved["fidelity"]["pca_rank_scan"]["S=2"]["chi2"]["median"], rel=1e-6)
     assert all(len(v["one_pass"]) == 2 for v in ms["by_variant"].values())
@@ -189,7 +189,9 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     assert all(a["refined"]["median"] <= a["one_pass"]["median"] * (1 + 1e-6) for a in rh["ae"].values())
     assert rh["pca"]["chi2"]["n"] == rh["n_test"] and rh["pca"]["repeats"]["n_spectra"] > 0
     assert "## 7. Real galaxies: trained and tested on SDSS DR14" in (out / "science-smoke.md").read_text()
-    assert set(saved["redshift_invariance"]["variants"]) == {"ae_a", "ae_b", "ae_c"}
+    assert set(saved["redshift_invariance"]["variants"]) == {"ae_a", "ae_b", "ae_c", "ae_d"}
+    assert set(saved["redshift_invariance"]["rerendered"]) == {"ae_a", "ae_b", "ae_c", "ae_d"}
+    assert saved["training"]["ae_d"]["consistency"] == cfg.consistency and saved["training"]["ae_d"]["consistency_sigma"] == "per_dim"
     assert saved["training"]["ae_c"]["consistency"] == cfg.consistency
     # every phase has its wall and CPU time
     for phase in ("data", "training", "pca", "encode", "analysis", "real"):
@@ -199,12 +201,12 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     # the learning curve ends at the final model: its last point is the fidelity experiment's median χ²
     lc = saved["learning_curve"]
     assert lc["pca_median_chi2"] == saved["fidelity"]["pca"]["chi2"]["median"]
-    for v in ("ae_a", "ae_b", "ae_c"):
+    for v in ("ae_a", "ae_b", "ae_c", "ae_d"):
         pts = lc["variants"][v]
         assert pts[-1]["spectra_seen"] == cfg.steps * cfg.batch_size
         assert pts[-1]["median_chi2"] == pytest.approx(saved["fidelity"][v]["chi2"]["median"], rel=1e-6)
     # refined latents: a row per variant, never worse than the encoder's for any spectrum, so nor in median
-    for v in ("ae_a", "ae_b", "ae_c"):
+    for v in ("ae_a", "ae_b", "ae_c", "ae_d"):
         ref = saved["fidelity"][f"{v}_refined"]["chi2"]["median"]
         assert ref <= saved["fidelity"][v]["chi2"]["median"] * (1 + 1e-6)
     assert "refined latents" in (out / "science-smoke.md").read_text()

@@ -1,6 +1,7 @@
 """`fastspec science`: the findings of Melchior, Hahn & Liang 2022 measured against mock ground truth (issue 6).
 
-Trains three variants (a: no augmentation, b: redshift augmentation, c: augmentation + consistency), fits a
+Trains four variants (a: no augmentation, b: redshift augmentation, c: augmentation + consistency, d: with a
+per-dimension consistency σ), each with two seeds, and variant (a) at smaller latent sizes; fits a
 weighted restframe PCA baseline, runs the experiments of fastspec.science and writes science-<mode>.json,
 science-<mode>.md and the figures in science-<mode>/ under --out. Mocks and trained models are kept in
 --workdir; a rerun with the same settings only redoes the analysis.
@@ -40,7 +41,7 @@ def add_arguments(p, default_out: str) -> None:
     p.add_argument("--lr", type=float, default=None, help="override the peak learning rate (one-cycle)")
     p.add_argument("--n-train", type=int, default=None, help="override the number of training mocks")
     p.add_argument("--consistency", type=float, default=None, help="consistency weight of variant (c)")
-    p.add_argument("--variants", default=None, help="subset of a,b,c (default all three)")
+    p.add_argument("--variants", default=None, help="subset of a,b,c,d (default all four)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--seeds", type=int, default=None, help="trainings per variant, with seeds seed, seed+1, … (default 2)")
     p.add_argument("--s-scan", default=None, metavar="S,S,…",

@@ -1,5 +1,6 @@
 """Configuration of a science run: the modes (smoke, quick, full) with their sizes, the model each trains, and
-the three training variants (a) no augmentation, (b) redshift augmentation, (c) augmentation + consistency."""
+the training variants (a) no augmentation, (b) redshift augmentation, (c) augmentation + consistency (spender
+0.3's σ), (d) augmentation + per-dimension consistency."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,10 @@ VARIANTS = {
     "a": dict(augment=False, consistency=0.0, label="(a) no augmentation"),
     "b": dict(augment=True, consistency=0.0, label="(b) redshift augmentation"),
     "c": dict(augment=True, consistency=None, label="(c) augmentation + consistency"),  # None: cfg weight
+    # (c)'s penalty scales latent distances by the batch's mean variance (spender 0.3), which stretching one
+    # direction inflates; (d) scales each dimension by its own variance (fastspec.losses.consistency_loss)
+    "d": dict(augment=True, consistency=None, consistency_sigma="per_dim",
+              label="(d) augmentation + per-dimension consistency"),
 }
 
 MODES = {
@@ -24,16 +29,11 @@ MODES = {
     "smoke": dict(n_train=320, n_test=96, n_lowz=64, n_invariance=8, n_pca_fit=256, pca_iter=4, pca_scan=(2,),
                   s_scan=(2,), n_refine=32, real_steps=4, steps=4, batch_size=32, lr=2e-3, model=TINY_MODEL,
                   invariance_z=(0.0, 0.25, 0.5)),
-    # < 20 min on an idle 2-core CPU, three variants included. bf16 autocast with the fused numba kernels reaches
-    # the fp32 loss (400 steps of 64: val loss 0.02169 vs 0.02151, held-out median χ² 1.318 vs 1.307) at half the
-    # step time. Measured at batch 64 on the 2-core CPU (load 1–1.7, validation included): (a) 0.05–0.055 s/step,
-    # (b) 0.08–0.09, (c) 0.095–0.11 → 3200 steps ≈ 170 + 280 + 330 s of training, plus ~2 min for compile, mocks,
-    # PCA and analysis: ~15–16 min. Tuning (variant a, 3000 steps): held-out median χ² 1.061 at lr 2e-3, 1.048 at
-    # 4e-3, 1.048 at 8e-3.
-    # With two seeds of every variant and the S scan (12 trainings) the steps drop to 1600 (bench/results/
-    # science-quick.md gives the time of each phase).
+    # < 20 min on an idle 2-core CPU with every training (14 on mocks, 2 on real galaxies): bf16 autocast (it
+    # reaches the fp32 loss at half the step time) and 1400 steps each; science-quick.md gives each phase's time.
     "quick": dict(n_train=12000, n_test=2000, n_lowz=800, n_invariance=150, n_pca_fit=4000, pca_iter=25,
-                  steps=1600, batch_size=64, lr=4e-3, precision="bf16", model=QUICK_MODEL),
+                  steps=1400, batch_size=64, lr=4e-3, precision="bf16", model=QUICK_MODEL, n_refine=500,
+                  real_steps=1200),
     # a GPU: the paper's architecture, ~100 epochs of 100k spectra
     "full": dict(n_train=100_000, n_test=10_000, n_lowz=4000, n_invariance=1000, n_pca_fit=20_000, pca_iter=30,
                  steps=40_000, batch_size=256, lr=1e-3, model={}, precision="bf16", num_workers=4),
@@ -62,7 +62,7 @@ class ScienceConfig:
     lr: float = 4e-3
     precision: str = "bf16"
     consistency: float = 0.1
-    variants: tuple = ("a", "b", "c")
+    variants: tuple = ("a", "b", "c", "d")
     n_seeds: int = 2  # trainings per variant (seeds seed, seed+1, …): the spread between them is reported
     s_scan: tuple = (2, 4, 6)  # latent sizes besides n_latent, trained for scan_variant (each with n_seeds seeds)
     scan_variant: str = "a"

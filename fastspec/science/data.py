@@ -61,7 +61,7 @@ def held_out_sets(cfg: ScienceConfig) -> tuple[dict, dict]:
     """The held-out test set (SDSS-like n(z)) and the low-z set (z uniform in cfg.lowz_range, restframe truth only),
     each from a seed and an object_id range of its own."""
     say(cfg, f"making {cfg.n_test} held-out and {cfg.n_lowz} low-z mock spectra")
-    test = mock_set(cfg.n_test, cfg.seed + 1000, 10**9, features=cfg.mock_features)
+    test = mock_set(cfg.n_test, cfg.seed + 1000, 10**9, features=cfg.mock_features)  # rerendered_copies' generator
     lowz = mock_set(cfg.n_lowz, cfg.seed + 2000, 2 * 10**9, z_dist="uniform", z_range=cfg.lowz_range,
                     observed=False, features=cfg.mock_features)
     return test, lowz
@@ -89,6 +89,21 @@ def invariance_sample(cfg: ScienceConfig, test: dict, wave_obs) -> tuple[np.ndar
     cand = np.flatnonzero(test["z"] <= cfg.invariance_z_native_max)
     inv_idx = np.sort(rng.choice(cand, size=min(cfg.n_invariance, cand.size), replace=False))
     return inv_idx, moved_copies({**test, "wave_obs": wave_obs}, inv_idx, cfg.invariance_z)
+
+
+def rerendered_copies(cfg: ScienceConfig, inv_idx) -> dict:
+    """The held-out galaxies inv_idx rendered again by the mock generator at every z of cfg.invariance_z — the
+    same physical parameters, fresh noise and bad pixels (MockGenerator.rerender) — in the layout of
+    invariance_sample's copies (K consecutive rows per galaxy): an invariance test independent of the training's
+    augmentation operator."""
+    from ..mock import MockGenerator
+
+    K = len(cfg.invariance_z)
+    gen = MockGenerator("sdss", cfg.seed + 1000, 0.5, 0.0, "sdss", None, False, False, 10**9, cfg.mock_features)
+    m = gen.rerender(np.repeat(np.asarray(inv_idx), K), np.tile(np.asarray(cfg.invariance_z, np.float64), len(inv_idx)),
+                     noise_seed=cfg.seed + 3000)
+    y, w = observed_arrays(m.flux, m.ivar, m.mask)
+    return {"y": y, "w": w, "z": m.z.astype(np.float64)}
 
 
 def real_sdss_files(real_dir) -> list[str]:

@@ -6,8 +6,9 @@ import math
 
 from .config import VARIANTS
 
-COLORS = {"ae_a": "tab:blue", "ae_b": "tab:orange", "ae_c": "tab:green", "pca": "tab:purple",
+COLORS = {"ae_a": "tab:blue", "ae_b": "tab:orange", "ae_c": "tab:green", "ae_d": "tab:red", "pca": "tab:purple",
           "ae_a_refined": "navy", "ae_b_refined": "saddlebrown", "ae_c_refined": "darkgreen",
+          "ae_d_refined": "darkred",
           "pca_every_pixel": "tab:pink", "oii_oracle": "0.2", "oii_lines": "tab:olive",
           "truth_model": "0.4"}
 

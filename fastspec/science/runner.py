@@ -17,7 +17,7 @@ from ..losses import CHI2_DEFINITION
 from .baselines import WeightedPCA, fit_pca_baseline
 from .config import VARIANTS, ScienceConfig, say
 from .context import Context
-from .data import held_out_sets, invariance_sample, mock_file
+from .data import held_out_sets, invariance_sample, mock_file, rerendered_copies
 from .experiments import EXPERIMENTS
 from .page import markdown
 from .training import (
@@ -75,7 +75,8 @@ def run(cfg: ScienceConfig, machine: dict | None = None, note: str | None = None
     with _timed(timings, "encode"):
         say(cfg, "encoding held-out, low-z and moved spectra with every variant")
         inv_idx, moved = invariance_sample(cfg, test, wave_obs)
-        enc = encode_variants(cfg, models, test, lowz, moved)
+        rerendered = rerendered_copies(cfg, inv_idx)
+        enc = encode_variants(cfg, models, test, lowz, moved, rerendered)
         scan = scan_encodings(cfg, runs, test, enc)
 
     results = {

@@ -77,7 +77,7 @@ def _variant_train_config(cfg: ScienceConfig, variant: str, data_path: str, run:
     return TrainConfig(
         data=[data_path], out=os.path.join(cfg.workdir, run.dirname), model=model, steps=cfg.steps,
         batch_size=cfg.batch_size, lr=cfg.lr, precision=cfg.precision, seed=run.seed, augment=v["augment"],
-        consistency=float(cons), val_fraction=0.05, checkpoint_every=0, log_every=10, device=cfg.device,
+        consistency=float(cons), consistency_sigma=v.get("consistency_sigma"), val_fraction=0.05, checkpoint_every=0, log_every=10, device=cfg.device,
         num_workers=cfg.num_workers, progress=cfg.progress, block_rows=256, shuffle_blocks=8,
     )
 
@@ -88,7 +88,7 @@ def _same_config(path: str, want: dict) -> bool:
     with open(path) as fh:
         have = json.load(fh)
     keys = ("data", "model", "steps", "batch_size", "lr", "precision", "seed", "augment", "consistency",
-            "val_fraction")
+            "consistency_sigma", "val_fraction")
     return all(json.dumps(have.get(k), sort_keys=True) == json.dumps(want.get(k), sort_keys=True) for k in keys)
 
 
@@ -134,6 +134,7 @@ def train_variant(cfg: ScienceConfig, variant: str, data_path: str, run: Run | N
     summary["load_average_after"] = load_average()
     summary["augment"] = tc.augment
     summary["consistency"] = tc.consistency
+    summary["consistency_sigma"] = tc.consistency_sigma
     with open(os.path.join(tc.out, "history.json")) as fh:
         hist = json.load(fh)
     summary["final_train_loss"] = hist["train"][-1]["loss"] if hist["train"] else None
@@ -159,10 +160,11 @@ def encode(model, data, **kw) -> dict:
     return encode_arrays(model, data["y"], data["w"], data["z"], batch_size=128, **kw)
 
 
-def encode_variants(cfg: ScienceConfig, models: dict, test: dict, lowz: dict, moved: dict) -> dict:
-    """Everything the experiments read of the variants' encodings, made once per variant:
-    {"test", "refined" (latents refined, with cfg.refine_steps), "lowz", "moved"} -> {model name: encoding}."""
-    enc = {"test": {}, "refined": {}, "lowz": {}, "moved": {}}
+def encode_variants(cfg: ScienceConfig, models: dict, test: dict, lowz: dict, moved: dict,
+                    rerendered: dict | None = None) -> dict:
+    """Everything the experiments read of the variants' encodings, made once per variant: {"test", "refined"
+    (latents refined, with cfg.refine_steps), "lowz", "moved", "rerendered"} -> {model name: encoding}."""
+    enc = {"test": {}, "refined": {}, "lowz": {}, "moved": {}, "rerendered": {}}
     for v, model in models.items():
         name = f"ae_{v}"
         enc["test"][name] = encode(model, test, chi2=True, observed=True)
@@ -170,6 +172,8 @@ def encode_variants(cfg: ScienceConfig, models: dict, test: dict, lowz: dict, mo
             enc["refined"][f"{name}_refined"] = encode(model, test, chi2=True, observed=True, refine=cfg.refine_steps)
         enc["lowz"][name] = encode(model, lowz, restframe=True)
         enc["moved"][name] = encode(model, moved, chi2=True)
+        if rerendered is not None:
+            enc["rerendered"][name] = encode(model, rerendered, chi2=True)
     return enc
 
 
@@ -220,5 +224,5 @@ def plot_training(path, histories: dict) -> str:
     ax.set_ylabel("loss Σ w (y − ŷ)² / Σ w")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    ax.set_title("training of the three variants", fontsize=10)
+    ax.set_title("training of the variants (first seed)", fontsize=10)
     return save_figure(fig, path)
