@@ -183,6 +183,8 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     assert ms["by_S"]["2"]["pca"] == pytest.approx(saved["fidelity"]["pca_rank_scan"]["S=2"]["chi2"]["median"], rel=1e-6)
     assert all(len(v["one_pass"]) == 2 for v in ms["by_variant"].values())
     assert "## 1b. AE against PCA over S and seeds" in (out / "science-smoke.md").read_text()
+    claims_md = (out / "science-smoke.md").read_text().split("## The paper's claims")[1].split("## Findings")[0]
+    assert claims_md.count("| **") >= 5 and "redshift-invariant" in claims_md and "real SDSS galaxies" in claims_md
     # real DR14 galaxies: split by object_group, every spectrum of a galaxy on one side, two seeds, PCA beside
     rh = saved["real_heldout"]
     assert rh["n_files"] == 697 and rh["n_train"] + rh["n_test"] == rh["n_spectra"] > 600 and set(rh["ae"]) == {"1", "2"}

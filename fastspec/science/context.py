@@ -60,7 +60,8 @@ class Experiment:
     findings(r) -> its sentences of the Findings list; markdown(r) -> the lines of its section. Both read the
     results dict `r` alone (so `--markdown-only` rebuilds the page from the JSON) and are called only when `key`
     is in it. enabled(cfg): whether this run measures it; phase: the timings entry (<phase>_s, <phase>_cpu_s)
-    its time counts toward.
+    its time counts toward. claims(r): the paper's claims it tests, each {claim, measured, verdict} with verdict
+    'reproduced', 'not reproduced' or 'inconclusive' decided over the seeds.
     """
 
     key: str
@@ -69,3 +70,4 @@ class Experiment:
     markdown: Callable[[dict], list[str]]
     phase: str = "analysis"
     enabled: Callable[[ScienceConfig], bool] = _always
+    claims: Callable[[dict], list[dict]] | None = None  # the paper's claims it tests: {claim, measured, verdict}

@@ -28,6 +28,15 @@ def findings(r: dict) -> list[str]:
     return out
 
 
+def claims(r: dict) -> list[dict]:
+    """Every experiment's claims rows, in order."""
+    out = []
+    for exp in EXPERIMENTS:
+        if exp.key in r and exp.claims is not None:
+            out += exp.claims(r)
+    return out
+
+
 def markdown(r: dict) -> str:
     """The results as a Markdown page: tables per experiment, the figures, and the training budget."""
     cfg = r["config"]
@@ -53,6 +62,11 @@ def markdown(r: dict) -> str:
           f"{fmt((r['timings'].get('idle_wall_estimate_s') or [None, None])[1], '.0f')} s.", ""]
     if r.get("note"):
         L += [f"*Note:* {r['note']}", ""]
+    rows = claims(r)
+    if rows:
+        L += ["## The paper's claims", "", "| claim (Melchior, Hahn & Liang 2022) | measured here | verdict |", "|---|---|---|"]
+        L += [f"| {c['claim']} | {c['measured']} | **{c['verdict']}** |" for c in rows]
+        L += [""]
     L += ["## Findings", ""] + [f"- {line}" for line in findings(r)]
     L += ["", f"*Caveat:* {CAVEATS.get(r['mode'], '')}", "",
           "## Training", "", "| variant | steps | spectra seen | train time [s] | final val loss |", "|---|---|---|---|---|"]

@@ -258,4 +258,24 @@ def markdown(r: dict) -> list[str]:
     return L
 
 
-EXPERIMENT = Experiment("redshift_invariance", run, findings, markdown)
+def claims(r: dict) -> list[dict]:
+    inv = r["redshift_invariance"]
+    v = inv["variants"]
+    if "ae_a" not in v:
+        return []
+    key = "median_rms_local_displacement"
+    ops = {"augmentation operator": v, **({"re-renders": inv["rerendered"]} if inv.get("rerendered") else {})}
+    trained = [k for k in ("ae_b", "ae_c", "ae_d") if k in v]
+    measured, ok = [], []
+    for op, d in ops.items():
+        measured.append(f"{op}: " + ", ".join(f"({k[3:]}) {fmt(d[k].get(key), '.2f')}" for k in ["ae_a", *trained]))
+        ok += [(d[k].get(key) or float("inf")) < (d["ae_a"].get(key) or 0) for k in trained]
+    verdict = "reproduced" if ok and all(ok) else "not reproduced" if not any(ok) else "partly reproduced"
+    return [{"claim": "redshift augmentation (b) and consistency (c) make the latents redshift-invariant; without "
+                      "them (a) they are not",
+             "measured": "median RMS latent displacement / distance to the 5th neighbour, " + "; ".join(measured)
+                         + " (first seed)",
+             "verdict": verdict + " (one seed)"}]
+
+
+EXPERIMENT = Experiment("redshift_invariance", run, findings, markdown, claims=claims)
