@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 from numpy.polynomial import legendre
+from test_mock import _line_moments
 
 from fastspec import cli
 from fastspec.mock import LINE_NAMES, LINE_WAVE, MockError, make_mock, stellar_templates
@@ -32,17 +33,6 @@ def rich():
 
 def _only(feature):
     return make_mock(N, seed=7, features=[feature])
-
-
-def _line_moments(wave, spec, lam0, half):
-    side = ((wave > lam0 - 2.5 * half) & (wave < lam0 - 1.5 * half)) | \
-           ((wave > lam0 + 1.5 * half) & (wave < lam0 + 2.5 * half))
-    cont = np.polyval(np.polyfit(wave[side], spec[side], 1), wave)
-    core = np.abs(wave - lam0) < half
-    dw = np.gradient(wave)[core]
-    e = (spec - cont)[core]
-    flux = np.sum(e * dw)
-    return flux, math.sqrt(max(np.sum(e * dw * (wave[core] - lam0) ** 2) / flux, 0.0))
 
 
 def test_presets_and_names():
