@@ -192,9 +192,13 @@ def quadratic_features(X) -> np.ndarray:
     return np.concatenate([X, (X[:, :, None] * X[:, None, :])[:, iu[0], iu[1]]], axis=1)
 
 
-def ridge_predict(X_train, Y_train, X_test, alpha: float = 1.0, quadratic: bool = True) -> np.ndarray:
-    """Ridge regression on standardised (quadratic) features with an unpenalised intercept."""
+def ridge_predict(X_train, Y_train, X_test, alpha: float = 1.0, quadratic: bool = True, clip: float = 5.0
+                  ) -> np.ndarray:
+    """Ridge regression on standardised (quadratic) features with an unpenalised intercept. The standardised
+    predictors are clipped to ±clip first: a few extreme rows (e.g. PCA coefficients of broad-line AGN) would
+    otherwise dominate the quadratic terms and wreck every other prediction."""
     a, b = _standardise(np.asarray(X_train, np.float64), np.asarray(X_test, np.float64))
+    a, b = np.clip(a, -clip, clip), np.clip(b, -clip, clip)
     if quadratic:
         a, b = _standardise(quadratic_features(a), quadratic_features(b))
     Y = np.asarray(Y_train, np.float64)

@@ -91,17 +91,19 @@ def invariance_sample(cfg: ScienceConfig, test: dict, wave_obs) -> tuple[np.ndar
     return inv_idx, moved_copies({**test, "wave_obs": wave_obs}, inv_idx, cfg.invariance_z)
 
 
-def rerendered_copies(cfg: ScienceConfig, inv_idx) -> dict:
+def rerendered_copies(cfg: ScienceConfig, inv_idx, z_own=None) -> dict:
     """The held-out galaxies inv_idx rendered again by the mock generator at every z of cfg.invariance_z — the
     same physical parameters, fresh noise and bad pixels (MockGenerator.rerender) — in the layout of
     invariance_sample's copies (K consecutive rows per galaxy): an invariance test independent of the training's
-    augmentation operator."""
+    augmentation operator. With z_own (one z per galaxy, its own): one re-render each at that z, the noise floor
+    of the test (what fresh noise alone moves)."""
     from ..mock import MockGenerator
 
-    K = len(cfg.invariance_z)
+    K = len(cfg.invariance_z) if z_own is None else 1
+    z = (np.tile(np.asarray(cfg.invariance_z, np.float64), len(inv_idx)) if z_own is None
+         else np.asarray(z_own, np.float64))
     gen = MockGenerator("sdss", cfg.seed + 1000, 0.5, 0.0, "sdss", None, False, False, 10**9, cfg.mock_features)
-    m = gen.rerender(np.repeat(np.asarray(inv_idx), K), np.tile(np.asarray(cfg.invariance_z, np.float64), len(inv_idx)),
-                     noise_seed=cfg.seed + 3000)
+    m = gen.rerender(np.repeat(np.asarray(inv_idx), K), z, noise_seed=cfg.seed + (3000 if z_own is None else 4000))
     y, w = observed_arrays(m.flux, m.ivar, m.mask)
     return {"y": y, "w": w, "z": m.z.astype(np.float64)}
 

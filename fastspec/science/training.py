@@ -209,7 +209,7 @@ def read_histories(cfg: ScienceConfig) -> dict:
 def plot_training(path, histories: dict) -> str:
     """Training (and augmented-copy) and validation loss of each variant against spectra seen."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     for v, h in histories.items():
         col = COLORS[f"ae_{v}"]
         tr = h.get("train", [])
@@ -222,7 +222,7 @@ def plot_training(path, histories: dict) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("spectra seen")
     ax.set_ylabel("loss Σ w (y − ŷ)² / Σ w")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the curves fill the axes
     ax.grid(alpha=0.3)
     ax.set_title("training of the variants (first seed)", fontsize=10)
     return save_figure(fig, path)

@@ -2,6 +2,8 @@
 of the observed range, against the truth (with a control group where it is observed)."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from ...mock import LINE_NAMES, LINE_WAVE
@@ -139,7 +141,7 @@ def plot(path, ext, lowz, wave_rest, rest_models, wave_obs_min, budget) -> str:
         ax.set_ylim(lim)
         ax.set_xlabel("[O II] 3727+3729 flux of the true restframe spectrum [flux × Å]")
         ax.set_ylabel("[O II] flux of the restframe model")
-        ax.set_title(label(name), fontsize=9)
+        ax.set_title(textwrap.fill(label(name), 55), fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     # one unobserved example: truth, models, observed edge
     ax = axes[len(names)]
@@ -151,12 +153,12 @@ def plot(path, ext, lowz, wave_rest, rest_models, wave_obs_min, budget) -> str:
         ax.plot(wt[sel], lowz["truth/spec_rest"][i, sel], color="k", lw=1.2, label="true restframe spectrum")
         sel = (wave_rest > 3640) & (wave_rest < 3900)
         for name, spec in rest_models.items():
-            ax.plot(wave_rest[sel], spec[i, sel], color=COLORS.get(name, "tab:red"), lw=1, label=label(name))
+            ax.plot(wave_rest[sel], spec[i, sel], color=COLORS.get(name, "tab:red"), lw=1, label=_short(name))
         for name in ("oii_oracle", "oii_lines"):
             if name in ext["preds"]:  # a flux, drawn as the height of a box of the window's width
                 h = ext["preds"][name][i] / (OII_WINDOW[1] - OII_WINDOW[0])
                 ax.hlines(np.median(lowz["truth/spec_rest"][i, (wt > 3753) & (wt < 3780)]) + h, *OII_WINDOW,
-                          color=COLORS.get(name, "k"), lw=1.5, ls="--", label=f"{label(name)} (mean over window)")
+                          color=COLORS.get(name, "k"), lw=1.5, ls="--", label=f"{_short(name)} (window mean)")
         edge = wave_obs_min / (1 + lowz["z"][i])
         ax.axvspan(edge, 3900, color="0.9", lw=0, label="observed part")
         ax.axvline(3728.5, color="tab:green", ls="--", lw=0.7)
@@ -164,11 +166,19 @@ def plot(path, ext, lowz, wave_rest, rest_models, wave_obs_min, budget) -> str:
         ax.set_xlabel("restframe wavelength [Å]")
         ax.set_ylabel("normalised flux")
         ax.set_title(f"example: z = {lowz['z'][i]:.4f}, [O II] unobserved", fontsize=9)
-        ax.legend(fontsize=6.5, loc="upper right")
+        ax.legend(fontsize=6, loc="upper left", framealpha=0.85)
     fig.suptitle(f"Experiment 2 — extended restframe: [O II] predicted where it is not observed ({budget})",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     return save_figure(fig, path)
+
+
+def _short(name: str) -> str:
+    """Short legend names for the example panel (the scatter panels carry the full labels)."""
+    if name.startswith("ae_"):
+        return f"AE ({name[3:]})"
+    return {"pca": "PCA", "pca_every_pixel": "PCA, every pixel", "oii_oracle": "oracle",
+            "oii_lines": "line baseline"}.get(name, name)
 
 
 def run(ctx: Context) -> tuple[dict, dict]:

@@ -43,7 +43,7 @@ def measure(models: dict, pca_fit: dict, test: dict, n_latent: int) -> tuple[dic
 def plot(path, per_spec, snr, S, budget) -> str:
     """χ² and signal-error distributions of every model, and the median χ² against S/N."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 6.2))
     allc = np.concatenate([v["chi2"] for v in per_spec.values()])
     allc = allc[np.isfinite(allc) & (allc > 0)]
     bins = np.geomspace(max(np.percentile(allc, 0.5), 1e-2) / 1.2, np.percentile(allc, 99.5) * 1.2, 60)
@@ -55,7 +55,7 @@ def plot(path, per_spec, snr, S, budget) -> str:
     axes[0].set_xscale("log")
     axes[0].set_xlabel("reduced χ² against the data")
     axes[0].set_ylabel("held-out spectra")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     axes[0].set_title(f"reconstruction χ² (S = {S} latents / components)")
     errs = {k: v["signal_error"] for k, v in per_spec.items() if "signal_error" in v}
     alle = np.concatenate(list(errs.values()))
@@ -68,7 +68,7 @@ def plot(path, per_spec, snr, S, budget) -> str:
     axes[1].axvline(1, color="k", ls="--", lw=1, label="= noise variance")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("model error vs noiseless truth: Σ w (ŷ − y_true)² / N  [noise variances]")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     axes[1].set_title("below 1: residuals below the noise")
     edges = np.percentile(snr, np.linspace(0, 100, 9))
     mid = 0.5 * (edges[1:] + edges[:-1])
@@ -85,7 +85,7 @@ def plot(path, per_spec, snr, S, budget) -> str:
         axis.set_minor_formatter(ScalarFormatter())
     axes[2].set_xlabel("median S/N per pixel")
     axes[2].set_ylabel("median reduced χ² in S/N bin")
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     axes[2].set_title("χ² grows with S/N where the model misses signal")
     fig.suptitle(f"Experiment 1 — fidelity on {len(snr)} held-out mock SDSS spectra ({budget})", fontsize=10)
     fig.tight_layout()

@@ -60,6 +60,9 @@ def plot(path, phys, budget) -> str:
         for k, m in enumerate(models):
             vals = [phys["r2"][m][method][t] for t in names]
             ax.bar(x - 0.4 + (k + 0.5) * wdt, np.clip(vals, -0.2, 1), wdt, color=COLORS.get(m, "0.5"), label=label(m))
+            for xi, v in zip(x - 0.4 + (k + 0.5) * wdt, vals):
+                if v < -0.2:  # clipped bar: say how far below it goes
+                    ax.text(xi, -0.19, f"{v:.2g}", rotation=90, fontsize=6, ha="center", va="bottom")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_ylim(-0.2, 1)
         ax.set_ylabel(f"held-out R² ({method})")
