@@ -9,7 +9,8 @@ killed after it; the load average is recorded before and after every condition.
 
     .venv/bin/python bench/bench_busy.py                     # busy 0 and 1, threads 2 and 1
     .venv/bin/python bench/bench_busy.py --busy 0 1 2 --threads 2 1 --repeat 15
-Writes bench/results/busy.json and busy.md.
+    .venv/bin/python bench/bench_busy.py --train --threads 0    # whole training processes, OMP_WAIT_POLICY
+Writes bench/results/busy.json and busy.md (busy-train.* with --train).
 """
 from __future__ import annotations
 
@@ -64,15 +65,55 @@ def measure(fns: dict, repeat: int) -> dict:
     return out
 
 
+def train_case(data: str, work: Path, busy: int, policy: str | None, steps: int, threads: int | None) -> dict:
+    """`fastspec train` as a whole process (the quick science model, bf16, batch 64) with `busy` CPU-bound
+    processes beside it and OMP_WAIT_POLICY = policy (None: unset, the OpenMP default of spinning); the median
+    spectra/s of its logged steps after the first three, and the wall time."""
+    import json as _json
+    import shutil
+
+    run = work / f"train-b{busy}-{policy or 'unset'}-t{threads or 'auto'}"
+    shutil.rmtree(run, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    argv = [sys.executable, "-m", "fastspec", "train", data, "-o", str(run), "--steps", str(steps), "--batch-size",
+            "64", "--lr", "4e-3", "--precision", "bf16", "--model-config", '{"encoder_channels": [16, 32, 64]}',
+            "--val-every", "100000", "--checkpoint-every", "0", "-q"] + (["--threads", str(threads)] if threads else [])
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        time.sleep(1.0 if busy else 0.0)
+        load0, t0 = os.getloadavg(), time.perf_counter()
+        subprocess.run(argv, env=env, check=True)
+        wall, load1 = time.perf_counter() - t0, os.getloadavg()
+    finally:
+        for pr in procs:
+            pr.kill()
+            pr.wait()
+    hist = _json.loads((run / "history.json").read_text())["train"]
+    return {"busy": busy, "omp_wait_policy": policy or "unset", "threads": threads or "default",
+            "steps": steps, "wall_s": wall, "spectra_per_s_median": statistics.median(e["spectra_per_s"] for e in hist[3:]),
+            "load_before": load0, "load_after": load1}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="CPU-bound processes beside (default 0 1)")
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch and numba threads (default 2 1)")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--repeat", type=int, default=11)
-    p.add_argument("--tag", default="busy")
+    p.add_argument("--train", action="store_true",
+                   help="instead: `fastspec train` whole processes, quiet and busy, OMP_WAIT_POLICY unset vs PASSIVE")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--policies", nargs="+", default=["unset", "PASSIVE"],
+                   help="OMP_WAIT_POLICY values for --train; unset: none in the environment (fastspec then sets "
+                   "PASSIVE itself; before it did, the OpenMP default: spinning)")
+    p.add_argument("--tag", default=None, help="results name (default busy, or busy-train with --train)")
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.train:
+        return main_train(args)
+    args.tag = args.tag or "busy"
     res = {"machine": machine_info(), "n": args.n, "repeat": args.repeat, "conditions": []}
     fns = cases(args.n)
     for busy in args.busy:
@@ -110,6 +151,41 @@ def main(argv=None) -> int:
                           f"{v['speedup_min']:.2f} | {v['speedup_paired_median']:.2f} | "
                           f"{c['load_before'][0]:.2f} → {c['load_after'][0]:.2f} |")
     (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+def main_train(args) -> int:
+    import tempfile
+
+    from fastspec.mock import write_mock
+
+    tag = args.tag or "busy-train"
+    work = Path(tempfile.mkdtemp(prefix="bench-busy-"))
+    data = str(work / "mock.h5")
+    write_mock(data, 3000, seed=0, features="rich", progress=False)
+    rows = []
+    for busy in args.busy:
+        for policy in [None if p == "unset" else p for p in args.policies]:
+            for threads in args.threads:
+                r = train_case(data, work, busy, policy, args.train_steps, threads or None)
+                rows.append(r)
+                print(f"busy {busy}, OMP_WAIT_POLICY {r['omp_wait_policy']}, threads {threads}: "
+                      f"{r['spectra_per_s_median']:.0f} spectra/s, {r['wall_s']:.1f} s", flush=True)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"machine": machine_info(), "rows": rows, "mock": "3000 rich SDSS mocks", "model": "encoder 16/32/64, S=10"}
+    (out / f"{tag}.json").write_text(json.dumps(res, indent=1))
+    md = [f"# `fastspec train` on a busy machine ({tag})", "",
+          f"{res['machine'].get('cpu', '?')} × {res['machine'].get('cpu_count')} cores, torch {res['machine']['torch']}, "
+          f"numba {res['machine'].get('numba')} (threading layer omp). Whole `fastspec train` processes, {args.train_steps} "
+          "steps of 64 rich mocks, the science check's quick model, bf16; busy = `python -c 'while True: pass'` "
+          "processes beside it. Spectra/s: median of the logged steps after the first three.", "",
+          "| busy processes | OMP_WAIT_POLICY | torch threads | spectra/s | wall [s] | load before → after |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {r['busy']} | {r['omp_wait_policy']} | {r['threads']} | {r['spectra_per_s_median']:.0f} | "
+           f"{r['wall_s']:.1f} | {r['load_before'][0]:.2f} → {r['load_after'][0]:.2f} |" for r in rows]
+    (out / f"{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
