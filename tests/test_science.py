@@ -152,7 +152,15 @@ def test_unknown_mode_bad_options_and_missing_real_data_are_reported(capsys):
     assert proc.returncode == 2
     assert "/nonexistent/MANIFEST.tsv not found" in proc.stderr
     assert cli.main(["science", "--smoke", "--variants", "a,x"]) == 2
-    assert "--variants takes a comma list of a, b, c, got 'a,x'" in capsys.readouterr().err
+    assert "--variants takes a comma list of a, b, c, d, got 'a,x'" in capsys.readouterr().err
+    assert cli.main(["science", "--smoke", "--seeds", "0"]) == 2
+    assert "--seeds must be ≥ 1, got 0" in capsys.readouterr().err
+    assert cli.main(["science", "--smoke", "--s-scan", "2,x"]) == 2
+    assert "--s-scan takes a comma list of positive latent sizes, got '2,x'" in capsys.readouterr().err
+    assert cli.main(["science", "--smoke", "--mock-features", "shiny"]) == 2
+    assert "--mock-features: unknown mock feature(s) 'shiny'" in capsys.readouterr().err
+    assert cli.main(["science", "--smoke", "--real-dr14", "/nonexistent"]) == 2
+    assert "/nonexistent/MANIFEST.tsv not found (pass --real-dr14 '' to skip" in capsys.readouterr().err
     assert cli.main(["science", "--smoke", "--steps", "0"]) == 2
     assert "--steps must be ≥ 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
