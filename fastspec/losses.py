@@ -58,18 +58,26 @@ def consistency_loss(s: torch.Tensor, s_aug: torch.Tensor, sigma: float | str | 
     across the batch (not detached, so the penalty cannot be lowered by shrinking the latent space; needs
     N ≥ 2) — but it can by stretching one direction, which raises the mean variance and so shrinks every
     other direction's penalty. "per_dim" closes that: each dimension k is scaled by its own batch variance σ_k²
-    (Σ_k (s'_k−s_k)² / (S·σ_k²)), invariant to rescaling any direction. A number fixes σ (Melchior+2022 /
-    spender < 0.3 style).
+    (Σ_k (s'_k−s_k)² / (S·σ_k²)), invariant to rescaling any axis — but not a rotated direction. "whiten" uses the
+    batch covariance C of s (Δᵀ (C + εI)⁻¹ Δ / S), invariant to any invertible linear map of the latent space.
+    A number fixes σ (Melchior+2022 / spender < 0.3 style).
     """
     if s.shape != s_aug.shape or s.ndim != 2:
         raise ValueError(f"s and s_aug must both have shape (N, S), got {tuple(s.shape)} and {tuple(s_aug.shape)}")
     n, size = s.shape
     if sigma is None or isinstance(sigma, str):
-        if sigma not in (None, "per_dim"):
-            raise ValueError(f"sigma must be None, 'per_dim' or a number, got {sigma!r}")
+        if sigma not in (None, "per_dim", "whiten"):
+            raise ValueError(f"sigma must be None, 'per_dim', 'whiten' or a number, got {sigma!r}")
         if n < 2:
             raise ValueError(f"consistency_loss with sigma={sigma!r} needs a batch of at least 2 to estimate the "
                              "latent variance; pass a number")
+        if sigma == "whiten":
+            x = s.double()
+            c = torch.cov(x.T).reshape(size, size)
+            c = c + 1e-6 * c.diagonal().mean().clamp(min=1e-12) * torch.eye(size, dtype=c.dtype, device=c.device)
+            d = (s_aug - s).double()
+            m = (d * torch.linalg.solve(c, d.T).T).sum(dim=1) / size
+            return (torch.sigmoid(m) - 0.5).to(s.dtype)
         var = s.var(dim=0)
         if sigma == "per_dim":
             return torch.sigmoid(((s_aug - s) ** 2 / var.clamp(min=1e-12)).sum(dim=1) / size) - 0.5

@@ -87,7 +87,7 @@ class TrainConfig:
     augment_mask: bool = False  # ... with a random masked window
     consistency: float = 0.0  # weight of the latent consistency penalty (needs augmented copies)
     # None: spender 0.3's mean batch latent variance (per rank under DDP); "per_dim": each latent dimension's own
-    # batch variance (no gain from stretching one direction); a number: a fixed σ
+    # batch variance; "whiten": the batch covariance (no gain from stretching any direction); a number: a fixed σ
     consistency_sigma: float | str | None = None
     val_fraction: float = 0.1
     val_every: int | None = None  # steps between validations; None = once per epoch
@@ -459,8 +459,8 @@ def _check_options(cfg: TrainConfig) -> None:
         cfg.epochs = 10
     if cfg.consistency < 0:
         raise ValueError("consistency weight must be ≥ 0")
-    if isinstance(cfg.consistency_sigma, str) and cfg.consistency_sigma != "per_dim":
-        raise ValueError(f"consistency_sigma must be a number, None or 'per_dim', got {cfg.consistency_sigma!r}")
+    if isinstance(cfg.consistency_sigma, str) and cfg.consistency_sigma not in ("per_dim", "whiten"):
+        raise ValueError(f"consistency_sigma must be a number, None, 'per_dim' or 'whiten', got {cfg.consistency_sigma!r}")
 
 
 def _data_instrument(paths):

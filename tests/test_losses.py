@@ -113,7 +113,7 @@ def test_consistency_per_dim_closes_the_stretching_loophole():
     assert mean_after < 0.5 * mean_before
     torch.testing.assert_close(consistency_loss(s * stretch, s_aug * stretch, "per_dim"),
                                consistency_loss(s, s_aug, "per_dim"))
-    with pytest.raises(ValueError, match="sigma must be None, 'per_dim' or a number, got 'perdim'"):
+    with pytest.raises(ValueError, match="sigma must be None, 'per_dim', 'whiten' or a number, got 'perdim'"):
         consistency_loss(s, s_aug, "perdim")
 
 
@@ -122,4 +122,21 @@ def test_cli_consistency_sigma_values(capsys):
 
     with pytest.raises(SystemExit):
         cli.main(["train", "x.h5", "-o", "r", "--consistency-sigma", "wide"])
-    assert "--consistency-sigma takes a positive number or per-dim, got 'wide'" in capsys.readouterr().err
+    assert "--consistency-sigma takes a positive number, per-dim or whiten, got 'wide'" in capsys.readouterr().err
+
+
+def test_consistency_whiten_is_invariant_to_any_linear_map_of_the_latents():
+    torch.manual_seed(4)
+    s = torch.randn(128, 5, dtype=torch.float64)
+    s_aug = s + 0.2 * torch.randn(128, 5, dtype=torch.float64)
+    cov = np.cov(s.numpy().T)
+    d = (s_aug - s).numpy()
+    m = np.einsum("ni,ij,nj->n", d, np.linalg.inv(cov + 1e-6 * np.trace(cov) / 5 * np.eye(5)), d) / 5
+    np.testing.assert_allclose(consistency_loss(s, s_aug, "whiten").numpy(), 1 / (1 + np.exp(-m)) - 0.5, rtol=1e-9)
+    # a rotated, stretched latent space (what per_dim cannot see): the whitened penalty does not move
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((5, 5)))
+    A = torch.as_tensor(q @ np.diag([10.0, 1, 1, 1, 1]) @ q.T)
+    torch.testing.assert_close(consistency_loss(s @ A, s_aug @ A, "whiten"), consistency_loss(s, s_aug, "whiten"),
+                               rtol=1e-4, atol=1e-9)  # up to the ε·I regulariser
+    assert not torch.allclose(consistency_loss(s @ A, s_aug @ A, "per_dim"), consistency_loss(s, s_aug, "per_dim"),
+                              rtol=1e-3)

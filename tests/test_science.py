@@ -202,7 +202,7 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     assert set(saved["redshift_invariance"]["variants"]) == {"ae_a", "ae_b", "ae_c", "ae_d"}
     assert set(saved["redshift_invariance"]["rerendered"]) == {"ae_a", "ae_b", "ae_c", "ae_d"}
     assert all(0 <= v["noise_floor_self_retrieval"] <= 1 for v in saved["redshift_invariance"]["rerendered"].values())
-    assert saved["training"]["ae_d"]["consistency"] == cfg.consistency and saved["training"]["ae_d"]["consistency_sigma"] == "per_dim"
+    assert saved["training"]["ae_d"]["consistency"] == cfg.consistency and saved["training"]["ae_d"]["consistency_sigma"] == "whiten"
     assert saved["training"]["ae_c"]["consistency"] == cfg.consistency
     # every phase has its wall and CPU time
     for phase in ("data", "training", "pca", "encode", "analysis", "real"):

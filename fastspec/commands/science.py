@@ -1,7 +1,7 @@
 """`fastspec science`: the findings of Melchior, Hahn & Liang 2022 measured against mock ground truth (issue 6).
 
 Trains four variants (a: no augmentation, b: redshift augmentation, c: augmentation + consistency, d: with a
-per-dimension consistency σ), each with two seeds, and variant (a) at smaller latent sizes; fits a
+whitened consistency), each with two seeds, and variant (a) at smaller latent sizes; fits a
 weighted restframe PCA baseline, runs the experiments of fastspec.science and writes science-<mode>.json,
 science-<mode>.md and the figures in science-<mode>/ under --out. Mocks and trained models are kept in
 --workdir; a rerun with the same settings only redoes the analysis.

@@ -11,10 +11,12 @@ from .common import add_data_argument, expand_data, usage_error
 def _sigma(text: str):
     if text in ("per-dim", "per_dim"):
         return "per_dim"
+    if text == "whiten":
+        return "whiten"
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--consistency-sigma takes a positive number or per-dim, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--consistency-sigma takes a positive number, per-dim or whiten, got {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"--consistency-sigma must be positive, got {text!r}")
     return v
@@ -58,10 +60,10 @@ def register(sub):
     g.add_argument("--augment-mask", action="store_true", help="mask a random window in the augmented copies")
     g.add_argument("--consistency", type=float, default=0.0, metavar="WEIGHT",
                    help="weight of the latent consistency penalty between a spectrum and its augmented copy")
-    g.add_argument("--consistency-sigma", type=_sigma, default=None, metavar="SIGMA|per-dim",
-                   help="latent distance scale: a number, or per-dim (each latent dimension scaled by its batch "
-                   "variance; stretching one direction cannot lower the penalty) (default: the batch's mean latent "
-                   "variance, as spender 0.3)")
+    g.add_argument("--consistency-sigma", type=_sigma, default=None, metavar="SIGMA|per-dim|whiten",
+                   help="latent distance scale: a number; per-dim (each latent dimension scaled by its batch variance); "
+                   "or whiten (the batch covariance: stretching any direction cannot lower the penalty) (default: the "
+                   "batch's mean latent variance, as spender 0.3)")
     g = p.add_argument_group("model (new runs; a resumed run keeps its model)")
     g.add_argument("--n-latent", type=int, default=10, help="latent size S (default 10)")
     g.add_argument("--z-max", type=float, default=0.5, help="largest redshift the model covers (default 0.5)")

@@ -211,12 +211,11 @@ def findings(r: dict) -> list[str]:
     lh = r["redshift_invariance"].get("loophole")
     if lh and "ae_c" in lh and "ae_d" in lh:
         s += (f" The σ loophole: spender's σ² (mean per-dimension variance) is {fmt(lh['ae_c']['sigma2_mean_over_median_dim'], '.2f')}× "
-              f"the median dimension's variance in (c) (no axis stretched), but the largest eigenvalue of the latent "
-              f"covariance is {fmt(lh['ae_c']['eigen_max_over_mean'], '.1f')}× the mean in (c) and "
-              f"{fmt(lh['ae_a']['eigen_max_over_mean'], '.1f')}× in (a): one rotated direction carries nearly all the "
-              "variance, which a per-dimension σ (d) cannot see — (d) moves "
-              f"{fmt(inv['ae_d']['median_rms_local_displacement'], '.2f') if 'ae_d' in inv else '—'} neighbour distances "
-              "under the operator and fits worse; a whitened (full-covariance) σ is the remaining candidate.")
+              f"the median dimension's variance in (c), and the largest eigenvalue of the latent covariance "
+              f"{fmt(lh['ae_c']['eigen_max_over_mean'], '.1f')}× the mean ((a): {fmt(lh['ae_a']['eigen_max_over_mean'], '.1f')}×): "
+              "one rotated direction carries most of the variance, which inflates that σ; (d) whitens the distances "
+              f"with the batch covariance instead and moves {fmt(inv['ae_d']['median_rms_local_displacement'], '.2f') if 'ae_d' in inv else '—'} "
+              f"neighbour distances under the operator (c: {fmt(inv['ae_c']['median_rms_local_displacement'], '.2f') if 'ae_c' in inv else '—'}).")
     s += (" The paper finds (a) unstable and (b), (c) stable, at the cost of using only features seen at all "
           "redshifts.")
     out.append(s)
@@ -267,8 +266,9 @@ def markdown(r: dict) -> list[str]:
     lh = inv.get("loophole")
     if lh:
         L += ["", "What the consistency penalty's σ sees (held-out latents): σ² = mean per-dimension variance (spender "
-              "0.3, variant c) against the median dimension's — stretching one direction inflates it and lowers the "
-              "penalty of all others; variant (d) scales each dimension by its own variance.", "",
+              "0.3, variant c) against the median dimension's, and the covariance's eigenvalues — stretching one "
+              "direction inflates σ and lowers the penalty of all others; variant (d) whitens the distances with the "
+              "batch covariance, which no stretched direction can inflate.", "",
               "| variant | σ²_mean / median dimension variance | largest / mean eigenvalue | participation ratio |",
               "|---|---|---|---|"]
         for k, a in lh.items():
