@@ -15,7 +15,7 @@ def _med(x) -> float | None:
     return None if x is None or not np.isfinite(x).any() else float(np.nanmedian(x))
 
 
-def _verdict(ae: list, pca: float | None) -> str:
+def seeds_below(ae: list, pca: float | None) -> str:
     """'all seeds below', 'no seed below' or 'mixed' for AE medians against the PCA's."""
     ae = [a for a in ae if a is not None]
     if not ae or pca is None:
@@ -40,8 +40,8 @@ def measure(scan: dict, rank_chi2: dict, n_latent: int, scan_variant: str, n_ref
         by_s[str(S)] = {"seeds": [r["seed"] for r in rs], "ae_one_pass": one, "ae_refined": ref,
                         "ae_one_pass_spread": _spread(one), "ae_refined_spread": _spread(ref),
                         "pca": p.get("median_chi2"), "pca_refined_subset": p.get("median_chi2_refined_subset"),
-                        "one_pass_vs_pca": _verdict(one, p.get("median_chi2")),
-                        "refined_vs_pca": _verdict(ref, p.get("median_chi2_refined_subset"))}
+                        "one_pass_vs_pca": seeds_below(one, p.get("median_chi2")),
+                        "refined_vs_pca": seeds_below(ref, p.get("median_chi2_refined_subset"))}
     by_variant = {}
     for v in sorted({r["variant"] for r in runs.values()}):
         rs = sorted((r for r in runs.values() if r["variant"] == v and r["S"] == n_latent), key=lambda r: r["seed"])

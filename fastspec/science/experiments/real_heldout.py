@@ -20,6 +20,7 @@ from ..data import dr14_arrays, dr14_split, median_snr
 from ..labels import fmt
 from ..stats import chi2_summary, repeat_retrieval
 from ..training import encode
+from .method_scan import seeds_below
 
 
 def _train(cfg: ScienceConfig, train_path: str, seed: int) -> tuple[str, dict]:
@@ -140,11 +141,6 @@ def enabled(cfg: ScienceConfig) -> bool:
     return bool(cfg.real_dr14)
 
 
-def _verdict(ae: list, pca: float) -> str:
-    below = sum(a < pca for a in ae)
-    return "every seed lower" if below == len(ae) else "no seed lower" if below == 0 else f"{below} of {len(ae)} seeds lower"
-
-
 def findings(r: dict) -> list[str]:
     e = r["real_heldout"]
     one = [e["ae"][str(s)]["one_pass"]["median"] for s in e["seeds"]]
@@ -152,8 +148,8 @@ def findings(r: dict) -> list[str]:
     pca = e["pca"]["chi2"]["median"]
     rep = [e["ae"][str(s)]["repeats_refined"].get("self_retrieval") for s in e["seeds"]]
     return [f"**Real galaxies** ({e['n_test']} held-out SDSS DR14 galaxies, models trained on {e['n_train']} others): "
-            f"median χ² AE one pass {' / '.join(fmt(v) for v in one)} ({_verdict(one, pca)} than the PCA), refined "
-            f"{' / '.join(fmt(v) for v in ref)} ({_verdict(ref, pca)}), weighted PCA {fmt(pca)} (seeds separated by /). "
+            f"median χ² AE one pass {' / '.join(fmt(v) for v in one)} ({seeds_below(one, pca)} than the PCA), refined "
+            f"{' / '.join(fmt(v) for v in ref)} ({seeds_below(ref, pca)}), weighted PCA {fmt(pca)} (seeds separated by /). "
             f"Repeat observations recognised as the same galaxy (self-retrieval): AE refined "
             f"{' / '.join(fmt(v, '.0%') for v in rep)}, PCA {fmt(e['pca']['repeats'].get('self_retrieval'), '.0%')} "
             f"({e['pca']['repeats'].get('n_spectra', 0)} spectra of {e['pca']['repeats'].get('n_galaxies', 0)} galaxies)."]
