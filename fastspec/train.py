@@ -923,20 +923,27 @@ class Trainer:
                 "val_loss": last_val, "best_val": self.best_val, "train_time_s": self.train_time,
                 "n_train": self.n_train, "n_val": self.n_val}
 
-    def close(self) -> None:
+    def close(self, finished_cleanly: bool = False) -> None:
         self.train_loader.close()
         if self.val_loader is not None:
             self.val_loader.close()
         if self.d.initialized_here:
             import torch.distributed as dist
 
+            if finished_cleanly:
+                # rank 0 still writes files after the last collective: without a barrier the other rank tears
+                # its gloo pairs down while rank 0's side is live, which once aborted a rank at exit in CI
+                dist.barrier()
             dist.destroy_process_group()
 
 
 def train(config: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns a summary dict (rank 0's view under DDP)."""
     trainer = Trainer(config)
+    ok = False
     try:
-        return trainer.run()
+        summary = trainer.run()
+        ok = True
+        return summary
     finally:
-        trainer.close()
+        trainer.close(finished_cleanly=ok)
