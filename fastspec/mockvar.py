@@ -161,14 +161,16 @@ def draw_lines(rng, p: dict, features, line_index: dict, hbeta_ew, k_lines, case
     p["line_flux"] = F * 10.0 ** (-0.4 * k_lines[None, :] * p["ebv"][:, None])
     blr = cls == 4
     if blr.any():
-        ratio = 10.0 ** (0.5 + 0.8 * u[:, 3])
+        # broad Hα 1–5× the narrow Hα and a power law ≤ 0.2 of the light: galaxy-selected broad-line AGN are red
+        # hosts with a weak broad base (the DR14 'AGN BROADLINE' spectra), not quasars
+        ratio = 10.0 ** (0.7 * u[:, 3])
         sigma_b = np.clip(4000.0 * np.exp(0.3 * g[:, 11]), 1500.0, 8000.0) / 2.3548
         att_ha = 10.0 ** (-0.4 * k_lines[line_index["Halpha"]] * p["ebv"])
         att_hb = 10.0 ** (-0.4 * k_lines[line_index["Hbeta"]] * p["ebv"])
         p["broad"][blr, 0] = (ratio * ha * att_ha)[blr]
         p["broad"][blr, 1] = (ratio * ha / 3.1 * att_hb)[blr]
         p["broad"][blr, 2] = sigma_b[blr]
-        p["broad"][blr, 3] = np.clip(0.3 * np.exp(0.5 * g[blr, 12]), 0.05, 0.8)
+        p["broad"][blr, 3] = np.clip(0.08 * np.exp(0.5 * g[blr, 12]), 0.02, 0.2)
 
 
 def add_agn(out: np.ndarray, wave: np.ndarray, z, broad: np.ndarray, lsf_kms: float = 0.0) -> None:

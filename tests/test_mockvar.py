@@ -191,6 +191,10 @@ def test_broad_line_agn_have_broad_balmer_lines(rich):
     agn = rich.truth["line_class"] == CLASSES.index("broad-line AGN")
     np.testing.assert_array_equal(b[:, 2] > 0, agn)
     assert np.all(b[agn, 2] * 2.3548 >= 1500 - 1e-3) and np.all(b[agn, 0] > 0)
+    # galaxy-selected broad-line AGN: broad Hα 1–5× the (attenuated) narrow Hα, power law ≤ 0.2 of the light
+    ratio = b[agn, 0] / rich.truth["line_flux"][agn, LINE_NAMES.index("Halpha")]
+    assert ratio.min() >= 1 - 1e-9 and ratio.max() <= 5 + 1e-9
+    assert b[agn, 3].min() >= 0.02 and b[agn, 3].max() <= 0.2
     # the broad Hα wings (30–60 Å from the line, beyond [N II]) carry flux that narrow-line galaxies lack
     w = rich.wave_rest
     wing = (np.abs(w - 6564.61) > 30) & (np.abs(w - 6564.61) < 60)

@@ -31,10 +31,11 @@ MODES = {
                   s_scan=(2,), n_refine=32, real_steps=4, steps=4, batch_size=32, lr=2e-3, model=TINY_MODEL,
                   invariance_z=(0.0, 0.25, 0.5)),
     # < 20 min on an idle 2-core CPU with every training (14 on mocks, 2 on real galaxies): bf16 autocast (it
-    # reaches the fp32 loss at half the step time) and 1400 steps each; science-quick.md gives each phase's time.
+    # reaches the fp32 loss at half the step time), 1200 steps each (1000 on the real galaxies) and latents
+    # refined for the first 500 held-out spectra; science-quick.md gives each phase's time.
     "quick": dict(n_train=12000, n_test=2000, n_lowz=800, n_invariance=150, n_pca_fit=4000, pca_iter=25,
-                  steps=1400, batch_size=64, lr=4e-3, precision="bf16", model=QUICK_MODEL, n_refine=500,
-                  real_steps=1200),
+                  steps=1200, batch_size=64, lr=4e-3, precision="bf16", model=QUICK_MODEL, n_refine=500,
+                  real_steps=1000),
     # a GPU: the paper's architecture, ~100 epochs of 100k spectra
     "full": dict(n_train=100_000, n_test=10_000, n_lowz=4000, n_invariance=1000, n_pca_fit=20_000, pca_iter=30,
                  steps=40_000, batch_size=256, lr=1e-3, model={}, precision="bf16", num_workers=4),

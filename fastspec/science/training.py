@@ -163,13 +163,16 @@ def encode(model, data, **kw) -> dict:
 def encode_variants(cfg: ScienceConfig, models: dict, test: dict, lowz: dict, moved: dict,
                     rerendered: dict | None = None) -> dict:
     """Everything the experiments read of the variants' encodings, made once per variant: {"test", "refined"
-    (latents refined, with cfg.refine_steps), "lowz", "moved", "rerendered"} -> {model name: encoding}."""
+    (latents of the first cfg.n_refine refined, with cfg.refine_steps), "lowz", "moved", "rerendered"} -> {model name: encoding}."""
     enc = {"test": {}, "refined": {}, "lowz": {}, "moved": {}, "rerendered": {}}
+    # refinement costs ~100 decoder passes a spectrum: the first n_refine held-out spectra, as for the S/seed scan
+    n_ref = min(cfg.n_refine, len(test["z"]))
+    sub = {k: test[k][:n_ref] for k in ("y", "w", "z")}
     for v, model in models.items():
         name = f"ae_{v}"
         enc["test"][name] = encode(model, test, chi2=True, observed=True)
         if cfg.refine_steps:
-            enc["refined"][f"{name}_refined"] = encode(model, test, chi2=True, observed=True, refine=cfg.refine_steps)
+            enc["refined"][f"{name}_refined"] = encode(model, sub, chi2=True, observed=True, refine=cfg.refine_steps)
         enc["lowz"][name] = encode(model, lowz, restframe=True)
         enc["moved"][name] = encode(model, moved, chi2=True)
         if rerendered is not None:
