@@ -596,8 +596,8 @@ def write_markdown(path, payload: dict) -> None:
          f"`{payload['command']}` — {payload['wall_s']:.0f} s wall ({payload['scan_s']:.0f} s of it the mock scan) on "
          f"{m.get('cpu', '?')} ({m['cpu_count']} cores, torch {m['torch_threads']} threads), load average (1/5/15 min) "
          f"{' '.join(f'{v:.2f}' for v in payload['loadavg_before'])} before, "
-         f"{' '.join(f'{v:.2f}' for v in payload['loadavg_after'])} after: another agent's benchmarks shared the "
-         f"cores and this ran at nice 19; {m['date']}.\n",
+         f"{' '.join(f'{v:.2f}' for v in payload['loadavg_after'])} after, niceness {payload.get('nice', '?')}"
+         f"{'; ' + payload['load_note'] if payload.get('load_note') else ''}; {m['date']}.\n",
          f"Per set {payload['n_fit']} training mocks (seed {SEED_FIT}) and {payload['n_test']} held-out mocks "
          f"(seed {SEED_TEST}), SDSS, z ≤ 0.5; ablations are basic mocks plus one fastspec.mockvar feature with the same "
          f"seeds (the same galaxies). Weighted PCA (fastspec.science.WeightedPCA, ≤ {PCA_ITER} ALS iterations), one "
@@ -734,6 +734,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help=f"results folder (default {OUT}; --quick: a temp folder)")
     ap.add_argument("--full-ablation", action="store_true",
                     help=f"every k at every S/N for the ablations too (default k {ABLATION_KS} at S/N {ABLATION_SNRS})")
+    ap.add_argument("--load-note", default=None,
+                    help="what else ran on the machine during the scan (stored with the results)")
     ap.add_argument("--reuse-scan", action="store_true",
                     help="redraw the figures and report from --out's mockrank.json without rerunning the scan")
     args = ap.parse_args(argv)
@@ -788,7 +790,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
 
     info = machine_info()
-    payload = {"command": "nice -n 19 .venv/bin/python bench/bench_mockrank.py" + (" --quick" if args.quick else ""),
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    payload = {"command": " ".join([".venv/bin/python bench/bench_mockrank.py", *argv_used]), "nice": os.nice(0),
+               "load_note": args.load_note,
                "machine": info, "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg()),
                "wall_s": round(wall, 1), "scan_s": round(t_scan, 1), "n_fit": args.n_fit, "n_test": args.n_test,
                "snrs": list(snrs), "ks": list(KS), "chi2_tol": CHI2_TOL, "var_tol": VAR_TOL, "pca_iter": PCA_ITER,
@@ -797,8 +801,8 @@ def main(argv=None) -> int:
                            "real": {k: v for k, v in p["real"].items() if k not in ("y", "w")},
                            "mock": {k: v for k, v in p["mock"].items() if k not in ("y", "w")}} for p in picks]}
     if previous:
-        for k in ("command", "loadavg_before", "loadavg_after", "wall_s", "scan_s"):
-            payload[k] = previous[k]
+        for k in ("command", "nice", "load_note", "loadavg_before", "loadavg_after", "wall_s", "scan_s"):
+            payload[k] = previous.get(k)
         payload["machine"] = previous["machine"]
         payload["figures_redrawn"] = info["date"]
     notes = args.out / "notes.md"  # hand-written reading of the numbers and figures, kept across reruns

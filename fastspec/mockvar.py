@@ -38,8 +38,9 @@ FEATURES = {
 PRESETS = {"basic": (), "rich": tuple(FEATURES)}
 CLASSES = ("star-forming", "composite", "Seyfert", "LINER", "broad-line AGN", "line-free")
 # class probabilities by population (with `bpt`); line-free only with `decoupled_lines`
-P_CLASS_ACTIVE = (0.70, 0.15, 0.08, 0.02, 0.05, 0.0)
-P_CLASS_PASSIVE = (0.0, 0.05, 0.05, 0.40, 0.0, 0.50)
+# broad-line AGN in galaxy-selected samples sit in massive, mostly old hosts: passive hosts get them too
+P_CLASS_ACTIVE = (0.70, 0.15, 0.08, 0.04, 0.03, 0.0)
+P_CLASS_PASSIVE = (0.0, 0.05, 0.05, 0.37, 0.03, 0.50)
 RESOLUTION = {"sdss": 2000.0, "boss": 2000.0, "desi": 3500.0}
 CALIB_SIGMA = 0.03
 IVAR_SCALE_SIGMA = 0.15

@@ -200,7 +200,10 @@ def test_broad_line_agn_have_broad_balmer_lines(rich):
     wing = (np.abs(w - 6564.61) > 30) & (np.abs(w - 6564.61) < 60)
     far = (np.abs(w - 6564.61) > 120) & (np.abs(w - 6564.61) < 160)
     excess = rich.truth["spec_rest"][:, wing].mean(1) / rich.truth["spec_rest"][:, far].mean(1) - 1
-    assert np.median(excess[agn]) > 0.1 and np.median(excess[~agn]) < 0.05
+    # the broad base is weak (1–5× the narrow Hα, as in galaxy-selected samples), but half the broad-line AGN still
+    # lift the wings beyond what 99% of the other galaxies show
+    assert np.median(excess[agn]) > 2 * max(np.percentile(excess[~agn], 99), 0.005)
+    assert np.median(excess[~agn]) < 0.01
 
 
 def test_cli_features(tmp_path, capsys):
