@@ -34,6 +34,7 @@ from .mockvar import (
     draw_lines,
     draw_systematics,
     lsf_sigma_kms,
+    oii_relation,
     parse_features,
 )
 from .prep import apply_normalization, bad_pixel_mask, normalization
@@ -465,7 +466,8 @@ class MockGenerator:
         x_q = np.clip(0.15 * g[:, 2], -0.4, 0.4)
         log_n2ha = np.where(q, x_q, x_sf)
         log_o3hb = np.where(q, 0.1 + 0.2 * g[:, 3], 0.61 / (x_sf - 0.05) + 1.15 + 0.1 * g[:, 3])
-        log_o2hb = np.where(q, 0.55 + 0.15 * g[:, 4], 0.35 - 0.5 * (x_sf + 0.45) + 0.1 * g[:, 4])
+        o2_median, o2_scatter = oii_relation(np.where(q, 3, 0), log_n2ha)
+        log_o2hb = o2_median + o2_scatter * g[:, 4]
         log_s2ha = np.where(q, -0.2, -0.55) + 0.1 * g[:, 5]
         hbeta = (p["weights"] @ self.basis.hbeta_ew) * 10.0 ** (0.15 * g[:, 6])
         F = np.zeros((M, len(LINES)))  # the extra lines stay 0 unless a mockvar feature adds them

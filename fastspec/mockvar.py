@@ -78,6 +78,16 @@ def _kewley(x):
     return 0.61 / (x - 0.47) + 1.19
 
 
+def oii_relation(line_class, log_n2ha) -> tuple[np.ndarray, np.ndarray]:
+    """What the mocks draw [O II] 3726+3729 from: (median log [O II]/Hβ, its Gaussian scatter in dex) by class —
+    star-forming on the metallicity sequence in log [N II]/Hα, AGN and composites 0.3, LINERs 0.55. The science
+    check's [O II] oracle uses it too: the spread around it is the part of [O II] nothing else in a mock predicts."""
+    cls = np.asarray(line_class)
+    x = np.asarray(log_n2ha, np.float64)
+    median = np.select([cls == 0, np.isin(cls, (1, 2, 4)), cls == 3], [0.35 - 0.5 * (x + 0.45), 0.3, 0.55], 0.0)
+    return median, np.where(cls == 0, 0.1, 0.15)
+
+
 def draw_lines(rng, p: dict, features, line_index: dict, hbeta_ew, k_lines, case_b: dict) -> None:
     """Replace p's line fluxes (and add class, gas dispersion, broad components) for the enabled features.
 
@@ -123,15 +133,15 @@ def draw_lines(rng, p: dict, features, line_index: dict, hbeta_ew, k_lines, case
         y = np.select([cls == 0, cls == 1, np.isin(cls, (2, 4)), cls == 3],
                       [np.minimum(_kauffmann(x) - 0.15 + 0.1 * g[:, 3], _kauffmann(x) - 0.02), y_comp,
                        0.8 + 0.15 * g[:, 3], 0.0 + 0.15 * g[:, 3]], 0.0)
-        o2 = np.select([cls == 0, cls == 1, np.isin(cls, (2, 4)), cls == 3],
-                       [0.35 - 0.5 * (x + 0.45), 0.3 * np.ones(M), 0.3 * np.ones(M), 0.55 * np.ones(M)], 0.0)
-        o2 = o2 + np.where(cls == 0, 0.1, 0.15) * g[:, 4]
+        o2_median, o2_scatter = oii_relation(cls, x)
+        o2 = o2_median + o2_scatter * g[:, 4]
         s2 = np.select([cls == 0, cls == 1, np.isin(cls, (2, 4)), cls == 3], [-0.55, -0.4, -0.3, -0.15], 0.0)
         s2 = s2 + 0.1 * g[:, 5]
     else:  # the basic parameterisation (fastspec.mock) with this generator's draws
         x = np.where(q, np.clip(0.15 * g[:, 2], -0.4, 0.4), np.clip(-0.45 + 0.2 * g[:, 2], -1.2, -0.15))
         y = np.where(q, 0.1 + 0.2 * g[:, 3], 0.61 / (x - 0.05) + 1.15 + 0.1 * g[:, 3])
-        o2 = np.where(q, 0.55 + 0.15 * g[:, 4], 0.35 - 0.5 * (x + 0.45) + 0.1 * g[:, 4])
+        o2_median, o2_scatter = oii_relation(np.where(q, 3, 0), x)
+        o2 = o2_median + o2_scatter * g[:, 4]
         s2 = np.where(q, -0.2, -0.55) + 0.1 * g[:, 5]
     ha = case_b["HALPHA_HBETA"] * hbeta
     F = np.zeros((M, len(line_index)))

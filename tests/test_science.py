@@ -241,3 +241,28 @@ def test_smoke_run_through_the_cli_writes_every_experiment(tmp_path, real_data_d
     # the same settings again reuse the trained model instead of training again
     again = train_variant(cfg, "a", str(work / "train-smoke.h5"))
     assert again.pop("reused") and again == saved["training"]["ae_a"]
+
+
+@pytest.mark.parametrize("features", ["rich", "basic"])
+def test_oii_oracle_leaves_exactly_the_scatter_the_mocks_draw(features):
+    """The [O II] ceiling: the mocks' own relation on the true class, Hβ, [N II]/Hα and dust. Against the drawn
+    line fluxes, what remains must be the relation's lognormal scatter (0.1 dex star-forming, 0.15 dex others),
+    centred where the mean of a lognormal puts it."""
+    from fastspec.mock import LINE_NAMES, make_mock
+    from fastspec.science.experiments.extended_restframe import oracle_prediction
+
+    m = make_mock(4000, seed=11, features=features)
+    lowz = {f"truth/{k}": v for k, v in m.truth.items()}
+    pred = oracle_prediction(lowz)
+    lf = m.truth["line_flux"]
+    oii = lf[:, LINE_NAMES.index("OII_3726")] + lf[:, LINE_NAMES.index("OII_3729")]
+    cls = m.truth["line_class"] if features == "rich" else np.where(m.truth["quiescent"], 3, 0)
+    for c, sigma in ((0, 0.1), (3, 0.15)):
+        sel = (cls == c) & (oii > 0)
+        assert sel.sum() > 300, (features, c, sel.sum())
+        resid = np.log10(oii[sel] / pred[sel])
+        assert np.std(resid) == pytest.approx(sigma, rel=0.08), (features, c)
+        # three standard errors of a mean
+        assert np.mean(resid) == pytest.approx(-0.5 * sigma**2 * math.log(10), abs=3 * sigma / math.sqrt(sel.sum()))
+    if features == "rich":  # line-free galaxies have no [O II] and the oracle knows it
+        assert np.all(pred[cls == 5] == 0) and np.all(oii[cls == 5] == 0)

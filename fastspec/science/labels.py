@@ -21,7 +21,7 @@ def label(name: str) -> str:
         return f"AE {VARIANTS[name[3:]]['label']}"
     return {"pca": "weighted restframe PCA", "truth_model": "noiseless truth (perfect model)",
             "pca_every_pixel": "weighted PCA fitted on every pixel",
-            "oii_oracle": "oracle ceiling: true fluxes of the observed lines → [O II] (cross-fitted)",
+            "oii_oracle": "oracle ceiling: the mocks' [O II] relation on the true class, Hβ, [N II]/Hα, dust",
             "oii_lines": "trivial baseline: Hβ, Hα, [N II] measured on the spectrum + the mocks' relation",
             }.get(name, name)
 

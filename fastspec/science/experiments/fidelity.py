@@ -52,10 +52,14 @@ def plot(path, per_spec, snr, S, budget) -> str:
     allc = np.concatenate([v["chi2"] for v in per_spec.values()])
     allc = allc[np.isfinite(allc) & (allc > 0)]
     bins = np.geomspace(max(np.percentile(allc, 0.5), 1e-2) / 1.2, np.percentile(allc, 99.5) * 1.2, 60)
+    def tag(name):  # refined latents cover the first n_refine spectra only: fewer counts in the histograms
+        n = len(per_spec[name]["chi2"])
+        return f"{label(name)} (first {n})" if n < len(snr) else label(name)
+
     for name, v in per_spec.items():
         c = v["chi2"][np.isfinite(v["chi2"])]
         axes[0].hist(np.clip(c, bins[0], bins[-1]), bins=bins, histtype="step", lw=1.4, color=COLORS[name],
-                     label=f"{label(name)}: median {np.median(c):.2f}")
+                     label=f"{tag(name)}: median {np.median(c):.2f}")
     axes[0].axvline(1, color="k", ls=":", lw=0.8)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("reduced χ² against the data")
@@ -69,7 +73,7 @@ def plot(path, per_spec, snr, S, budget) -> str:
     for name, e in errs.items():
         e = e[np.isfinite(e)]
         axes[1].hist(np.clip(e, bins[0], bins[-1]), bins=bins, histtype="step", lw=1.4, color=COLORS[name],
-                     label=f"{label(name)}: median {np.median(e):.2f}")
+                     label=f"{tag(name)}: median {np.median(e):.2f}")
     axes[1].axvline(1, color="k", ls="--", lw=1, label="= noise variance")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("model error vs noiseless truth: Σ w (ŷ − y_true)² / N  [noise variances]")
@@ -80,7 +84,7 @@ def plot(path, per_spec, snr, S, budget) -> str:
     for name, v in per_spec.items():
         s = snr[:len(v["chi2"])]
         med = [np.nanmedian(v["chi2"][(s >= a) & (s <= b)]) for a, b in zip(edges[:-1], edges[1:])]
-        axes[2].plot(mid, med, "o-", ms=3, color=COLORS[name], label=label(name))
+        axes[2].plot(mid, med, "o-", ms=3, color=COLORS[name], label=tag(name))
     axes[2].axhline(1, color="k", ls=":", lw=0.8)
     axes[2].set_xscale("log")
     axes[2].set_yscale("log")
