@@ -19,7 +19,11 @@ already on the device).
     python bench/bench_encode.py                 # CPU: 1024 spectra, fp32 and bf16
     python bench/bench_encode.py --n 20000       # on a GPU machine: cuda, batch 4096 (file in page cache)
 
-Results: bench/results/encode.json (CPU) or encode-cuda.json, with machine info.
+`--whole-process` measures what a user sees instead: `fastspec encode MODEL FILE -o OUT` with its defaults beside
+the loop a spender 0.3 user writes (bench/spender_user.py), each a fresh process timed from spawn to exit with its
+peak RSS (bench/wholeproc.py), on 8192 mock spectra; plus the start-up cost and the held-out χ² with fp32 and bf16.
+
+Results: bench/results/encode.json (CPU) or encode-cuda.json, with machine info; encode-whole.* for --whole-process.
 """
 from __future__ import annotations
 
@@ -178,6 +182,111 @@ def compute_alone(model, path: str, n: int, batch_size: int, device, precision: 
     return (time.perf_counter() - t0) * n / (reps * len(z))
 
 
+MOCK_MODEL = Path(__file__).resolve().parent / "work" / "mock" / "mock-run-3000-1500" / "best.pt"
+MOCK_TEST = Path(__file__).resolve().parent / "work" / "mock" / "mock-test-200.h5"
+
+
+def _median_chi2(path: str) -> float:
+    with h5py.File(path, "r") as h:
+        return float(np.nanmedian(h["chi2"][()]))
+
+
+def whole_process(args) -> int:
+    """`fastspec encode MODEL FILE -o OUT` with its defaults against the loop a spender 0.3 user writes
+    (bench/spender_user.py encode), each a fresh process timed from spawn to exit with its peak RSS; plus the
+    start-up cost (64 spectra) and the held-out χ² of fp32 against bf16 latents."""
+    from common import markdown_table
+    from wholeproc import fastest, run_measured, write_markdown
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    data = mock_file(args.n or 8192, cache)
+    small = mock_file(64, cache)
+    model_path = cache / "model-default-sdss.pt"
+    if not model_path.exists():  # fastspec's default architecture (`fastspec train`'s), untrained: speed only
+        torch.manual_seed(0)
+        SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=Z_MAX)).save(model_path)
+    exe = os.path.join(os.path.dirname(sys.executable), "fastspec")
+    user = str(Path(__file__).resolve().parent / "spender_user.py")
+    have_spender = spender_model(torch.device("cpu")) is not None
+    from fastspec.train import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu"))
+    default = f"default (auto → {auto} on this CPU)"
+    runs = [("fastspec", default, data, []), ("fastspec", "fp32", data, ["--precision", "fp32"])]
+    if have_spender:  # spender has no file pipeline, so no default batch: fastspec's CPU default and 256
+        runs += [("spender", "default (fp32), batch 64", data, ["--batch-size", "64"]),
+                 ("spender", "bf16, batch 64", data, ["--batch-size", "64", "--precision", "bf16"]),
+                 ("spender", "fp32, batch 256", data, ["--batch-size", "256"])]
+    runs += [("fastspec", "default, 64 spectra (start-up)", small, []),
+             ("python", "import torch only", None, [])]
+    load0 = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-encode-whole-", dir=cache) as tmp:
+        for rep in range(args.repeat):
+            for impl, label, path, extra in runs:
+                out = os.path.join(tmp, f"{impl}-{len(rows)}.h5")
+                if impl == "fastspec":
+                    cmd = [exe, "encode", str(model_path), path, "-o", out, "-q", *extra]
+                elif impl == "spender":
+                    cmd = [sys.executable, user, "encode", path, "-o", out, *extra]
+                else:
+                    cmd = [sys.executable, "-c", "import torch"]
+                print(f"[{rep + 1}/{args.repeat}] {impl} {label}: {' '.join(cmd)}", flush=True)
+                r = run_measured(cmd)
+                n = 0 if path is None else (64 if path == small else (args.n or 8192))
+                rows.append({"impl": impl, "settings": label, "repeat": rep + 1, "spectra": n, "wall_s": r["wall_s"],
+                             "cpu_s": r["cpu_s"], "peak_rss_mb": r["peak_rss_mb"],
+                             "spectra_per_s_whole": round(n / r["wall_s"], 1) if n else None, "cmd": r["cmd"]})
+                print(f"    {r['wall_s']:.2f} s wall, {r['cpu_s']:.1f} s CPU, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        accuracy = None
+        acc_model, acc_data = args.accuracy_model, args.accuracy_data
+        if acc_model and acc_data and os.path.exists(acc_model) and os.path.exists(acc_data):
+            accuracy = {}
+            for precision in ("fp32", "bf16"):
+                out = os.path.join(tmp, f"chi2-{precision}.h5")
+                run_measured([exe, "encode", acc_model, acc_data, "-o", out, "--chi2", "-q", "--precision", precision])
+                accuracy[precision] = _median_chi2(out)
+            print(f"held-out median χ² (trained model {acc_model}, {acc_data}): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()), flush=True)
+    best = fastest(rows)
+    table = list(best.values())
+    fs, fs32 = best[("fastspec", default)], best[("fastspec", "fp32")]
+    ratios = {}
+    if have_spender:
+        sp, spb = best[("spender", "default (fp32), batch 64")], best[("spender", "bf16, batch 64")]
+        sp256 = best[("spender", "fp32, batch 256")]
+        ratios = {"encode_speedup_default_vs_spender_default": round(sp["wall_s"] / fs["wall_s"], 2),
+                  "encode_speedup_default_vs_spender_bf16": round(spb["wall_s"] / fs["wall_s"], 2),
+                  "encode_speedup_fp32_vs_spender_fp32": round(sp["wall_s"] / fs32["wall_s"], 2),
+                  "encode_speedup_default_vs_spender_fp32_batch_256": round(sp256["wall_s"] / fs["wall_s"], 2),
+                  "peak_rss_default_vs_spender_default": round(fs["peak_rss_mb"] / sp["peak_rss_mb"], 2),
+                  "peak_rss_default_vs_spender_fp32_batch_256": round(fs["peak_rss_mb"] / sp256["peak_rss_mb"], 2)}
+    ratios["startup_64_spectra_s"] = best[("fastspec", "default, 64 spectra (start-up)")]["wall_s"]
+    ratios["import_torch_s"] = best[("python", "import torch only")]["wall_s"]
+    print_table(table, ["impl", "settings", "spectra", "wall_s", "cpu_s", "peak_rss_mb", "spectra_per_s_whole"],
+                title=f"whole processes: encode {args.n or 8192} mock SDSS spectra file → latents on file "
+                f"(fastest of {args.repeat})")
+    print(json.dumps(ratios, indent=1))
+    payload = {"benchmark": "encode as whole processes with default settings",
+               "machine": machine_info(), "load_average_start_end": [load0, os.getloadavg()], "n": args.n or 8192,
+               "model": "fastspec: ModelConfig(instrument='sdss') as `fastspec train` builds it; spender: its SDSS model",
+               "heldout_median_chi2": accuracy, "accuracy_model": args.accuracy_model, "ratios": ratios, "rows": rows}
+    path_json = write_results(args.out or "encode-whole", payload, table)
+    md = markdown_table(table, {"": ("impl", None), "settings": ("settings", None), "spectra": ("spectra", "d"),
+                                "wall [s]": ("wall_s", ".2f"), "CPU [s]": ("cpu_s", ".1f"),
+                                "peak RSS [MB]": ("peak_rss_mb", ".0f"),
+                                "spectra/s (whole process)": ("spectra_per_s_whole", ".1f")})
+    findings = [f"{k.replace('_', ' ')}: {v}" for k, v in ratios.items()]
+    if accuracy:
+        findings.append(f"held-out median χ² of a trained model ({Path(args.accuracy_data).name}): "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
+    write_markdown(path_json.with_suffix(".md"), f"Encoding as whole processes: {args.n or 8192} mock SDSS spectra, "
+                   "file → latents on file", payload, md, findings)
+    print(f"results: {path_json}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,9 +297,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fastspec-bench"),
                    help="where the mock file is kept between runs")
-    p.add_argument("--repeat", type=int, default=2, help="runs of each, interleaved; the fastest is kept")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs of each, interleaved; the fastest is kept (default 2; 1 with --whole-process)")
     p.add_argument("--no-spender", action="store_true")
     p.add_argument("--out", default=None, help="results name in bench/results (default encode / encode-cuda)")
+    p.add_argument("--whole-process", action="store_true",
+                   help="time `fastspec encode` (defaults) and a spender user's loop as whole processes (default "
+                   "--n 8192, --repeat 1)")
+    p.add_argument("--accuracy-model", default=str(MOCK_MODEL),
+                   help="--whole-process: a trained model whose held-out χ² is compared in fp32 and bf16 (default "
+                   "bench/mock_split.py's; '' to skip)")
+    p.add_argument("--accuracy-data", default=str(MOCK_TEST), help="--whole-process: its held-out spectra")
     p.add_argument("--spender-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -198,6 +315,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.spender_child:
         return run_spender_child(args)
+    if args.whole_process:
+        args.repeat = args.repeat or 1
+        return whole_process(args)
+    args.repeat = args.repeat or 2
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -22,6 +22,13 @@ timed steps minus the memory allocated before the model was built, and there is 
 
     .venv/bin/python bench/bench_train.py [--batches 64 256] [--steps 2] [--converge-steps 12]
     .venv/bin/python bench/bench_train.py --device cuda --batches 1024 --precisions fp32,bf16 --side-by-side-only
+
+`--whole-process` measures what a user sees instead: `fastspec train FILE -o DIR --epochs 1 --batch-size 64` with
+every other setting at its default, beside the loop a spender 0.3 user writes (bench/spender_user.py, fp32 as
+spender runs by default, and bf16), each a fresh process timed from spawn to exit with its peak RSS
+(bench/wholeproc.py), on the same mock file; results in bench/results/train-whole.*.
+
+    .venv/bin/python bench/bench_train.py --whole-process [--n 8192] [--epochs 1] [--repeat 1]
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -208,6 +217,101 @@ def spender_available() -> str | None:
     return None
 
 
+def mock_data(n: int, cache: str) -> str:
+    """n mock SDSS spectra (seed 0) in the cache folder, written once."""
+    path = os.path.join(cache, f"mock-sdss-{n}.h5")
+    if not os.path.exists(path):
+        from fastspec.mock import write_mock
+
+        os.makedirs(cache, exist_ok=True)
+        print(f"writing {n} mock SDSS spectra to {path} …", flush=True)
+        write_mock(path, n, instrument="sdss", seed=0, restframe_truth=False, progress=False)
+    return path
+
+
+def whole_process(args) -> int:
+    """`fastspec train` with its defaults against the loop a spender 0.3 user writes (bench/spender_user.py),
+    each a fresh process timed from spawn to exit with its peak RSS; both train --epochs on the same file at the
+    same batch size and validate on a tenth of it."""
+    from common import markdown_table
+    from wholeproc import fastest, run_measured, write_markdown
+
+    data = mock_data(args.n, args.cache)
+    exe = os.path.join(os.path.dirname(sys.executable), "fastspec")
+    user = str(Path(__file__).resolve().parent / "spender_user.py")
+    import torch
+
+    from fastspec.train import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu"))
+    runs = [("fastspec", f"default (auto → {auto} on this CPU)", []), ("fastspec", "fp32", ["--precision", "fp32"]),
+            ("spender", "default (fp32)", []), ("spender", "bf16", ["--precision", "bf16"])]
+    if spender_available():
+        runs = runs[:2]
+    rows = []
+    load_before = os.getloadavg()
+    for rep in range(args.repeat):
+        for impl, label, extra in runs:
+            with tempfile.TemporaryDirectory(prefix="bench_train_whole_") as tmp:
+                if impl == "fastspec":
+                    cmd = [exe, "train", data, "-o", os.path.join(tmp, "run"), "--epochs", str(args.epochs),
+                           "--batch-size", str(args.whole_batch), "-q", *extra]
+                else:
+                    cmd = [sys.executable, user, "train", data, "--epochs", str(args.epochs), "--batch-size",
+                           str(args.whole_batch), *extra]
+                print(f"[{rep + 1}/{args.repeat}] {impl} {label}: {' '.join(cmd)}", flush=True)
+                r = run_measured(cmd)
+                if impl == "fastspec":
+                    with open(os.path.join(tmp, "run", "history.json")) as fh:
+                        h = json.load(fh)
+                    val, n_spectra = h["val"][-1]["loss"], h["train"][-1]["spectra"]
+                    rate = [e["spectra_per_s"] for e in h["train"] if e.get("spectra_per_s")]
+                    in_proc = float(np.median(rate)) if rate else None
+                    kind = f"fastspec '{h.get('loss_kind', 'paper')}' loss"
+                else:
+                    val, n_spectra, in_proc = r["result"]["val_loss"], r["result"]["spectra"], None
+                    kind = "spender's weighted MSE"
+            rows.append({"impl": impl, "settings": label, "repeat": rep + 1, "wall_s": r["wall_s"],
+                         "cpu_s": r["cpu_s"], "peak_rss_mb": r["peak_rss_mb"], "spectra": n_spectra,
+                         "spectra_per_s_whole": round(n_spectra / r["wall_s"], 1),
+                         "spectra_per_s_in_process": round(in_proc, 1) if in_proc else None,
+                         "val_loss": round(val, 6), "val_loss_kind": kind, "cmd": r["cmd"]})
+            print(f"    {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                  f"val loss {val:.5g}", flush=True)
+    best = fastest(rows)
+    table = list(best.values())
+    fs = best[("fastspec", runs[0][1])]
+    ratios = {}
+    sp = best.get(("spender", "default (fp32)"))
+    spb = best.get(("spender", "bf16"))
+    fs32 = best[("fastspec", "fp32")]
+    if sp:
+        ratios = {"train_speedup_default_vs_spender_default": round(sp["wall_s"] / fs["wall_s"], 2),
+                  "train_speedup_default_vs_spender_bf16": round(spb["wall_s"] / fs["wall_s"], 2) if spb else None,
+                  "peak_rss_default_vs_spender_default": round(fs["peak_rss_mb"] / sp["peak_rss_mb"], 2),
+                  "fp32_speedup_vs_spender_fp32": round(sp["wall_s"] / fs32["wall_s"], 2)}
+    ratios["val_loss_default_over_fp32"] = round(fs["val_loss"] / fs32["val_loss"], 4)
+    cols = ["impl", "settings", "wall_s", "cpu_s", "peak_rss_mb", "spectra_per_s_whole", "spectra_per_s_in_process",
+            "val_loss", "val_loss_kind"]
+    print_table(table, cols, title=f"whole processes: train {args.epochs} epoch(s) of {args.n} mock SDSS spectra, "
+                f"batch {args.whole_batch} (fastest of {args.repeat})")
+    print(json.dumps(ratios, indent=1))
+    payload = {"machine": machine_info(), "load_average_before": load_before, "load_average_end": os.getloadavg(),
+               "n": args.n, "epochs": args.epochs, "batch": args.whole_batch, "repeat": args.repeat,
+               "spender": None if spender_available() else "0.3", "rows": rows, "ratios": ratios}
+    path = write_results(args.out or "train-whole", payload, table)
+    md = markdown_table(table, {"": ("impl", None), "settings": ("settings", None), "wall [s]": ("wall_s", ".1f"),
+                                "CPU [s]": ("cpu_s", ".1f"), "peak RSS [MB]": ("peak_rss_mb", ".0f"),
+                                "spectra/s (whole process)": ("spectra_per_s_whole", ".1f"),
+                                "spectra/s (in the training loop)": ("spectra_per_s_in_process", ".1f"),
+                                "held-out loss": ("val_loss", ".5g"), "loss": ("val_loss_kind", None)})
+    findings = [f"{k.replace('_', ' ')}: {v}" for k, v in ratios.items()]
+    write_markdown(path.with_suffix(".md"), f"Training as whole processes: {args.epochs} epoch(s) of {args.n} mock "
+                   f"SDSS spectra, batch {args.whole_batch}", payload, md, findings)
+    print(f"results: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
@@ -221,6 +325,14 @@ def main(argv=None) -> int:
     ap.add_argument("--side-by-side-only", action="store_true",
                     help="only fastspec against spender (no torch-backend and paper-architecture rows)")
     ap.add_argument("--out", default=None, help="results name under bench/results (default train / train-cuda)")
+    ap.add_argument("--whole-process", action="store_true",
+                    help="time `fastspec train` (defaults) and a spender user's loop as whole processes instead")
+    ap.add_argument("--n", type=int, default=8192, help="--whole-process: mock spectra in the file (default 8192)")
+    ap.add_argument("--epochs", type=int, default=1, help="--whole-process: epochs (default 1)")
+    ap.add_argument("--whole-batch", type=int, default=64, help="--whole-process: batch size (default 64)")
+    ap.add_argument("--repeat", type=int, default=1, help="--whole-process: runs of each, interleaved (fastest kept)")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fastspec-bench"),
+                    help="--whole-process: folder for the mock file")
     ap.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -229,6 +341,8 @@ def main(argv=None) -> int:
         res = run_case(json.loads(args.run_case), args.data)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
+    if args.whole_process:
+        return whole_process(args)
 
     no_spender = spender_available()
     if no_spender:

@@ -208,7 +208,25 @@ def test_resume_from_partial_equals_uninterrupted(data):
 
 
 def _cli(*args, env=None):
-    return [sys.executable, "-m", "fastspec", "encode", *map(str, args)], {**os.environ, **(env or {})}
+    # fp32: these runs are compared bit for bit with fp32 references (the default, auto, is tested on its own)
+    extra = [] if "--precision" in args else ["--precision", "fp32"]
+    return [sys.executable, "-m", "fastspec", "encode", *map(str, args), *extra], {**os.environ, **(env or {})}
+
+
+def test_default_precision_is_bf16_where_the_cpu_has_it(data, tmp_path):
+    from fastspec import cli
+    from fastspec.train import resolve_precision
+
+    d, model_path, files = data
+    out = tmp_path / "auto.h5"
+    assert cli.main(["encode", model_path, files[0], "-o", str(out), "--backend", "torch", "-q"]) == 0
+    want = resolve_precision("auto", torch.device("cpu"))
+    with E.LatentsFile(out) as f:
+        assert f.attrs["precision"] == want
+    ref = tmp_path / "ref.h5"
+    with use_backend("torch"):
+        E.encode_files(load_model(model_path), files[:1], ref, batch_size=64, precision=want, progress=False)
+    np.testing.assert_allclose(read_latents(out)[0]["latents"], read_latents(ref)[0]["latents"], rtol=1e-6, atol=1e-6)
 
 
 def _rows_done(path):

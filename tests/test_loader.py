@@ -2,6 +2,7 @@
 deterministic order (seed, epoch, shards) independent of workers and world size, disjoint DDP shards,
 cheap mid-epoch resume, the stable validation split, and errors that name file, row and field."""
 import hashlib
+import os
 
 import h5py
 import numpy as np
@@ -328,3 +329,37 @@ def test_batches_spanning_chunks_are_views_not_copies(files):
     assert len({b.y.untyped_storage().data_ptr() for b in batches[:inside]}) == 1
     for b in batches:
         np.testing.assert_array_equal(b.y.numpy(), y_ref[b.index.numpy()])
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's header line
+                inside = len(head) >= 6 and head[5] == str(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_a_streamed_file_does_not_stay_in_the_resident_set(tmp_path):
+    """Blocks read through the memory map are dropped from the process's page tables once read (the page cache
+    keeps them): an epoch over a 100 MB file must not leave the file resident, and a second epoch reads the same."""
+    path = tmp_path / "big.h5"
+    write(path, 3000, seed=9)
+    size_kb = os.path.getsize(path) // 1024
+    loader = SpectraLoader([path], batch_size=64, block_rows=128, shuffle_blocks=4, seed=1, num_workers=0)
+    first = [b.index.numpy().copy() for b in loader.iterate(epoch=0)]
+    assert sum(len(i) for i in first) == 3000 - 3000 % 64
+    resident = _mapped_rss_kb(path)
+    assert 0 <= resident < 0.1 * size_kb, (resident, size_kb)
+    y_ref, w_ref, _ = reference([path])
+    for b in loader.iterate(epoch=1):  # refaulted from the page cache: the same values
+        i = b.index.numpy()
+        np.testing.assert_array_equal(b.y.numpy(), y_ref[i])
+        np.testing.assert_array_equal(b.w.numpy(), w_ref[i])
+    assert _mapped_rss_kb(path) < 0.1 * size_kb
+    loader.close()

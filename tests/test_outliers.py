@@ -107,8 +107,9 @@ def test_cli_fits_saves_reuses_and_scores(tmp_path, capsys):
     a = read_scores(out)
     assert a["log_prob"].shape == (9,) and np.all(np.isfinite(a["log_prob"]))
     np.testing.assert_array_equal(a["object_id"], np.arange(500, 509))
-    # a latents file of the same model scores the same; the flow is reused without --train
-    assert cli.main(["encode", model, test, "-o", str(tmp_path / "lat.h5"), "-q"]) == 0
+    # a latents file of the same model (fp32, as outliers encodes spectra) scores the same; the flow is reused
+    # without --train
+    assert cli.main(["encode", model, test, "-o", str(tmp_path / "lat.h5"), "--precision", "fp32", "-q"]) == 0
     assert cli.main(["outliers", model, str(tmp_path / "lat.h5"), "-o", str(tmp_path / "s2.h5"), "-q"]) == 0
     np.testing.assert_allclose(read_scores(tmp_path / "s2.h5")["log_prob"], a["log_prob"], rtol=1e-5)
     # another model's flow / latents are refused; a spectrum without Z names file, row, field

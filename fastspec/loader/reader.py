@@ -124,6 +124,7 @@ class ChunkReader(torch.utils.data.Dataset):
                     flux, ivar, mask, zz = mapped.rows(a, b)
                     self._check(info, a, fill(flux, ivar, mask, zz, part, row0 + a - lo, y, w, z, index))
                 a = b
+            mapped.release(lo, hi)  # read into the output: off this process's resident set
             # read-ahead advice costs ~10% of the pass even when every page is cached: give it only while the
             # passes wait for the disk (major page faults in this thread), for a few blocks after each wait
             # (advised blocks themselves wait less)

@@ -1,0 +1,60 @@
+"""Whole-process measurements, as `/usr/bin/time -v` makes them: wall time from spawn to exit, user + system CPU
+time and the peak resident set size of the process (and of any children it waited for), read from wait4's rusage.
+bench_train.py and bench_encode.py use it to time `fastspec train` / `fastspec encode` with their default settings
+beside the loop a spender 0.3 user writes (bench/spender_user.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+
+def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
+    """Run cmd to completion; {cmd, wall_s, cpu_s, peak_rss_mb, result (its last stdout line, if JSON),
+    stderr_tail}. Raises RuntimeError with the command's stderr when it fails."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd)
+        _, status, ru = os.wait4(proc.pid, 0)  # the child's own rusage (Popen.wait would discard it)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{stderr[-3000:]}")
+    lines = stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        result = None
+    return {"cmd": " ".join(cmd), "wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+            "peak_rss_mb": round(ru.ru_maxrss / 1024, 1), "result": result, "stderr_tail": stderr[-1500:]}
+
+
+def fastest(rows: list[dict]) -> dict:
+    """{(impl, settings): the row with the shortest wall time} over the repeats."""
+    best: dict = {}
+    for r in rows:
+        k = (r["impl"], r["settings"])
+        if k not in best or r["wall_s"] < best[k]["wall_s"]:
+            best[k] = r
+    return best
+
+
+def write_markdown(path, title: str, payload: dict, table: list[str], findings: list[str]) -> None:
+    """bench/results/<name>.md: what ran, where, under which load, the table, and the ratios in words."""
+    m = payload["machine"]
+    load = payload.get("load_average_start_end") or [payload.get("load_average_before"), payload.get("load_average_end")]
+    fmt_load = [" ".join(f"{v:.2f}" for v in x) if x else "?" for x in load]
+    lines = [f"# {title}", "",
+             f"{m.get('cpu', '?')}, {m['cpu_count']} cores, torch {m['torch']}, {m['date']}; load average (1/5/15 min) "
+             f"{fmt_load[0]} before, {fmt_load[1]} after. Whole processes, each timed from spawn to exit (wall), "
+             "with its user + system CPU time and peak resident set (wait4's rusage, as /usr/bin/time reports it); "
+             "interleaved, the fastest repeat of each shown.", "", *table, "", *[f"* {f}" for f in findings], ""]
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(lines))
+    os.replace(tmp, path)
