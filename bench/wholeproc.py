@@ -7,31 +7,48 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
-import time
+
+# A child's peak RSS (ru_maxrss) includes the memory of the process it was forked or vfork-ed from: at exec the
+# kernel folds the old address space's high-water mark into it. Spawned straight from a benchmark that has
+# imported torch, `python -c pass` would report ~250 MB. So a bare Python launcher (~10 MB) spawns the command,
+# times it from spawn to exit and reports wait4's rusage.
+_LAUNCHER = """
+import json, os, sys, time
+t = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t
+with open(sys.argv[1], "w") as fh:
+    json.dump({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss,
+               "rc": os.waitstatus_to_exitcode(status)}, fh)
+"""
 
 
 def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
     """Run cmd to completion; {cmd, wall_s, cpu_s, peak_rss_mb, result (its last stdout line, if JSON),
     stderr_tail}. Raises RuntimeError with the command's stderr when it fails."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd)
-        _, status, ru = os.wait4(proc.pid, 0)  # the child's own rusage (Popen.wait would discard it)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".json") as usage:
+        subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, usage.name, *cmd], stdin=subprocess.DEVNULL,
+                       stdout=out, stderr=err, env=env, cwd=cwd, check=False)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{stderr[-3000:]}")
+        try:
+            ru = json.load(usage)
+        except ValueError:
+            raise RuntimeError(f"{' '.join(cmd)} could not be launched:\n{stderr[-3000:]}") from None
+    if ru["rc"]:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {ru['rc']}:\n{stderr[-3000:]}")
     lines = stdout.strip().splitlines()
     try:
         result = json.loads(lines[-1]) if lines else None
     except ValueError:
         result = None
-    return {"cmd": " ".join(cmd), "wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
-            "peak_rss_mb": round(ru.ru_maxrss / 1024, 1), "result": result, "stderr_tail": stderr[-1500:]}
+    return {"cmd": " ".join(cmd), "wall_s": round(ru["wall_s"], 2), "cpu_s": round(ru["cpu_s"], 2),
+            "peak_rss_mb": round(ru["maxrss_kb"] / 1024, 1), "result": result, "stderr_tail": stderr[-1500:]}
 
 
 def fastest(rows: list[dict]) -> dict:
