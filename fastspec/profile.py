@@ -31,7 +31,8 @@ _SCOPES = (
 )
 _OPS = (
     # fastspec's fused InstanceNorm → PReLU → MaxPool (and the first block with its conv in front)
-    (re.compile(r"instance_norm_prelu_pool|spectrum_block|spectrum_conv_block"), "fused block"),
+    (re.compile(r"instance_norm_prelu_pool|spectrum_block|spectrum_conv_block|_eager(conv|spectrum)block"),
+     "fused block"),
     (re.compile(r"resample|redshift_observed"), "resample"),
     (re.compile(r"attention|softmax"), "attention"),
     (re.compile(r"conv"), "conv"),

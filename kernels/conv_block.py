@@ -165,7 +165,9 @@ instance_norm_prelu_pool_fwd.register_autograd(_backward, setup_context=_setup_c
 
 class _EagerConvBlock(torch.autograd.Function):
     """The kernel module's launchers without the custom-op dispatch, with the custom ops' forward/backward
-    formula (for 'triton' on CPU tensors: the custom op's CPU kernel is numba)."""
+    formula: eager calls on CPU tensors (numba; 'triton' in the interpreter). The dispatcher's first call
+    imports torch._dynamo (~0.7 s and ~140 MB, Triton's library included, even on a CPU); eager code has no
+    use for it, and the torch.compile route still goes through the custom ops."""
 
     @staticmethod
     def forward(ctx, x, weight, pool, padding, eps, impl):
@@ -180,6 +182,25 @@ class _EagerConvBlock(torch.autograd.Function):
         dx, dw = kernel_module("conv_block", ctx.impl).conv_block_bwd(g, x, weight, mean, rstd, ctx.pool,
                                                                       ctx.padding)
         return dx, dw, None, None, None, None
+
+
+class _EagerSpectrumBlock(torch.autograd.Function):
+    """`spectrum_block_fwd` / `_bwd`'s kernels and formula without the custom-op dispatch (see _EagerConvBlock)."""
+
+    @staticmethod
+    def forward(ctx, y, conv_weight, conv_bias, weight, pool, padding, eps, out_dtype):
+        out, mean, rstd = kernel_module("conv_block", "numba").spectrum_block_fwd(
+            y, conv_weight, conv_bias, weight, pool, padding, eps, out_dtype)
+        ctx.save_for_backward(y, conv_weight, conv_bias, weight, mean, rstd)
+        ctx.pool, ctx.padding = pool, padding
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, conv_weight, conv_bias, weight, mean, rstd = ctx.saved_tensors
+        dcw, dcb, dw = kernel_module("conv_block", "numba").spectrum_block_bwd(
+            g.contiguous(), y, conv_weight, conv_bias, weight, mean, rstd, ctx.pool, ctx.padding)
+        return None, dcw, dcb, dw, None, None, None, None
 
 
 # --------------------------------------------------- the first block: one-input-channel conv fused in front
@@ -286,7 +307,7 @@ def instance_norm_prelu_pool(x: torch.Tensor, weight: torch.Tensor, pool: int = 
     backend = backend_for(x.device)
     if backend == "torch":
         return instance_norm_prelu_pool_reference(x, weight, pool, padding, eps)
-    if backend == "triton" and not x.is_cuda and not compiling():
+    if not x.is_cuda and not compiling():
         return _EagerConvBlock.apply(x, weight, pool, padding, float(eps), backend)
     # Triton-on-CPU (interpreter) compiles to the custom op too: its CPU kernel is numba.
     return torch.ops.fastspec.instance_norm_prelu_pool_fwd(x, weight, pool, padding, float(eps))[0]
@@ -321,5 +342,7 @@ def spectrum_conv_block(y: torch.Tensor, conv_weight: torch.Tensor, conv_bias: t
     if backend != "numba" or y.requires_grad or y.dtype == torch.float64:
         x = torch.nn.functional.conv1d(y.unsqueeze(1), conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
         return instance_norm_prelu_pool(x, weight, pool, padding, eps)
+    if not compiling():
+        return _EagerSpectrumBlock.apply(y, conv_weight, conv_bias, weight, pool, padding, float(eps), out_dtype)
     return torch.ops.fastspec.spectrum_block_fwd(y, conv_weight, conv_bias, weight, pool, padding, float(eps),
                                                  out_dtype)[0]
