@@ -134,12 +134,8 @@ def main(argv=None) -> int:
             print(f"busy {busy}, threads {threads}: " + "; ".join(
                 f"{op}: " + ", ".join(f"{k} {v['min_ms']:.1f} ms ({v['speedup_min']:.2f}×)" for k, v in r.items())
                 for op, r in rows.items()), flush=True)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(res, indent=1))
     md = [f"# Fused CPU kernels on a busy machine ({args.tag})", "",
-          f"{res['machine'].get('cpu', '?')} × {res['machine'].get('cpu_count')} cores, torch {res['machine']['torch']}, "
-          f"numba {res['machine'].get('numba')}; N = {args.n}, {args.repeat} rounds per condition, all methods of an op "
+          f"{_machine_line(res)}; N = {args.n}, {args.repeat} rounds per condition, all methods of an op "
           "interleaved round-robin. Speed-up: over the first method (the torch reference the kernel replaces), "
           "minimum over minimum and the median of the per-round ratios.", "",
           "| busy processes | threads | op | method | min ms | median ms | × reference (min) | × reference (paired median) | load before → after |",
@@ -150,9 +146,21 @@ def main(argv=None) -> int:
                 md.append(f"| {c['busy']} | {c['threads']} | {op} | {k} | {v['min_ms']:.2f} | {v['median_ms']:.2f} | "
                           f"{v['speedup_min']:.2f} | {v['speedup_paired_median']:.2f} | "
                           f"{c['load_before'][0]:.2f} → {c['load_after'][0]:.2f} |")
-    (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    _write_report(Path(args.results), args.tag, res, md)
     return 0
+
+
+def _machine_line(res: dict) -> str:
+    m = res["machine"]
+    return f"{m.get('cpu', '?')} × {m.get('cpu_count')} cores, torch {m['torch']}, numba {m.get('numba')}"
+
+
+def _write_report(out: Path, tag: str, res: dict, md: list[str]) -> None:
+    """<tag>.json and <tag>.md in `out`; the Markdown is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 def main_train(args) -> int:
@@ -172,21 +180,16 @@ def main_train(args) -> int:
                 rows.append(r)
                 print(f"busy {busy}, OMP_WAIT_POLICY {r['omp_wait_policy']}, threads {threads}: "
                       f"{r['spectra_per_s_median']:.0f} spectra/s, {r['wall_s']:.1f} s", flush=True)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
     res = {"machine": machine_info(), "rows": rows, "mock": "3000 rich SDSS mocks", "model": "encoder 16/32/64, S=10"}
-    (out / f"{tag}.json").write_text(json.dumps(res, indent=1))
     md = [f"# `fastspec train` on a busy machine ({tag})", "",
-          f"{res['machine'].get('cpu', '?')} × {res['machine'].get('cpu_count')} cores, torch {res['machine']['torch']}, "
-          f"numba {res['machine'].get('numba')} (threading layer omp). Whole `fastspec train` processes, {args.train_steps} "
+          f"{_machine_line(res)} (threading layer omp). Whole `fastspec train` processes, {args.train_steps} "
           "steps of 64 rich mocks, the science check's quick model, bf16; busy = `python -c 'while True: pass'` "
           "processes beside it. Spectra/s: median of the logged steps after the first three.", "",
           "| busy processes | OMP_WAIT_POLICY | torch threads | spectra/s | wall [s] | load before → after |",
           "|---|---|---|---|---|---|"]
     md += [f"| {r['busy']} | {r['omp_wait_policy']} | {r['threads']} | {r['spectra_per_s_median']:.0f} | "
            f"{r['wall_s']:.1f} | {r['load_before'][0]:.2f} → {r['load_after'][0]:.2f} |" for r in rows]
-    (out / f"{tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    _write_report(Path(args.results), tag, res, md)
     return 0
 
 

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, print_table, write_results  # noqa: E402
+import mock_split  # noqa: E402
+from common import machine_info, mock_sdss_file, print_table, spender_sdss_model, write_results  # noqa: E402
 
 from fastspec import encode as E  # noqa: E402
 from fastspec.h5format import SpectraFile  # noqa: E402
@@ -50,30 +51,14 @@ from fastspec.model import ModelConfig, SpectrumAutoencoder  # noqa: E402
 Z_MAX = 0.5
 
 
-def mock_file(n: int, cache: Path) -> str:
-    path = cache / f"mock-sdss-{n}.h5"
-    if not path.exists():
-        from fastspec.mock import write_mock
-
-        print(f"writing {n} mock SDSS spectra to {path} …", flush=True)
-        write_mock(path, n, instrument="sdss", seed=0, restframe_truth=False, progress=False)
-    return str(path)
-
-
 def spender_model(device):
     """spender 0.3's SDSS autoencoder as its train_sdss.py builds it; None if spender does not import."""
     try:
-        import spender
+        model, _ = spender_sdss_model(0, Z_MAX)
     except Exception as err:  # spender needs nflows etc.; the benchmark runs without it
         print(f"spender not importable ({err.__class__.__name__}: {err}); fastspec rows only", flush=True)
         return None
-    wave_obs = 10 ** torch.arange(3.578, 3.97, 0.0001)
-    inst = spender.Instrument(wave_obs)
-    L = wave_obs.shape[0]
-    wave_rest = torch.linspace(wave_obs.min() / (1 + Z_MAX), wave_obs.max(), int(L * (1 + Z_MAX)),
-                               dtype=torch.float32)
-    torch.manual_seed(0)
-    return spender.SpectrumAutoencoder(inst, wave_rest, n_latent=10).to(device).eval()
+    return model.to(device).eval()
 
 
 def _sync(device):
@@ -182,8 +167,7 @@ def compute_alone(model, path: str, n: int, batch_size: int, device, precision: 
     return (time.perf_counter() - t0) * n / (reps * len(z))
 
 
-MOCK_MODEL = Path(__file__).resolve().parent / "work" / "mock" / "mock-run-3000-1500" / "best.pt"
-MOCK_TEST = Path(__file__).resolve().parent / "work" / "mock" / "mock-test-200.h5"
+MOCK = mock_split.paths()  # bench/mock_split.py's trained model and held-out mocks, when they have been made
 
 
 def _median_chi2(path: str) -> float:
@@ -196,23 +180,19 @@ def whole_process(args) -> int:
     (bench/spender_user.py encode), each a fresh process timed from spawn to exit with its peak RSS; plus the
     start-up cost (64 spectra) and the held-out χ² of fp32 against bf16 latents."""
     from common import markdown_table
-    from wholeproc import fastest, run_measured, write_markdown
+    from wholeproc import SPENDER_USER, default_label, fastest, fastspec_exe, run_measured, write_markdown
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    data = mock_file(args.n or 8192, cache)
-    small = mock_file(64, cache)
+    data = mock_sdss_file(args.n or 8192, cache)
+    small = mock_sdss_file(64, cache)
     model_path = cache / "model-default-sdss.pt"
     if not model_path.exists():  # fastspec's default architecture (`fastspec train`'s), untrained: speed only
         torch.manual_seed(0)
         SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=Z_MAX)).save(model_path)
-    exe = os.path.join(os.path.dirname(sys.executable), "fastspec")
-    user = str(Path(__file__).resolve().parent / "spender_user.py")
+    exe = fastspec_exe()
     have_spender = spender_model(torch.device("cpu")) is not None
-    from fastspec.train import resolve_precision
-
-    auto = resolve_precision("auto", torch.device("cpu"))
-    default = f"default (auto → {auto} on this CPU)"
+    default = default_label()
     runs = [("fastspec", default, data, []), ("fastspec", "fp32", data, ["--precision", "fp32"])]
     if have_spender:  # spender has no file pipeline, so no default batch: fastspec's CPU default and 256
         runs += [("spender", "default (fp32), batch 64", data, ["--batch-size", "64"]),
@@ -229,7 +209,7 @@ def whole_process(args) -> int:
                 if impl == "fastspec":
                     cmd = [exe, "encode", str(model_path), path, "-o", out, "-q", *extra]
                 elif impl == "spender":
-                    cmd = [sys.executable, user, "encode", path, "-o", out, *extra]
+                    cmd = [sys.executable, SPENDER_USER, "encode", path, "-o", out, *extra]
                 else:
                     cmd = [sys.executable, "-c", "import torch"]
                 print(f"[{rep + 1}/{args.repeat}] {impl} {label}: {' '.join(cmd)}", flush=True)
@@ -277,12 +257,10 @@ def whole_process(args) -> int:
                                 "wall [s]": ("wall_s", ".2f"), "CPU [s]": ("cpu_s", ".1f"),
                                 "peak RSS [MB]": ("peak_rss_mb", ".0f"),
                                 "spectra/s (whole process)": ("spectra_per_s_whole", ".1f")})
-    findings = [f"{k.replace('_', ' ')}: {v}" for k, v in ratios.items()]
-    if accuracy:
-        findings.append(f"held-out median χ² of a trained model ({Path(args.accuracy_data).name}): "
-                        + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
+    extra = [f"held-out median χ² of a trained model ({Path(args.accuracy_data).name}): "
+             + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items())] if accuracy else []
     write_markdown(path_json.with_suffix(".md"), f"Encoding as whole processes: {args.n or 8192} mock SDSS spectra, "
-                   "file → latents on file", payload, md, findings)
+                   "file → latents on file", payload, md, ratios, extra)
     print(f"results: {path_json}")
     return 0
 
@@ -304,10 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--whole-process", action="store_true",
                    help="time `fastspec encode` (defaults) and a spender user's loop as whole processes (default "
                    "--n 8192, --repeat 1)")
-    p.add_argument("--accuracy-model", default=str(MOCK_MODEL),
+    p.add_argument("--accuracy-model", default=str(MOCK["model"]),
                    help="--whole-process: a trained model whose held-out χ² is compared in fp32 and bf16 (default "
                    "bench/mock_split.py's; '' to skip)")
-    p.add_argument("--accuracy-data", default=str(MOCK_TEST), help="--whole-process: its held-out spectra")
+    p.add_argument("--accuracy-data", default=str(MOCK["test"]), help="--whole-process: its held-out spectra")
     p.add_argument("--spender-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -332,7 +310,7 @@ def main(argv=None) -> int:
     precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    path = mock_file(n, cache)
+    path = mock_sdss_file(n, cache)
     with open(path, "rb") as f:  # page cache: time the pipeline, not the disk
         while f.read(64 << 20):
             pass

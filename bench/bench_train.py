@@ -45,7 +45,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, peak_mb, print_table, reset_peak, rss_mb, spender_sdss_model, write_results  # noqa: E402
+from common import (  # noqa: E402
+    machine_info,
+    mock_sdss_file,
+    peak_mb,
+    print_table,
+    reset_peak,
+    rss_mb,
+    spender_sdss_model,
+    write_results,
+)
 
 Z_MAX = 0.5
 
@@ -217,34 +226,16 @@ def spender_available() -> str | None:
     return None
 
 
-def mock_data(n: int, cache: str) -> str:
-    """n mock SDSS spectra (seed 0) in the cache folder, written once."""
-    path = os.path.join(cache, f"mock-sdss-{n}.h5")
-    if not os.path.exists(path):
-        from fastspec.mock import write_mock
-
-        os.makedirs(cache, exist_ok=True)
-        print(f"writing {n} mock SDSS spectra to {path} …", flush=True)
-        write_mock(path, n, instrument="sdss", seed=0, restframe_truth=False, progress=False)
-    return path
-
-
 def whole_process(args) -> int:
     """`fastspec train` with its defaults against the loop a spender 0.3 user writes (bench/spender_user.py),
     each a fresh process timed from spawn to exit with its peak RSS; both train --epochs on the same file at the
     same batch size and validate on a tenth of it."""
     from common import markdown_table
-    from wholeproc import fastest, run_measured, write_markdown
+    from wholeproc import SPENDER_USER, default_label, fastest, fastspec_exe, run_measured, write_markdown
 
-    data = mock_data(args.n, args.cache)
-    exe = os.path.join(os.path.dirname(sys.executable), "fastspec")
-    user = str(Path(__file__).resolve().parent / "spender_user.py")
-    import torch
-
-    from fastspec.train import resolve_precision
-
-    auto = resolve_precision("auto", torch.device("cpu"))
-    runs = [("fastspec", f"default (auto → {auto} on this CPU)", []), ("fastspec", "fp32", ["--precision", "fp32"]),
+    data = mock_sdss_file(args.n, args.cache)
+    exe = fastspec_exe()
+    runs = [("fastspec", default_label(), []), ("fastspec", "fp32", ["--precision", "fp32"]),
             ("spender", "default (fp32)", []), ("spender", "bf16", ["--precision", "bf16"])]
     if spender_available():
         runs = runs[:2]
@@ -257,7 +248,7 @@ def whole_process(args) -> int:
                     cmd = [exe, "train", data, "-o", os.path.join(tmp, "run"), "--epochs", str(args.epochs),
                            "--batch-size", str(args.whole_batch), "-q", *extra]
                 else:
-                    cmd = [sys.executable, user, "train", data, "--epochs", str(args.epochs), "--batch-size",
+                    cmd = [sys.executable, SPENDER_USER, "train", data, "--epochs", str(args.epochs), "--batch-size",
                            str(args.whole_batch), *extra]
                 print(f"[{rep + 1}/{args.repeat}] {impl} {label}: {' '.join(cmd)}", flush=True)
                 r = run_measured(cmd)
@@ -305,9 +296,8 @@ def whole_process(args) -> int:
                                 "spectra/s (whole process)": ("spectra_per_s_whole", ".1f"),
                                 "spectra/s (in the training loop)": ("spectra_per_s_in_process", ".1f"),
                                 "held-out loss": ("val_loss", ".5g"), "loss": ("val_loss_kind", None)})
-    findings = [f"{k.replace('_', ' ')}: {v}" for k, v in ratios.items()]
     write_markdown(path.with_suffix(".md"), f"Training as whole processes: {args.epochs} epoch(s) of {args.n} mock "
-                   f"SDSS spectra, batch {args.whole_batch}", payload, md, findings)
+                   f"SDSS spectra, batch {args.whole_batch}", payload, md, ratios)
     print(f"results: {path}")
     return 0
 

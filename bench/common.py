@@ -183,6 +183,18 @@ def write_results(name: str, payload: dict, rows: list[dict] | None = None) -> P
     return path
 
 
+def mock_sdss_file(n: int, cache) -> str:
+    """n mock SDSS spectra (seed 0, no restframe truth) in the cache folder as mock-sdss-<n>.h5, written once."""
+    path = Path(cache) / f"mock-sdss-{n}.h5"
+    if not path.exists():
+        from fastspec.mock import write_mock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing {n} mock SDSS spectra to {path} …", flush=True)
+        write_mock(path, n, instrument="sdss", seed=0, restframe_truth=False, progress=False)
+    return str(path)
+
+
 def spender_sdss_model(seed: int = 0, z_max: float = 0.5):
     """spender 0.3's SDSS SpectrumAutoencoder (S=10) built as its train_sdss.py does; returns (model, instrument)."""
     import spender

@@ -1,8 +1,9 @@
 """What a spender 0.3 user writes to train on, or encode, a fastspec HDF5 file: spender ships neither a file
 pipeline nor a training command, so this is the plain loop its train_sdss.py and README suggest — h5py reads,
 masked pixels zeroed with numpy, spender's SDSS SpectrumAutoencoder, Adam with a one-cycle schedule, spender's
-loss, latents written with h5py. It imports nothing from fastspec, so the process runs with spender's and torch's
-defaults; bench/wholeproc.py times it as a whole process beside `fastspec train` / `fastspec encode`.
+loss, latents written with h5py. It imports nothing from fastspec (bench/common.py builds spender's model as its
+train_sdss.py does), so the process runs with spender's and torch's defaults; bench/wholeproc.py times it as a
+whole process beside `fastspec train` / `fastspec encode`.
 
     python bench/spender_user.py train FILE.h5 --epochs 1 --batch-size 64 [--precision bf16] [-o MODEL.pt]
     python bench/spender_user.py encode FILE.h5 -o LATENTS.h5 [--batch-size 64] [--precision bf16]
@@ -20,20 +21,9 @@ import time
 import h5py
 import numpy as np
 import torch
+from common import spender_sdss_model  # stdlib-only at import: the process stays free of fastspec
 
 Z_MAX = 0.5
-
-
-def build_model(seed: int = 0):
-    """spender's SDSS autoencoder (S = 10) as its train_sdss.py builds it."""
-    import spender
-
-    wave_obs = 10 ** torch.arange(3.578, 3.97, 0.0001)
-    inst = spender.Instrument(wave_obs)
-    L = wave_obs.shape[0]
-    wave_rest = torch.linspace(wave_obs.min() / (1 + Z_MAX), wave_obs.max(), int(L * (1 + Z_MAX)), dtype=torch.float32)
-    torch.manual_seed(seed)
-    return spender.SpectrumAutoencoder(inst, wave_rest, n_latent=10), inst
 
 
 def read_rows(h: h5py.File, a: int, b: int):
@@ -51,7 +41,7 @@ def autocast(precision: str):
 
 
 def train(args) -> dict:
-    model, inst = build_model(args.seed)
+    model, inst = spender_sdss_model(args.seed, Z_MAX)
     with h5py.File(args.file, "r") as h:
         n = len(h["Z"])
         n_val = max(1, int(round(n * args.val_fraction)))
@@ -91,7 +81,7 @@ def train(args) -> dict:
 
 
 def encode(args) -> dict:
-    model, _ = build_model(args.seed)
+    model, _ = spender_sdss_model(args.seed, Z_MAX)
     if args.model:
         model.load_state_dict(torch.load(args.model))
     model.eval()

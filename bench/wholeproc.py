@@ -9,6 +9,24 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+SPENDER_USER = str(Path(__file__).resolve().parent / "spender_user.py")
+
+
+def fastspec_exe() -> str:
+    """The `fastspec` command of this interpreter's environment (what a user of that venv runs)."""
+    return os.path.join(os.path.dirname(sys.executable), "fastspec")
+
+
+def default_label() -> str:
+    """How the tables name fastspec's default settings: `auto` precision, resolved for this CPU."""
+    import torch
+
+    from fastspec.train import resolve_precision
+
+    return f"default (auto → {resolve_precision('auto', torch.device('cpu'))} on this CPU)"
+
 
 # A child's peak RSS (ru_maxrss) includes the memory of the process it was forked or vfork-ed from: at exec the
 # kernel folds the old address space's high-water mark into it. Spawned straight from a benchmark that has
@@ -61,8 +79,9 @@ def fastest(rows: list[dict]) -> dict:
     return best
 
 
-def write_markdown(path, title: str, payload: dict, table: list[str], findings: list[str]) -> None:
-    """bench/results/<name>.md: what ran, where, under which load, the table, and the ratios in words."""
+def write_markdown(path, title: str, payload: dict, table: list[str], ratios: dict, extra: tuple = ()) -> None:
+    """bench/results/<name>.md: what ran, where, under which load, the table, the ratios and any extra findings."""
+    findings = [*(f"{k.replace('_', ' ')}: {v}" for k, v in ratios.items()), *extra]
     m = payload["machine"]
     load = payload.get("load_average_start_end") or [payload.get("load_average_before"), payload.get("load_average_end")]
     fmt_load = [" ".join(f"{v:.2f}" for v in x) if x else "?" for x in load]

@@ -76,9 +76,9 @@ def test_train_whole_process_mode_end_to_end(tmp_path):
                              "--out", str(out)]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     have = {(r["impl"], r["settings"]) for r in saved["rows"]}
-    from fastspec.train import resolve_precision
+    from wholeproc import default_label
 
-    default = f"default (auto → {resolve_precision('auto', __import__('torch').device('cpu'))} on this CPU)"
+    default = default_label()
     want = {("fastspec", default), ("fastspec", "fp32")}
     if _spender_imports():  # CI installs spender 0.3: its rows and the ratios must be there
         want |= {("spender", "default (fp32)"), ("spender", "bf16")}
@@ -103,9 +103,9 @@ def test_encode_whole_process_mode_end_to_end(tmp_path):
                               "--accuracy-model", ""]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     by = {(r["impl"], r["settings"]): r for r in saved["rows"]}
-    from fastspec.train import resolve_precision
+    from wholeproc import default_label
 
-    default = f"default (auto → {resolve_precision('auto', __import__('torch').device('cpu'))} on this CPU)"
+    default = default_label()
     assert by[("fastspec", default)]["spectra"] == by[("fastspec", "fp32")]["spectra"] == 40
     assert by[("fastspec", "default, 64 spectra (start-up)")]["spectra"] == 64
     assert saved["ratios"]["import_torch_s"] == by[("python", "import torch only")]["wall_s"]
