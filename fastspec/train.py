@@ -771,7 +771,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-        self._last_batch = batch
+        self._last_index = batch.index.clone()  # names the rows if the loss turns non-finite; not the batch,
+        # which would keep its whole chunk of rows in memory while the next one is read
         self._pending.append(loss.detach())
         if loss_aug is not None:
             self._pending_aug.append(loss_aug.detach().float().mean())
@@ -797,8 +798,7 @@ class Trainer:
         values = dict(zip(keys, flat.cpu().split([len(pending[k]) for k in keys])))
         self._pending, self._pending_aug, self._pending_cons = [], [], []
         if not torch.isfinite(values["loss"]).all():
-            batch = self._last_batch
-            rows = [self.train_loader.locate(i) for i in batch.index[:3].tolist()]
+            rows = [self.train_loader.locate(i) for i in self._last_index[:3].tolist()]
             raise FloatingPointError(
                 f"non-finite training loss near step {self.step} (precision {self.cfg.precision}); "
                 f"last batch starts with {', '.join(f'{p} row {r}' for p, r in rows)}. "
@@ -854,7 +854,7 @@ class Trainer:
                             n_train=self.n_train, n_val=self.n_val, model=self.model_cfg.to_dict())
             _write_json(cfg_dict, os.path.join(cfg.out, "config.json"))
         self._pending, self._pending_aug, self._pending_cons = [], [], []
-        self._last_batch = None
+        self._last_index = None
         self.model.train()
         bar = _tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                     disable=not (cfg.progress and self.d.main))
@@ -876,6 +876,7 @@ class Trainer:
                     if batch is None:
                         break
                     self.train_step(batch)
+                    batch = None  # a batch is a view of its chunk: let the chunk go before the next read
                     self._window_spectra += cfg.batch_size
                     if on_step is not None:
                         on_step(self)

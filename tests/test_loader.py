@@ -317,11 +317,15 @@ def test_memory_mapped_reads_match_plain_h5py_at_any_chunk_alignment(tmp_path):
 def test_batches_spanning_chunks_are_views_not_copies(files):
     """Consecutive chunks of a shard write into one allocation, so a batch that takes rows from two chunks is
     a view of it: the batches inside the first slab share one storage, and the rows are still the file's."""
-    from fastspec.loader.stream import SLAB_CHUNKS
+    from fastspec.loader.stream import SLAB_ROWS
 
     y_ref, _, _ = reference(files)
     loader = SpectraLoader(files, batch_size=24, block_rows=32, shuffle_blocks=1, seed=1, num_workers=0)
-    sizes = [c.n_out for c in loader.plan.chunks(0, 0)][:SLAB_CHUNKS]
+    sizes = []
+    for c in loader.plan.chunks(0, 0):  # the first slab's chunks: until it holds SLAB_ROWS rows
+        if sum(sizes) >= SLAB_ROWS:
+            break
+        sizes.append(c.n_out)
     inside = sum(sizes) // 24  # batches wholly inside the first slab
     ends = np.cumsum(sizes)[:-1]
     assert inside >= 2 and any(t * 24 < e < (t + 1) * 24 for e in ends for t in range(inside))  # some span
@@ -329,6 +333,55 @@ def test_batches_spanning_chunks_are_views_not_copies(files):
     assert len({b.y.untyped_storage().data_ptr() for b in batches[:inside]}) == 1
     for b in batches:
         np.testing.assert_array_equal(b.y.numpy(), y_ref[b.index.numpy()])
+
+
+def _count_chunks(loader, monkeypatch, batch: int) -> tuple[set, list]:
+    """Watch `loader`'s pool: (data pointers of the chunk allocations alive now, [most alive at once])."""
+    pool, live, peak = loader._pool, set(), [0]
+
+    def counting_empty(shape, dtype, empty=pool.empty):
+        t = empty(shape, dtype)
+        if len(shape) == 2 and shape[0] != batch:  # a chunk's y or w, not a batch copied across chunks
+            live.add(t.data_ptr())
+            peak[0] = max(peak[0], len(live))
+        return t
+
+    def counting_release(size, buf, release=pool._release):
+        live.discard(np.frombuffer(buf, np.uint8).ctypes.data)
+        release(size, buf)
+
+    monkeypatch.setattr(pool, "empty", counting_empty)
+    monkeypatch.setattr(pool, "_release", counting_release)
+    return live, peak
+
+
+def test_chunks_in_memory_are_bounded_on_cpu(files, monkeypatch):
+    """A CPU consumer holds its chunk, the rest of the previous one (for a batch that spans both) and the one
+    being read: at most 3 chunks are in memory at once, however long the epoch, and none once it ends. Counted
+    at the pool, which hands out every chunk's memory and takes it back once no batch views it."""
+    import fastspec.loader.stream as stream
+
+    monkeypatch.setattr(stream, "SLAB_ROWS", 1)  # one allocation per chunk and field
+    y_ref, _, _ = reference(files)
+    batch = 24
+    for num_workers in (2, 0):
+        loader = SpectraLoader(files, batch_size=batch, block_rows=16, shuffle_blocks=2, seed=4,
+                               num_workers=num_workers, device="cpu")
+        assert loader.ahead == 1  # the CPU default: one chunk read ahead
+        assert len(loader.plan.chunks(0, 0)) >= 8
+        live, peak = _count_chunks(loader, monkeypatch, batch)
+        rows = 0
+        for b in loader.iterate(0):
+            np.testing.assert_array_equal(b.y.numpy(), y_ref[b.index.numpy()])
+            rows += len(b.z)
+            b = None  # as a training step: the batch is let go before the next is asked for
+        assert rows == batch * (320 // batch)
+        assert 2 <= peak[0] / 2 <= 3, f"{peak[0] / 2} chunks in memory at once with {num_workers} workers"
+        assert not live and not any(loader._pool.free.values())  # nothing kept between passes
+        loader.close()
+    with pytest.raises(ValueError, match="prefetch must be at least 1 chunk per reader, got 0"):
+        SpectraLoader(files, batch_size=batch, prefetch=0)
+    assert SpectraLoader(files, batch_size=batch, num_workers=2, prefetch=3).ahead == 6
 
 
 def _mapped_rss_kb(path) -> int:

@@ -21,7 +21,10 @@ from .prefetch import cuda_prefetch
 from .reader import ChunkReader
 from .workers import ProcessReaders, ThreadReaders
 
-SLAB_CHUNKS = 4  # chunks per output allocation: a batch spanning a slab boundary is still copied
+# Consecutive chunks of a shard share one output allocation until it holds SLAB_ROWS rows: a batch spanning a
+# slab boundary is copied, one inside is a view. The default chunk (8 blocks of 256 rows) fills a slab alone, so
+# a slab costs one chunk's memory; small chunks (few blocks, short blocks) still mostly give views.
+SLAB_ROWS = 256
 
 
 class Batch(NamedTuple):
@@ -47,7 +50,10 @@ class SpectraLoader:
     seed : with `set_epoch`, fixes the order.
     rank, world_size : this process's place in DDP; it yields only its own rows (batch_size / world_size).
     shards : data shards (default world_size); fixes the order independently of world_size.
-    num_workers, prefetch : background readers (threads or processes, see `worker_type`) and chunks each keeps ready.
+    num_workers : background readers (threads or processes, see `worker_type`).
+    prefetch : chunks each reader keeps ready; None (default): 2 per reader when `device` is CUDA, else one chunk
+        in all — a CPU model consumes rows 10-100x slower than the readers fill them, and every chunk ahead
+        holds block_rows · shuffle_blocks · L · 8 bytes (64 MB for SDSS at the defaults).
     pin_memory : pin host batches (default: when `device` is CUDA).
     device : move batches there (CUDA: next batch copied on a side stream while the current one is used).
     drop_last : drop the incomplete last batch (training; every rank then runs the same number of steps).
@@ -71,7 +77,7 @@ class SpectraLoader:
         world_size: int = 1,
         shards: int | None = None,
         num_workers: int = 2,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         pin_memory: bool | None = None,
         device: str | torch.device | None = None,
         drop_last: bool = True,
@@ -87,9 +93,13 @@ class SpectraLoader:
             raise ValueError("SpectraLoader needs at least one file")
         EpochPlan.check(batch_size, block_rows, shuffle_blocks, rank, world_size, shards)  # before opening files
         self.num_workers = int(num_workers)
-        self.prefetch = int(prefetch)
         self.device = torch.device(device) if device is not None else None
         on_cuda = self.device is not None and self.device.type == "cuda"
+        if prefetch is not None and int(prefetch) < 1:
+            raise ValueError(f"prefetch must be at least 1 chunk per reader, got {prefetch!r}")
+        # chunks read ahead of the consumer, all readers together
+        self.ahead = max(1, self.num_workers) * int(prefetch) if prefetch is not None else \
+            2 * max(1, self.num_workers) if on_cuda else 1
         self.pin_memory = on_cuda if pin_memory is None else bool(pin_memory and torch.cuda.is_available())
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         if worker_type not in ("thread", "process"):
@@ -107,7 +117,7 @@ class SpectraLoader:
         self.selection, self.n_rows = self.plan.selection, self.plan.n_rows
         self._pool = BufferPool()
         self._reader = self._new_reader()
-        self._threads = ThreadReaders(self.num_workers, self.prefetch, self._new_reader)
+        self._threads = ThreadReaders(self.num_workers, self.ahead, self._new_reader)
         self._processes = None
 
     def _new_reader(self) -> ChunkReader:
@@ -133,16 +143,23 @@ class SpectraLoader:
         return self._pool.empty(shape, dtype)
 
     def _slabs(self, plan: list[Chunk]):
-        """Output views per chunk: `SLAB_CHUNKS` consecutive chunks of a shard share one allocation, each
-        writing its rows right after the previous one's, so a batch that spans two of them is a view of the
-        slab, not a copy (`_host_batches` joins adjacent views)."""
-        groups: dict = {}
+        """Output views per chunk: consecutive chunks of a shard share one allocation of about `SLAB_ROWS`
+        rows, each writing its rows right after the previous one's, so a batch that spans two of them is a
+        view of the slab, not a copy (`_host_batches` joins adjacent views)."""
+        groups: dict = {}  # (shard, slab number) -> its chunks
+        current: dict = {}  # shard -> [slab number, rows in it]
+        slab_of = []
         for c in plan:
-            groups.setdefault((c.shard, c.number // SLAB_CHUNKS), []).append(c)
+            cur = current.setdefault(c.shard, [0, 0])
+            if cur[1] >= SLAB_ROWS:
+                cur[:] = [cur[0] + 1, 0]
+            cur[1] += c.n_out
+            key = (c.shard, cur[0])
+            groups.setdefault(key, []).append(c)
+            slab_of.append(key)
         L = self.files[0].L
         slabs: dict = {}
-        for c in plan:
-            key = (c.shard, c.number // SLAB_CHUNKS)
+        for c, key in zip(plan, slab_of):
             if key not in slabs:  # allocated in plan order, when its first chunk is read
                 rows = sum(g.n_out for g in groups[key])
                 slab = (self._alloc((rows, L), torch.float32), self._alloc((rows, L), torch.float32),
@@ -168,7 +185,8 @@ class SpectraLoader:
             yield from self._threads.chunks(self._slabs(plan), self._read_into)
         else:
             if self._processes is None or not self.persistent_workers:
-                self._processes = ProcessReaders(self._reader, self.num_workers, self.prefetch, self.pin_memory,
+                self._processes = ProcessReaders(self._reader, self.num_workers,
+                                                 -(-self.ahead // self.num_workers), self.pin_memory,
                                                  self.persistent_workers)
             yield from self._processes.chunks(plan)
 
@@ -178,13 +196,20 @@ class SpectraLoader:
         n_batches = self.batches_per_epoch(epoch)
         plan = self.plan.chunks(epoch, skip_batches)
         batches = self._host_batches(plan, n_batches - min(skip_batches, n_batches))
-        if self.device is not None and self.device.type == "cuda":
-            yield from cuda_prefetch(batches, self.device)
-        elif self.device is not None:
-            for b in batches:
-                yield Batch(*(t.to(self.device) for t in b))
-        else:
-            yield from batches
+        try:
+            if self.device is not None and self.device.type == "cuda":
+                yield from cuda_prefetch(batches, self.device)
+            elif self.device is not None:
+                for b in batches:
+                    b = Batch(*(t.to(self.device) for t in b))
+                    yield b
+                    b = None
+            else:
+                yield from batches
+        finally:
+            # Between passes the pooled chunks would sit resident through validation and checkpoints (the
+            # process's peak); the next pass faults them in again once (~40 ms for three SDSS chunks).
+            self._pool.clear()
 
     def __iter__(self):
         return self.iterate()
@@ -208,14 +233,15 @@ class SpectraLoader:
                 else:
                     buffers[s].append(item)
                 have[s] += len(item["z"])
+                last = item = None  # only `buffers` holds chunks: a finished chunk is then freed in time
             parts = [self._take(buffers[s], have, s) for s in self.my_shards]
             parts = [p for p in parts if len(p[2])]
             if not parts:
                 return
-            if len(parts) == 1:
-                yield Batch(*parts[0])
-            else:
-                yield Batch(*self._cat(parts))
+            batch = Batch(*parts[0]) if len(parts) == 1 else Batch(*self._cat(parts))
+            parts = None  # views of a chunk: holding them while the next chunk is read would keep it alive
+            yield batch
+            batch = None
         chunks.close()
 
     def _take(self, buf: list[dict], have: dict, s: int):

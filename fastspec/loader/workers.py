@@ -25,9 +25,9 @@ from .reader import ChunkReader
 class ThreadReaders:
     """`num_workers` threads, each with its own `ChunkReader` (made by `make_reader`), reading chunks ahead."""
 
-    def __init__(self, num_workers: int, prefetch: int, make_reader: Callable[[], ChunkReader]):
+    def __init__(self, num_workers: int, ahead: int, make_reader: Callable[[], ChunkReader]):
         self.num_workers = num_workers
-        self.prefetch = prefetch
+        self.ahead = ahead
         self.make_reader = make_reader
         self._executor = None
         self._readers: list[ChunkReader] = []
@@ -44,11 +44,11 @@ class ThreadReaders:
         return r
 
     def chunks(self, placed, read: Callable[[ChunkReader, Chunk, object], dict]):
-        """`read(reader, chunk, place)` for each (chunk, place) of `placed`, in order, `num_workers · prefetch`
-        ahead of the consumer."""
+        """`read(reader, chunk, place)` for each (chunk, place) of `placed`, in order, `ahead` chunks ahead of
+        the consumer."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="fastspec-loader")
-        ahead = max(1, self.num_workers * self.prefetch)
+        ahead = max(1, self.ahead)
         pending: deque = deque()
         it = iter(placed)
 
