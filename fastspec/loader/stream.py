@@ -196,20 +196,15 @@ class SpectraLoader:
         n_batches = self.batches_per_epoch(epoch)
         plan = self.plan.chunks(epoch, skip_batches)
         batches = self._host_batches(plan, n_batches - min(skip_batches, n_batches))
-        try:
-            if self.device is not None and self.device.type == "cuda":
-                yield from cuda_prefetch(batches, self.device)
-            elif self.device is not None:
-                for b in batches:
-                    b = Batch(*(t.to(self.device) for t in b))
-                    yield b
-                    b = None
-            else:
-                yield from batches
-        finally:
-            # Between passes the pooled chunks would sit resident through validation and checkpoints (the
-            # process's peak); the next pass faults them in again once (~40 ms for three SDSS chunks).
-            self._pool.clear()
+        if self.device is not None and self.device.type == "cuda":
+            yield from cuda_prefetch(batches, self.device)
+        elif self.device is not None:
+            for b in batches:
+                b = Batch(*(t.to(self.device) for t in b))
+                yield b
+                b = None
+        else:
+            yield from batches
 
     def __iter__(self):
         return self.iterate()
