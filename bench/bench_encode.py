@@ -180,7 +180,17 @@ def whole_process(args) -> int:
     (bench/spender_user.py encode), each a fresh process timed from spawn to exit with its peak RSS; plus the
     start-up cost (64 spectra) and the held-out χ² of fp32 against bf16 latents."""
     from common import markdown_table
-    from wholeproc import SPENDER_USER, default_label, fastest, fastspec_exe, run_measured, write_markdown
+    from wholeproc import (
+        LEAN_LABEL,
+        SPENDER_USER,
+        default_label,
+        fastest,
+        fastspec_exe,
+        run_measured,
+        write_markdown,
+    )
+
+    from fastspec.memory import LEAN_GLIBC_TUNABLES
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -193,18 +203,20 @@ def whole_process(args) -> int:
     exe = fastspec_exe()
     have_spender = spender_model(torch.device("cpu")) is not None
     default = default_label()
-    runs = [("fastspec", default, data, []), ("fastspec", "fp32", data, ["--precision", "fp32"])]
+    lean = {"GLIBC_TUNABLES": LEAN_GLIBC_TUNABLES}
+    runs = [("fastspec", default, data, [], {}), ("fastspec", "fp32", data, ["--precision", "fp32"], {}),
+            ("fastspec", LEAN_LABEL, data, [], lean)]
     if have_spender:  # spender has no file pipeline, so no default batch: fastspec's CPU default and 256
-        runs += [("spender", "default (fp32), batch 64", data, ["--batch-size", "64"]),
-                 ("spender", "bf16, batch 64", data, ["--batch-size", "64", "--precision", "bf16"]),
-                 ("spender", "fp32, batch 256", data, ["--batch-size", "256"])]
-    runs += [("fastspec", "default, 64 spectra (start-up)", small, []),
-             ("python", "import torch only", None, [])]
+        runs += [("spender", "default (fp32), batch 64", data, ["--batch-size", "64"], {}),
+                 ("spender", "bf16, batch 64", data, ["--batch-size", "64", "--precision", "bf16"], {}),
+                 ("spender", "fp32, batch 256", data, ["--batch-size", "256"], {})]
+    runs += [("fastspec", "default, 64 spectra (start-up)", small, [], {}),
+             ("python", "import torch only", None, [], {})]
     load0 = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-encode-whole-", dir=cache) as tmp:
         for rep in range(args.repeat):
-            for impl, label, path, extra in runs:
+            for impl, label, path, extra, env in runs:
                 out = os.path.join(tmp, f"{impl}-{len(rows)}.h5")
                 if impl == "fastspec":
                     cmd = [exe, "encode", str(model_path), path, "-o", out, "-q", *extra]
@@ -213,7 +225,7 @@ def whole_process(args) -> int:
                 else:
                     cmd = [sys.executable, "-c", "import torch"]
                 print(f"[{rep + 1}/{args.repeat}] {impl} {label}: {' '.join(cmd)}", flush=True)
-                r = run_measured(cmd)
+                r = run_measured(cmd, env={**os.environ, **env})
                 n = 0 if path is None else (64 if path == small else (args.n or 8192))
                 rows.append({"impl": impl, "settings": label, "repeat": rep + 1, "spectra": n, "wall_s": r["wall_s"],
                              "cpu_s": r["cpu_s"], "peak_rss_mb": r["peak_rss_mb"],
@@ -231,7 +243,7 @@ def whole_process(args) -> int:
                   + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()), flush=True)
     best = fastest(rows)
     table = list(best.values())
-    fs, fs32 = best[("fastspec", default)], best[("fastspec", "fp32")]
+    fs, fs32, fsl = best[("fastspec", default)], best[("fastspec", "fp32")], best[("fastspec", LEAN_LABEL)]
     ratios = {}
     if have_spender:
         sp, spb = best[("spender", "default (fp32), batch 64")], best[("spender", "bf16, batch 64")]
@@ -241,7 +253,9 @@ def whole_process(args) -> int:
                   "encode_speedup_fp32_vs_spender_fp32": round(sp["wall_s"] / fs32["wall_s"], 2),
                   "encode_speedup_default_vs_spender_fp32_batch_256": round(sp256["wall_s"] / fs["wall_s"], 2),
                   "peak_rss_default_vs_spender_default": round(fs["peak_rss_mb"] / sp["peak_rss_mb"], 2),
-                  "peak_rss_default_vs_spender_fp32_batch_256": round(fs["peak_rss_mb"] / sp256["peak_rss_mb"], 2)}
+                  "peak_rss_default_vs_spender_fp32_batch_256": round(fs["peak_rss_mb"] / sp256["peak_rss_mb"], 2),
+                  "encode_speedup_lean_vs_spender_default": round(sp["wall_s"] / fsl["wall_s"], 2),
+                  "peak_rss_lean_vs_spender_default": round(fsl["peak_rss_mb"] / sp["peak_rss_mb"], 2)}
     ratios["startup_64_spectra_s"] = best[("fastspec", "default, 64 spectra (start-up)")]["wall_s"]
     ratios["import_torch_s"] = best[("python", "import torch only")]["wall_s"]
     print_table(table, ["impl", "settings", "spectra", "wall_s", "cpu_s", "peak_rss_mb", "spectra_per_s_whole"],

@@ -231,18 +231,30 @@ def whole_process(args) -> int:
     each a fresh process timed from spawn to exit with its peak RSS; both train --epochs on the same file at the
     same batch size and validate on a tenth of it."""
     from common import markdown_table
-    from wholeproc import SPENDER_USER, default_label, fastest, fastspec_exe, run_measured, write_markdown
+    from wholeproc import (
+        LEAN_LABEL,
+        SPENDER_USER,
+        default_label,
+        fastest,
+        fastspec_exe,
+        run_measured,
+        write_markdown,
+    )
+
+    from fastspec.memory import LEAN_GLIBC_TUNABLES
 
     data = mock_sdss_file(args.n, args.cache)
     exe = fastspec_exe()
-    runs = [("fastspec", default_label(), []), ("fastspec", "fp32", ["--precision", "fp32"]),
-            ("spender", "default (fp32)", []), ("spender", "bf16", ["--precision", "bf16"])]
+    lean = {"GLIBC_TUNABLES": LEAN_GLIBC_TUNABLES}
+    runs = [("fastspec", default_label(), [], {}), ("fastspec", "fp32", ["--precision", "fp32"], {}),
+            ("fastspec", LEAN_LABEL, [], lean),
+            ("spender", "default (fp32)", [], {}), ("spender", "bf16", ["--precision", "bf16"], {})]
     if spender_available():
-        runs = runs[:2]
+        runs = runs[:3]
     rows = []
     load_before = os.getloadavg()
     for rep in range(args.repeat):
-        for impl, label, extra in runs:
+        for impl, label, extra, env in runs:
             with tempfile.TemporaryDirectory(prefix="bench_train_whole_") as tmp:
                 if impl == "fastspec":
                     cmd = [exe, "train", data, "-o", os.path.join(tmp, "run"), "--epochs", str(args.epochs),
@@ -251,7 +263,7 @@ def whole_process(args) -> int:
                     cmd = [sys.executable, SPENDER_USER, "train", data, "--epochs", str(args.epochs), "--batch-size",
                            str(args.whole_batch), *extra]
                 print(f"[{rep + 1}/{args.repeat}] {impl} {label}: {' '.join(cmd)}", flush=True)
-                r = run_measured(cmd)
+                r = run_measured(cmd, env={**os.environ, **env})
                 if impl == "fastspec":
                     with open(os.path.join(tmp, "run", "history.json")) as fh:
                         h = json.load(fh)
@@ -275,12 +287,14 @@ def whole_process(args) -> int:
     ratios = {}
     sp = best.get(("spender", "default (fp32)"))
     spb = best.get(("spender", "bf16"))
-    fs32 = best[("fastspec", "fp32")]
+    fs32, fsl = best[("fastspec", "fp32")], best[("fastspec", LEAN_LABEL)]
     if sp:
         ratios = {"train_speedup_default_vs_spender_default": round(sp["wall_s"] / fs["wall_s"], 2),
                   "train_speedup_default_vs_spender_bf16": round(spb["wall_s"] / fs["wall_s"], 2) if spb else None,
                   "peak_rss_default_vs_spender_default": round(fs["peak_rss_mb"] / sp["peak_rss_mb"], 2),
-                  "fp32_speedup_vs_spender_fp32": round(sp["wall_s"] / fs32["wall_s"], 2)}
+                  "fp32_speedup_vs_spender_fp32": round(sp["wall_s"] / fs32["wall_s"], 2),
+                  "train_speedup_lean_vs_spender_default": round(sp["wall_s"] / fsl["wall_s"], 2),
+                  "peak_rss_lean_vs_spender_default": round(fsl["peak_rss_mb"] / sp["peak_rss_mb"], 2)}
     ratios["val_loss_default_over_fp32"] = round(fs["val_loss"] / fs32["val_loss"], 4)
     cols = ["impl", "settings", "wall_s", "cpu_s", "peak_rss_mb", "spectra_per_s_whole", "spectra_per_s_in_process",
             "val_loss", "val_loss_kind"]

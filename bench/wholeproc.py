@@ -19,6 +19,10 @@ def fastspec_exe() -> str:
     return os.path.join(os.path.dirname(sys.executable), "fastspec")
 
 
+# fastspec's defaults in a process started with fastspec.memory.LEAN_GLIBC_TUNABLES (freed memory returned)
+LEAN_LABEL = "default, GLIBC_TUNABLES=LEAN_GLIBC_TUNABLES"
+
+
 def default_label() -> str:
     """How the tables name fastspec's default settings: `auto` precision, resolved for this CPU."""
     import torch

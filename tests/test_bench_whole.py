@@ -76,10 +76,10 @@ def test_train_whole_process_mode_end_to_end(tmp_path):
                              "--out", str(out)]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     have = {(r["impl"], r["settings"]) for r in saved["rows"]}
-    from wholeproc import default_label
+    from wholeproc import LEAN_LABEL, default_label
 
     default = default_label()
-    want = {("fastspec", default), ("fastspec", "fp32")}
+    want = {("fastspec", default), ("fastspec", "fp32"), ("fastspec", LEAN_LABEL)}
     if _spender_imports():  # CI installs spender 0.3: its rows and the ratios must be there
         want |= {("spender", "default (fp32)"), ("spender", "bf16")}
         r = saved["ratios"]
@@ -87,6 +87,8 @@ def test_train_whole_process_mode_end_to_end(tmp_path):
         sp, fs = by[("spender", "default (fp32)")], by[("fastspec", default)]
         assert r["train_speedup_default_vs_spender_default"] == pytest.approx(sp["wall_s"] / fs["wall_s"], abs=0.01)
         assert r["peak_rss_default_vs_spender_default"] == pytest.approx(fs["peak_rss_mb"] / sp["peak_rss_mb"], abs=0.01)
+        lean = by[("fastspec", LEAN_LABEL)]
+        assert r["peak_rss_lean_vs_spender_default"] == pytest.approx(lean["peak_rss_mb"] / sp["peak_rss_mb"], abs=0.01)
         assert sp["spectra"] == 48 - round(48 * 0.1)
     assert have == want
     for row in saved["rows"]:
@@ -103,10 +105,11 @@ def test_encode_whole_process_mode_end_to_end(tmp_path):
                               "--accuracy-model", ""]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     by = {(r["impl"], r["settings"]): r for r in saved["rows"]}
-    from wholeproc import default_label
+    from wholeproc import LEAN_LABEL, default_label
 
     default = default_label()
     assert by[("fastspec", default)]["spectra"] == by[("fastspec", "fp32")]["spectra"] == 40
+    assert by[("fastspec", LEAN_LABEL)]["spectra"] == 40
     assert by[("fastspec", "default, 64 spectra (start-up)")]["spectra"] == 64
     assert saved["ratios"]["import_torch_s"] == by[("python", "import torch only")]["wall_s"]
     assert (("spender", "default (fp32), batch 64") in by) == _spender_imports()

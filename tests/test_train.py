@@ -253,18 +253,26 @@ print(memory.retaining_freed_cpu_memory(), faults[-1])
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="retain_freed_cpu_memory acts on glibc's malloc only")
-@pytest.mark.parametrize("how", ["train", "train-off", "model"])
+@pytest.mark.parametrize("how", ["train", "train-off", "model", "train-tunables"])
 def test_cpu_training_retains_freed_memory_only_when_asked(data, tmp_path, how):
     """CPU training with retain_cpu_memory (the default) keeps freed memory in the process (a 128 MB tensor
     allocated again page-faults no more); with it off, and for the model on its own, the allocator is left
-    alone."""
-    argv = [sys.executable, "-c", _RETAIN_PROBE, how, json.dumps(data), str(tmp_path / "run"), json.dumps(SMALL)]
-    out = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    alone; a process started with glibc malloc tunables keeps the user's settings."""
+    from fastspec.memory import LEAN_GLIBC_TUNABLES
+
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if how == "train-tunables":
+        env["GLIBC_TUNABLES"] = LEAN_GLIBC_TUNABLES
+    probe = "train" if how == "train-tunables" else how
+    argv = [sys.executable, "-c", _RETAIN_PROBE, probe, json.dumps(data), str(tmp_path / "run"), json.dumps(SMALL)]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     state, faults = out.stdout.split()
     if how == "train":
         assert state == "True"
         assert int(faults) < 1000, f"a reused 128 MB block still page-faulted {faults} times"
+    elif how == "train-tunables":
+        assert state == "False", "asked, but the user's malloc tunables must win"
     else:
         assert state == "None", f"{how}: the allocator must be left alone"
 
