@@ -15,6 +15,7 @@ import torch
 
 from . import kernels
 from .losses import reduced_chi2
+from .optim import Adam
 
 
 @dataclass
@@ -68,7 +69,7 @@ def refine(model, y: torch.Tensor, w: torch.Tensor, z, s: torch.Tensor | None = 
         u = torch.zeros_like(s0, requires_grad=True)  # s = s0 + u·scale
         dz = torch.zeros_like(z0, requires_grad=fit_z)
         groups = [{"params": [u], "lr": lr}] + ([{"params": [dz], "lr": lr_z}] if fit_z else [])
-        opt = torch.optim.Adam(groups)
+        opt = Adam(groups)  # torch's Adam without torch.optim's import of torch._dynamo (fastspec.optim)
         best = torch.full((n,), float("inf"), device=y.device)
         best_u, best_dz = u.detach().clone(), dz.detach().clone()
         since = torch.zeros(n, dtype=torch.long, device=y.device)

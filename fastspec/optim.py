@@ -1,6 +1,6 @@
-"""Adam for CPU training: what torch.optim.Adam computes (its single-tensor path, L2 weight decay), without the
-first-use import of torch._dynamo that every torch.optim optimizer makes (their methods are wrapped in
-torch._disable_dynamo) — about 150 MB and 0.7 s of a CPU training process, for a compiler it never uses.
+"""Adam for CPU training and latent refinement: what torch.optim.Adam computes (its single-tensor path, L2 weight
+decay), without the first-use import of torch._dynamo that every torch.optim optimizer makes (their methods are
+wrapped in torch._disable_dynamo) — about 150 MB and 0.7 s of a CPU process, for a compiler it never uses.
 
 A torch.optim.Optimizer subclass, so torch's learning-rate schedulers and GradScaler drive it as usual, and its
 state_dict has torch.optim.Adam's layout, so a checkpoint resumes with either class.
@@ -13,22 +13,28 @@ import torch
 
 
 class Adam(torch.optim.Optimizer):
-    """Adam(params, lr, betas, eps, weight_decay): one parameter group, dense gradients."""
+    """Adam(params, lr, betas, eps, weight_decay) on dense gradients; `params` is an iterable of tensors or, as
+    for torch.optim, of parameter groups (dicts with "params" and any of the hyperparameters)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         # Not Optimizer.__init__: its add_param_group is one of the methods that import torch._dynamo.
         params = list(params)
         if not params:
             raise ValueError("Adam: no parameters to optimise")
-        if not all(isinstance(p, torch.Tensor) for p in params):
-            raise TypeError("Adam: params must be tensors (one parameter group)")
-        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Adam: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         # the same group keys as torch.optim.Adam, so state_dicts are interchangeable
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
                              maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                              decoupled_weight_decay=False)
-        self.param_groups = [dict(self.defaults, params=params)]
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = []
+        for g in groups:
+            group = {**self.defaults, **g, "params": list(g["params"])}
+            if not all(isinstance(p, torch.Tensor) for p in group["params"]):
+                raise TypeError("Adam: params must be tensors or parameter groups of tensors")
+            lr_, (b1, b2), eps_, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            if not (lr_ >= 0 and eps_ >= 0 and wd >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1):
+                raise ValueError(f"Adam: invalid lr={lr_}, betas={(b1, b2)}, eps={eps_} or weight_decay={wd}")
+            self.param_groups.append(group)
         self.state: defaultdict = defaultdict(dict)
 
     @torch.no_grad()

@@ -64,11 +64,32 @@ def test_matches_torch_adam_under_one_cycle(dtype, weight_decay):
         torch.testing.assert_close(p, q, **tol)
 
 
+def test_parameter_groups_as_torch():
+    """Groups with their own learning rates (as fastspec.fit uses them) step exactly as torch.optim.Adam's."""
+    net, twin = _models(torch.float64)
+    x = torch.randn(5, 9, 7, dtype=torch.float64)
+
+    def groups(m):
+        return [{"params": list(m[0].parameters()), "lr": 1e-2}, {"params": list(m[2].parameters()), "lr": 1e-3,
+                                                                   "betas": (0.8, 0.99)}, {"params": m[1].parameters()}]
+
+    ours, ref = Adam(groups(net), lr=5e-3), torch.optim.Adam(groups(twin), lr=5e-3)
+    for opt, m in ((ours, net), (ref, twin)):
+        _run(m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), x, 12)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ours.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+
+
 def test_errors():
     with pytest.raises(ValueError, match="no parameters"):
         Adam([])
     with pytest.raises(ValueError, match="invalid lr=-1"):
         Adam([torch.zeros(2, requires_grad=True)], lr=-1)
+    with pytest.raises(ValueError, match=r"invalid lr=0.001, betas=\(1.0, 0.999\)"):
+        Adam([{"params": [torch.zeros(2, requires_grad=True)], "betas": (1.0, 0.999)}])
+    with pytest.raises(TypeError, match="params must be tensors or parameter groups"):
+        Adam([{"params": [1.0]}])
     opt = Adam([torch.zeros(2, requires_grad=True)])
     two = [torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)]
     with pytest.raises(ValueError, match="parameter groups do not match"):
