@@ -179,18 +179,8 @@ def whole_process(args) -> int:
     """`fastspec encode MODEL FILE -o OUT` with its defaults against the loop a spender 0.3 user writes
     (bench/spender_user.py encode), each a fresh process timed from spawn to exit with its peak RSS; plus the
     start-up cost (64 spectra) and the held-out χ² of fp32 against bf16 latents."""
+    import wholeproc as wp
     from common import markdown_table
-    from wholeproc import (
-        LEAN_LABEL,
-        SPENDER_USER,
-        default_label,
-        fastest,
-        fastspec_exe,
-        run_measured,
-        write_markdown,
-    )
-
-    from fastspec.memory import LEAN_GLIBC_TUNABLES
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -200,12 +190,11 @@ def whole_process(args) -> int:
     if not model_path.exists():  # fastspec's default architecture (`fastspec train`'s), untrained: speed only
         torch.manual_seed(0)
         SpectrumAutoencoder(ModelConfig(instrument="sdss", n_latent=10, z_max=Z_MAX)).save(model_path)
-    exe = fastspec_exe()
+    exe = wp.fastspec_exe()
     have_spender = spender_model(torch.device("cpu")) is not None
-    default = default_label()
-    lean = {"GLIBC_TUNABLES": LEAN_GLIBC_TUNABLES}
+    default = wp.default_label()
     runs = [("fastspec", default, data, [], {}), ("fastspec", "fp32", data, ["--precision", "fp32"], {}),
-            ("fastspec", LEAN_LABEL, data, [], lean)]
+            ("fastspec", wp.LEAN_LABEL, data, [], wp.LEAN_ENV)]
     if have_spender:  # spender has no file pipeline, so no default batch: fastspec's CPU default and 256
         runs += [("spender", "default (fp32), batch 64", data, ["--batch-size", "64"], {}),
                  ("spender", "bf16, batch 64", data, ["--batch-size", "64", "--precision", "bf16"], {}),
@@ -221,11 +210,11 @@ def whole_process(args) -> int:
                 if impl == "fastspec":
                     cmd = [exe, "encode", str(model_path), path, "-o", out, "-q", *extra]
                 elif impl == "spender":
-                    cmd = [sys.executable, SPENDER_USER, "encode", path, "-o", out, *extra]
+                    cmd = [sys.executable, wp.SPENDER_USER, "encode", path, "-o", out, *extra]
                 else:
                     cmd = [sys.executable, "-c", "import torch"]
                 print(f"[{rep + 1}/{args.repeat}] {impl} {label}: {' '.join(cmd)}", flush=True)
-                r = run_measured(cmd, env={**os.environ, **env})
+                r = wp.run_measured(cmd, env)
                 n = 0 if path is None else (64 if path == small else (args.n or 8192))
                 rows.append({"impl": impl, "settings": label, "repeat": rep + 1, "spectra": n, "wall_s": r["wall_s"],
                              "cpu_s": r["cpu_s"], "peak_rss_mb": r["peak_rss_mb"],
@@ -237,13 +226,13 @@ def whole_process(args) -> int:
             accuracy = {}
             for precision in ("fp32", "bf16"):
                 out = os.path.join(tmp, f"chi2-{precision}.h5")
-                run_measured([exe, "encode", acc_model, acc_data, "-o", out, "--chi2", "-q", "--precision", precision])
+                wp.run_measured([exe, "encode", acc_model, acc_data, "-o", out, "--chi2", "-q", "--precision", precision])
                 accuracy[precision] = _median_chi2(out)
             print(f"held-out median χ² (trained model {acc_model}, {acc_data}): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()), flush=True)
-    best = fastest(rows)
+    best = wp.fastest(rows)
     table = list(best.values())
-    fs, fs32, fsl = best[("fastspec", default)], best[("fastspec", "fp32")], best[("fastspec", LEAN_LABEL)]
+    fs, fs32, fsl = best[("fastspec", default)], best[("fastspec", "fp32")], best[("fastspec", wp.LEAN_LABEL)]
     ratios = {}
     if have_spender:
         sp, spb = best[("spender", "default (fp32), batch 64")], best[("spender", "bf16, batch 64")]
@@ -273,7 +262,7 @@ def whole_process(args) -> int:
                                 "spectra/s (whole process)": ("spectra_per_s_whole", ".1f")})
     extra = [f"held-out median χ² of a trained model ({Path(args.accuracy_data).name}): "
              + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items())] if accuracy else []
-    write_markdown(path_json.with_suffix(".md"), f"Encoding as whole processes: {args.n or 8192} mock SDSS spectra, "
+    wp.write_markdown(path_json.with_suffix(".md"), f"Encoding as whole processes: {args.n or 8192} mock SDSS spectra, "
                    "file → latents on file", payload, md, ratios, extra)
     print(f"results: {path_json}")
     return 0

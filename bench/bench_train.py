@@ -230,24 +230,13 @@ def whole_process(args) -> int:
     """`fastspec train` with its defaults against the loop a spender 0.3 user writes (bench/spender_user.py),
     each a fresh process timed from spawn to exit with its peak RSS; both train --epochs on the same file at the
     same batch size and validate on a tenth of it."""
+    import wholeproc as wp
     from common import markdown_table
-    from wholeproc import (
-        LEAN_LABEL,
-        SPENDER_USER,
-        default_label,
-        fastest,
-        fastspec_exe,
-        run_measured,
-        write_markdown,
-    )
-
-    from fastspec.memory import LEAN_GLIBC_TUNABLES
 
     data = mock_sdss_file(args.n, args.cache)
-    exe = fastspec_exe()
-    lean = {"GLIBC_TUNABLES": LEAN_GLIBC_TUNABLES}
-    runs = [("fastspec", default_label(), [], {}), ("fastspec", "fp32", ["--precision", "fp32"], {}),
-            ("fastspec", LEAN_LABEL, [], lean),
+    exe = wp.fastspec_exe()
+    runs = [("fastspec", wp.default_label(), [], {}), ("fastspec", "fp32", ["--precision", "fp32"], {}),
+            ("fastspec", wp.LEAN_LABEL, [], wp.LEAN_ENV),
             ("spender", "default (fp32)", [], {}), ("spender", "bf16", ["--precision", "bf16"], {})]
     if spender_available():
         runs = runs[:3]
@@ -260,10 +249,10 @@ def whole_process(args) -> int:
                     cmd = [exe, "train", data, "-o", os.path.join(tmp, "run"), "--epochs", str(args.epochs),
                            "--batch-size", str(args.whole_batch), "-q", *extra]
                 else:
-                    cmd = [sys.executable, SPENDER_USER, "train", data, "--epochs", str(args.epochs), "--batch-size",
+                    cmd = [sys.executable, wp.SPENDER_USER, "train", data, "--epochs", str(args.epochs), "--batch-size",
                            str(args.whole_batch), *extra]
                 print(f"[{rep + 1}/{args.repeat}] {impl} {label}: {' '.join(cmd)}", flush=True)
-                r = run_measured(cmd, env={**os.environ, **env})
+                r = wp.run_measured(cmd, env)
                 if impl == "fastspec":
                     with open(os.path.join(tmp, "run", "history.json")) as fh:
                         h = json.load(fh)
@@ -281,13 +270,13 @@ def whole_process(args) -> int:
                          "val_loss": round(val, 6), "val_loss_kind": kind, "cmd": r["cmd"]})
             print(f"    {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, peak RSS {r['peak_rss_mb']:.0f} MB, "
                   f"val loss {val:.5g}", flush=True)
-    best = fastest(rows)
+    best = wp.fastest(rows)
     table = list(best.values())
     fs = best[("fastspec", runs[0][1])]
     ratios = {}
     sp = best.get(("spender", "default (fp32)"))
     spb = best.get(("spender", "bf16"))
-    fs32, fsl = best[("fastspec", "fp32")], best[("fastspec", LEAN_LABEL)]
+    fs32, fsl = best[("fastspec", "fp32")], best[("fastspec", wp.LEAN_LABEL)]
     if sp:
         ratios = {"train_speedup_default_vs_spender_default": round(sp["wall_s"] / fs["wall_s"], 2),
                   "train_speedup_default_vs_spender_bf16": round(spb["wall_s"] / fs["wall_s"], 2) if spb else None,
@@ -310,7 +299,7 @@ def whole_process(args) -> int:
                                 "spectra/s (whole process)": ("spectra_per_s_whole", ".1f"),
                                 "spectra/s (in the training loop)": ("spectra_per_s_in_process", ".1f"),
                                 "held-out loss": ("val_loss", ".5g"), "loss": ("val_loss_kind", None)})
-    write_markdown(path.with_suffix(".md"), f"Training as whole processes: {args.epochs} epoch(s) of {args.n} mock "
+    wp.write_markdown(path.with_suffix(".md"), f"Training as whole processes: {args.epochs} epoch(s) of {args.n} mock "
                    f"SDSS spectra, batch {args.whole_batch}", payload, md, ratios)
     print(f"results: {path}")
     return 0

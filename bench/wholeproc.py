@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastspec.memory import LEAN_GLIBC_TUNABLES
+
 SPENDER_USER = str(Path(__file__).resolve().parent / "spender_user.py")
 
 
@@ -21,6 +23,7 @@ def fastspec_exe() -> str:
 
 # fastspec's defaults in a process started with fastspec.memory.LEAN_GLIBC_TUNABLES (freed memory returned)
 LEAN_LABEL = "default, GLIBC_TUNABLES=LEAN_GLIBC_TUNABLES"
+LEAN_ENV = {"GLIBC_TUNABLES": LEAN_GLIBC_TUNABLES}
 
 
 def default_label() -> str:
@@ -48,9 +51,10 @@ with open(sys.argv[1], "w") as fh:
 """
 
 
-def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
-    """Run cmd to completion; {cmd, wall_s, cpu_s, peak_rss_mb, result (its last stdout line, if JSON),
-    stderr_tail}. Raises RuntimeError with the command's stderr when it fails."""
+def run_measured(cmd: list[str], extra_env: dict | None = None, cwd: str | None = None) -> dict:
+    """Run cmd to completion, in this environment plus `extra_env`; {cmd, wall_s, cpu_s, peak_rss_mb, result (its
+    last stdout line, if JSON), stderr_tail}. Raises RuntimeError with the command's stderr when it fails."""
+    env = {**os.environ, **extra_env} if extra_env else None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
             tempfile.NamedTemporaryFile("r", suffix=".json") as usage:
         subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, usage.name, *cmd], stdin=subprocess.DEVNULL,

@@ -98,8 +98,10 @@ class SpectraLoader:
         if prefetch is not None and int(prefetch) < 1:
             raise ValueError(f"prefetch must be at least 1 chunk per reader, got {prefetch!r}")
         # chunks read ahead of the consumer, all readers together
-        self.ahead = max(1, self.num_workers) * int(prefetch) if prefetch is not None else \
-            2 * max(1, self.num_workers) if on_cuda else 1
+        if prefetch is None:
+            self.ahead = 2 * max(1, self.num_workers) if on_cuda else 1
+        else:
+            self.ahead = max(1, self.num_workers) * int(prefetch)
         self.pin_memory = on_cuda if pin_memory is None else bool(pin_memory and torch.cuda.is_available())
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         if worker_type not in ("thread", "process"):
